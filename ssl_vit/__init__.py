@@ -1,0 +1,1 @@
+"""ssl_vit: self-supervised pretraining of Vision Transformers."""

@@ -1,0 +1,297 @@
+"""Typed, closed configuration: frozen dataclasses, YAML recipes as deltas, `--set a.b=value` overrides.
+
+Defaults are the MAE paper's ViT-B/16 pretraining values; a recipe lists only what differs. Any unknown key
+is an error naming the closest valid one, and any value of the wrong type is an error naming key and type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vit_base_patch16_224"  # any timm ViT name; the fields below override its defaults
+    img_size: int = 224  # input resolution of the (global) views
+    patch_size: int = 16  # patch side in pixels
+    embed_dim: int | None = None  # token width; None keeps the timm model's own
+    depth: int | None = None  # number of transformer blocks; None keeps the timm model's own
+    num_heads: int | None = None  # attention heads; None keeps the timm model's own
+    drop_path_rate: float = 0.0  # stochastic depth (MAE pretraining uses none; DINO 0.1)
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    mask_ratio: float = 0.75  # share of patches hidden from the encoder, drawn per sample
+    decoder_dim: int = 512  # decoder token width
+    decoder_depth: int = 8  # decoder blocks
+    decoder_heads: int = 16  # decoder attention heads
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's better target)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training view
+
+
+@dataclass(frozen=True)
+class DINOConfig:
+    out_dim: int = 65536  # prototypes: width of the head's weight-normalised last layer
+    hidden_dim: int = 2048  # head MLP hidden width
+    bottleneck_dim: int = 256  # head output before L2 normalisation and the last layer
+    head_layers: int = 3  # MLP layers before the bottleneck
+    norm_last_layer: bool = True  # fix the last layer's weight-norm gain at 1 (more stable)
+    student_temp: float = 0.1  # student softmax temperature
+    teacher_temp: float = 0.07  # teacher softmax temperature after warmup
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    warmup_teacher_temp_steps: int = 37_530  # linear teacher-temperature warmup (30 epochs at batch 1024)
+    center_momentum: float = 0.9  # EMA momentum of the teacher-output center
+    momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine-increased to 1
+    freeze_last_layer_steps: int = 1251  # steps with the head's last layer frozen (1 epoch at batch 1024)
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area range of the 2 global crops (size: model.img_size)
+    local_crops_number: int = 10  # small crops seen by the student only
+    local_crops_size: int = 96  # local crop side in pixels
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of the local crops
+    color_jitter_prob: float = 0.8  # ColorJitter(0.4, 0.4, 0.2, 0.1) probability, every view
+    grayscale_prob: float = 0.2  # grayscale probability, every view
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # Gaussian blur: global 1, global 2, each local
+    solarize_prob: float = 0.2  # solarize probability, second global view only
+    export_teacher: bool = True  # export (and evaluate) the teacher backbone, not the student
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # training shards: brace pattern, directory or .txt list; "" = built-in demo data
+    batch_size: int = 64  # per-device batch; global batch = batch_size × processes × accum_steps
+    num_workers: int = 4  # loader processes per rank (shards are split across ranks and workers)
+    shuffle_buffer: int = 2000  # samples held per worker for shuffling across shard boundaries
+    max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
+    allow_pipe: bool = False  # allow `pipe:` shard URLs; they run a shell command, so off by default
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr × global batch / 256 (linear scaling rule)
+    lr: float | None = None  # absolute peak lr; overrides base_lr scaling when set
+    min_lr: float = 0.0  # floor of the cosine decay
+    weight_decay: float = 0.05  # AdamW decay on weights (never on 1-D params and tokens)
+    weight_decay_end: float | None = None  # cosine-schedule the decay to this value; None = constant
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE uses β2 = 0.95)
+    clip_grad: float | None = None  # global grad-norm clip; None = no clipping
+    accum_steps: int = 1  # micro-batches accumulated per optimizer step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/mae"  # outputs: config.yaml, log.jsonl, tensorboard/, checkpoints/, backbone.*
+    total_steps: int = 250_228  # optimizer steps (800 epochs of ImageNet-1k's 1,281,167 images at batch 4096)
+    warmup_steps: int = 12_511  # linear warmup steps (40 epochs at batch 4096)
+    precision: str = "no"  # no | fp16 | bf16 (mixed precision through Accelerate)
+    seed: int = 0  # base seed; each rank and loader worker derives its own
+    log_every: int = 20  # optimizer steps between scalar logs
+    image_every: int = 1000  # optimizer steps between reconstruction grids in TensorBoard; 0 = never
+    save_every: int = 5000  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept on disk
+    export: bool = True  # write backbone.safetensors + backbone.json at the end of the run
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    knn_train: str = ""  # labelled shards for the k-NN memory bank; "" = none (the demo fills both)
+    knn_val: str = ""  # labelled shards to classify; "" = none
+    knn_k: int = 20  # neighbours that vote
+    knn_temperature: float = 0.07  # votes are weighted by exp(cosine similarity / T)
+    pool: str = "cls"  # feature: cls token or avg of patch tokens
+    crop_ratio: float = 0.875  # resize the short side to img_size / crop_ratio, then centre-crop img_size
+    batch_size: int = 256  # per-device batch during feature extraction
+    num_workers: int = 4  # loader processes per rank during feature extraction
+
+
+@dataclass(frozen=True)
+class Config:
+    objective: str = "mae"  # pretext objective: mae | dino
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    valid = _all_keys(Config)
+    leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    close = leaf_matches or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int → float, list → tuple)."""
+    if isinstance(value, _Raw):
+        # Command-line text: a str field takes it verbatim (brace patterns stay intact); any other field
+        # reads it as YAML, so ints, floats, bools, null and [a, b] lists mean what they mean in a recipe.
+        if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+            return str(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {str(value)!r} as {_type_name(tp)}") from None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept what any user means by it.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown_key(key)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+class _Raw(str):
+    """An override's text, parsed only once the target field's type is known."""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), _Raw(raw)
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML recipe with `safe_load` (no Python object tags) into a plain nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not a valid YAML recipe ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← recipe (if any) ← `key=value` overrides, validated into a frozen Config."""
+    data = read_recipe(recipe) if recipe is not None else {}
+    for item in overrides:
+        path, value = _parse_override(item)
+        _merge(data, path, value)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    choices = {
+        "objective": (cfg.objective, ("mae", "dino")),
+        "train.precision": (cfg.train.precision, ("no", "fp16", "bf16")),
+        "eval.pool": (cfg.eval.pool, ("cls", "avg")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
+        raise ConfigError(f"mae.mask_ratio: must be in [0, 1), got {cfg.mae.mask_ratio}")
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"model.img_size {cfg.model.img_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
+        )
+    for key, value in (("train.total_steps", cfg.train.total_steps), ("data.batch_size", cfg.data.batch_size),
+                       ("optim.accum_steps", cfg.optim.accum_steps)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; loading it back with `load_config(path)` gives the same Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,95 @@
+"""Config: closed schema, helpful errors, overrides with type coercion, round trip through the run dir."""
+
+import pytest
+
+from ssl_vit.config import Config, ConfigError, dump_config, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_mae_paper():
+    cfg = load_config()
+    assert cfg == Config()
+    assert (cfg.mae.mask_ratio, cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads) == (0.75, 512, 8, 16)
+    assert cfg.mae.norm_pix_loss and cfg.optim.betas == (0.9, 0.95)
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay) == (1.5e-4, 0.05)
+
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = write(tmp_path, "model:\n  depth: 4\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(recipe, ["model.depth=2", "optim.weight_decay=0", "mae.crop_scale=[0.5, 1]",
+                               "data.train=/d/train-{000000..000009}.tar", "model.embed_dim=null"])
+    assert cfg.model.depth == 2 and cfg.optim.lr == 1e-3
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.mae.crop_scale == (0.5, 1.0)
+    assert cfg.data.train == "/d/train-{000000..000009}.tar"  # a str key keeps braces verbatim
+    assert cfg.model.embed_dim is None
+    assert load_config(write(tmp_path, "optim:\n  lr: 1e-3\n"), ["optim.min_lr=2e-6"]).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("source, message", [
+    ("model:\n  dpeth: 4\n", "unknown config key 'model.dpeth'; did you mean 'model.depth'?"),
+    ("optim:\n  base_rl: 1\n", "unknown config key 'optim.base_rl'; did you mean 'optim.base_lr'?"),
+    ("mask_ratio: 0.5\n", "unknown config key 'mask_ratio'; did you mean 'mae.mask_ratio'?"),
+])
+def test_unknown_key_names_the_closest(tmp_path, source, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, source))
+    assert str(err.value) == message
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.totl_steps'; did you mean 'train.total_steps'\?"):
+        load_config(None, ["train.totl_steps=5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.depth=four", "model.depth: expected int | None, got 'four' (str)"),
+    ("train.total_steps=1.5", "train.total_steps: expected int, got 1.5 (float)"),
+    ("mae.norm_pix_loss=maybe", "mae.norm_pix_loss: expected bool, got 'maybe' (str)"),
+    ("mae.crop_scale=[1]", "mae.crop_scale: expected a list of 2 values, got [1]"),
+])
+def test_wrong_type_names_key_and_type(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_value_checks():
+    with pytest.raises(ConfigError, match="train.precision: 'fp8' is not one of"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="unknown|not one of"):
+        load_config(None, ["objective=simclr"])
+    with pytest.raises(ConfigError, match="not a multiple of model.patch_size"):
+        load_config(None, ["model.img_size=30", "model.patch_size=4"])
+
+
+def test_unsafe_yaml_is_refused(tmp_path):
+    recipe = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not a valid YAML recipe"):
+        load_config(recipe)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["model.depth=3", "mae.crop_scale=[0.3, 0.9]", "optim.clip_grad=1.0"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)
+        assert recipe.read_text().startswith("#"), f"{recipe.name} must start with a comment saying what it is"
