@@ -1,0 +1,87 @@
+"""The shared backbone: a plain timm `VisionTransformer`, plus a masked encode that runs on kept tokens only.
+
+The backbone is the timm module itself (no wrapper), so its state dict is exactly what timm loads. It owns no
+classifier head (`num_classes=0`), hence no parameter that a pretext objective leaves unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from ssl_vit.config import ModelConfig
+
+
+def backbone_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """timm `create_model` kwargs that define the architecture (what an export records)."""
+    kwargs: dict[str, Any] = {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_classes": 0,
+        # Accept any input size (DINO's local crops, evaluation at another resolution): timm resamples the
+        # position embedding on the fly.
+        "dynamic_img_size": True,
+    }
+    for key in ("embed_dim", "depth", "num_heads"):
+        value = getattr(cfg, key)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def build_backbone(cfg: ModelConfig) -> VisionTransformer:
+    """A randomly initialised timm ViT (fused SDPA attention is timm's default on torch 2)."""
+    try:
+        model = timm.create_model(
+            cfg.name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **backbone_kwargs(cfg)
+        )
+    except RuntimeError as err:  # timm's "Unknown model" error
+        raise ValueError(f"model.name: {err}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"model.name: {cfg.name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def num_patches(vit: VisionTransformer) -> int:
+    return vit.patch_embed.num_patches
+
+
+def patch_size(vit: VisionTransformer) -> int:
+    return vit.patch_embed.patch_size[0]
+
+
+def encode(vit: VisionTransformer, images: Tensor, keep_idx: Tensor | None = None) -> Tensor:
+    """Tokens after the final norm: (B, prefix + K, D), prefix = cls (+ register) tokens.
+
+    With `keep_idx` (B, K) only those patch tokens (indices into the L patches, position embedding already
+    added) enter the blocks, which is where MAE's speed comes from. `keep_idx=None` equals `forward_features`.
+    """
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)  # (B, prefix + L, D): cls/register tokens prepended, position embedding added
+    if keep_idx is not None:
+        n_prefix = vit.num_prefix_tokens
+        patches = x[:, n_prefix:]
+        kept = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, D)
+        x = torch.cat([x[:, :n_prefix], kept], dim=1)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    if vit.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def pool(vit: VisionTransformer, tokens: Tensor, mode: str) -> Tensor:
+    """Image feature from encoded tokens: the cls token, or the mean of the patch tokens."""
+    if mode == "cls":
+        return tokens[:, 0]
+    if mode == "avg":
+        return tokens[:, vit.num_prefix_tokens:].mean(dim=1)
+    raise ValueError(f"unknown pool {mode!r}; choose from ['avg', 'cls']")

@@ -1,0 +1,60 @@
+"""What the training loop knows about a pretext objective, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+# Learned tokens and embeddings are not weights: decaying them towards zero only hurts (MAE, DINO, timm).
+_NO_DECAY_SUFFIXES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed")
+
+
+class Objective(nn.Module):
+    """A pretext task over a shared timm ViT `backbone`.
+
+    `forward(batch, step)` returns a dict holding the scalar `loss` plus any scalars worth logging. The hooks
+    let a method act around the optimizer step (EMA teachers, gradient freezes) without the loop knowing which
+    method runs.
+    """
+
+    backbone: VisionTransformer
+
+    @property
+    def views(self) -> Callable[[Any], Any]:
+        """Per-image training augmentation: PIL image → tensor, or list of tensors for multi-crop."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_backward(self, step: int) -> None:
+        """Called after gradients are complete and before the optimizer step (e.g. to zero frozen grads)."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. to update an EMA teacher)."""
+
+    def export_backbone(self) -> VisionTransformer:
+        """The backbone a user takes away: the one to export and evaluate."""
+        return self.backbone
+
+    def visualize(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Named (3, H, W) images in [0, 1] for TensorBoard; none by default."""
+        return {}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on weight matrices only, none on 1-D params (norms, biases) and tokens."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        ]
