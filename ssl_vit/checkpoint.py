@@ -1,0 +1,131 @@
+"""Resume state (Accelerate), backbone export (safetensors + timm recipe) and the one backbone loader.
+
+Layout of a run directory:
+    checkpoints/step_00001000/   accelerate.save_state output + COMPLETE (JSON with the step)
+    backbone.safetensors         encoder weights, timm key names, no prefixes
+    backbone.json                {"model_name", "model_kwargs", ...}: `timm.create_model(name, **kwargs)`
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+COMPLETE = "COMPLETE"
+_PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint whose save finished, oldest first. Half-written ones are ignored."""
+    root = checkpoint_dir(run_dir)
+    found = []
+    for path in root.glob(f"{_PREFIX}*") if root.is_dir() else ():
+        marker = path / COMPLETE
+        if marker.is_file():
+            found.append((int(json.loads(marker.read_text())["step"]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Save model, optimizer, scaler and per-rank RNG; atomic: temp dir → rename → COMPLETE marker.
+
+    Every rank must call this (Accelerate writes one RNG file per rank).
+    """
+    root = checkpoint_dir(run_dir)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp_{_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (final / COMPLETE).write_text(json.dumps({"step": step}))
+        for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else ():
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
+    accelerator.load_state(str(path))
+    return int(json.loads((path / COMPLETE).read_text())["step"])
+
+
+def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str, model_kwargs: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write `backbone.safetensors` + `backbone.json`; loadable with plain timm (see docs/export.md)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "backbone.safetensors"
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vit.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    meta = {"model_name": model_name, "model_kwargs": model_kwargs, **(extra or {})}
+    (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def _resolve(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    weights = path / "backbone.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"no backbone weights at {weights}")
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"{weights}: backbones load from .safetensors only (no pickled checkpoints)")
+    meta = weights.with_suffix(".json")
+    if not meta.is_file():
+        raise FileNotFoundError(f"{weights}: missing {meta.name} beside it (timm model name and kwargs)")
+    return weights, meta
+
+
+def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Build the exported backbone with timm and load its weights strictly. `path`: run dir or .safetensors file.
+
+    `random_init=True` builds the same architecture untrained: the baseline every evaluation compares with.
+    """
+    weights, meta_path = _resolve(path)
+    meta = json.loads(meta_path.read_text())
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["model_kwargs"])
+    if not random_init:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    return model, meta
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export the backbone of a run's newest complete checkpoint (e.g. of a run that was stopped early)."""
+    from ssl_vit.backbone import backbone_kwargs, build_backbone
+    from ssl_vit.config import load_config
+    from ssl_vit.objectives import build_objective
+
+    run_dir = Path(run_dir)
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
+    step, path = found
+    cfg = load_config(run_dir / "config.yaml")
+    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model))
+    objective.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return export_backbone(objective.export_backbone(), out_dir or run_dir, cfg.model.name,
+                           backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})

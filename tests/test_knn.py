@@ -1,0 +1,47 @@
+"""Weighted k-NN against a per-sample re-statement of the rule (Wu et al. 2018; DINO's eval_knn)."""
+
+import math
+
+import pytest
+import torch
+
+from ssl_vit.eval.knn import knn_classify
+
+
+def naive_knn(train, train_labels, val, val_labels, k, t, n_classes):
+    hits1 = hits5 = 0
+    for x, y in zip(val, val_labels, strict=True):
+        sims = [float(torch.dot(x / x.norm(), f / f.norm())) for f in train]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * n_classes
+        for i in order:
+            votes[int(train_labels[i])] += math.exp(sims[i] / t)
+        ranked = sorted(range(n_classes), key=lambda c: -votes[c])
+        hits1 += ranked[0] == int(y)
+        hits5 += int(y) in ranked[:5] and votes[int(y)] > 0
+    return 100.0 * hits1 / len(val), 100.0 * hits5 / len(val)
+
+
+@pytest.mark.parametrize("k, t", [(1, 0.07), (5, 0.07), (20, 0.5)])
+def test_matches_naive(k, t):
+    torch.manual_seed(k)
+    train, val = torch.randn(60, 8), torch.randn(25, 8)
+    train_labels, val_labels = torch.randint(0, 7, (60,)), torch.randint(0, 7, (25,))
+    got = knn_classify(train, train_labels, val, val_labels, ks=(k,), temperature=t, chunk=7)[k]
+    top1, top5 = naive_knn(train, train_labels, val, val_labels, k, t, 7)
+    assert got["top1"] == pytest.approx(top1) and got["top5"] == pytest.approx(top5)
+
+
+def test_several_k_in_one_pass_and_separable_clusters():
+    torch.manual_seed(0)
+    centers = torch.randn(4, 16) * 5
+    labels = torch.arange(4).repeat_interleave(30)
+    feats = centers[labels] + 0.1 * torch.randn(120, 16)
+    out = knn_classify(feats[::2], labels[::2], feats[1::2], labels[1::2], ks=(1, 10, 200))
+    assert set(out) == {1, 10, 200}
+    assert all(r["top1"] == 100.0 for r in out.values())
+
+
+def test_unlabelled_is_refused():
+    with pytest.raises(ValueError, match="labelled shards"):
+        knn_classify(torch.randn(4, 3), torch.tensor([0, 1, -1, 0]), torch.randn(2, 3), torch.tensor([0, 1]))

@@ -1,0 +1,91 @@
+"""A short real training run: interrupted, resumed, exported, loaded strictly in timm, measured with k-NN."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ssl_vit.checkpoint import complete_checkpoints, export_run, load_backbone
+from ssl_vit.config import load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.eval.knn import knn_eval
+from ssl_vit.objectives.mae import MAE
+from ssl_vit.train import pretrain
+
+TINY = [
+    "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
+    "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+    "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16", "optim.lr=1e-3", "optim.clip_grad=1.0",
+    "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.image_every=3",
+    "train.save_every=3", "train.keep_last=1", "eval.pool=avg", "eval.crop_ratio=1.0", "eval.num_workers=0",
+    "eval.batch_size=32",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=64, n_knn_train=40, n_knn_val=20)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupt_resume_export_timm_knn(tmp_path, demo, monkeypatch):
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run}",
+                                    f"eval.knn_train={demo.knn_train}", f"eval.knn_val={demo.knn_val}"])
+
+    # First attempt dies during step 5 (after the step-3 checkpoint, before the step-6 one).
+    original = MAE.after_step
+
+    def dying(self, step):
+        if step == 4:
+            raise Interrupt
+        original(self, step)
+
+    monkeypatch.setattr(MAE, "after_step", dying)
+    with pytest.raises(Interrupt):
+        pretrain(cfg)
+    assert [s for s, _ in complete_checkpoints(run)] == [3]
+    monkeypatch.setattr(MAE, "after_step", original)
+
+    # The same command again resumes from step 3 and finishes.
+    result = pretrain(cfg)
+    assert result.step == 6 and [s for s, _ in complete_checkpoints(run)] == [6]  # keep_last=1
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 4 of the dead attempt was dropped when the resume re-did it
+    assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+    rec = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("train/loss", "train/lr", "perf/images_per_s", "perf/data_wait_share", "data/skipped_corrupt_image"):
+        assert key in rec
+    # The optimizer state came back from the checkpoint: AdamW counted all 6 steps, not 3.
+    opt_state = torch.load(run / "checkpoints" / "step_00000006" / "optimizer.bin", weights_only=True)
+    assert {float(s["step"]) for s in opt_state["state"].values()} == {6.0}
+
+    # Export: encoder only, timm key names, loadable by timm itself, same features as our backbone.
+    meta = json.loads((run / "backbone.json").read_text())
+    weights = load_file(run / "backbone.safetensors")
+    assert not any(k.startswith(("backbone.", "decoder.", "module.")) for k in weights)
+    ours, _ = load_backbone(run)
+    theirs = timm.create_model(meta["model_name"], pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors")),
+                               **meta["model_kwargs"])
+    fresh = timm.create_model(meta["model_name"], **meta["model_kwargs"])
+    fresh.load_state_dict(weights, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    for model in (theirs, fresh):
+        for a, b in zip(model.state_dict().values(), ours.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(model.eval().forward_features(x), ours.eval().forward_features(x))
+
+    # `ssl-vit export` from the newest checkpoint gives the same weights as the end-of-run export.
+    again = load_file(export_run(run, tmp_path / "exported"))
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+
+    from accelerate import Accelerator
+
+    scores = knn_eval(ours, cfg.eval, Accelerator(), ks=(1, 5))
+    assert set(scores) == {1, 5} and all(0 <= r["top1"] <= r["top5"] <= 100 for r in scores.values())
