@@ -1,0 +1,320 @@
+"""WebDataset pipelines: shard resolution, safe decoding with skip counting, train and eval loaders.
+
+Only image members (jpg/jpeg/png/webp, restricted to the JPEG/PNG/WEBP decoders) and the integer `cls` member
+are ever decoded; nothing is unpickled. Bad samples are skipped and counted per reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ssl_vit.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS: tuple[str, ...] = ("read_error", "no_image", "corrupt_image", "too_large", "bad_label")
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+_FORMATS = ("JPEG", "PNG", "WEBP")  # never let PIL try other (riskier) decoders, whatever the extension
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; choose from {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def resolve_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
+    """Shard URLs from a brace pattern, a directory (its `*.tar`, sorted), a `.txt` list (one entry a line,
+    relative paths relative to the list file) or a sequence of these. Remote URLs pass through untouched."""
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        urls += _resolve_item(str(item), allow_pipe, base=None)
+    if not urls:
+        raise ValueError(f"no shards found in {spec!r}")
+    return urls
+
+
+def _resolve_item(item: str, allow_pipe: bool, base: Path | None) -> list[str]:
+    urls = []
+    for entry in braceexpand.braceexpand(item.strip()):
+        if not entry:
+            continue
+        if entry.startswith("pipe:"):
+            if not allow_pipe:
+                raise ValueError(f"refusing shard URL {entry!r}: pipe: runs a shell command; "
+                                 "set data.allow_pipe=true if you trust it")
+            urls.append(entry)
+        elif _URL.match(entry):
+            urls.append(entry)
+        else:
+            urls += _resolve_local(entry, allow_pipe, base)
+    return urls
+
+
+def _resolve_local(entry: str, allow_pipe: bool, base: Path | None) -> list[str]:
+    path = Path(entry.removeprefix("file:")).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+        if not shards:
+            raise ValueError(f"no *.tar shards in directory {path}")
+        return shards
+    if not path.is_file():
+        raise FileNotFoundError(f"shard not found: {path}")
+    if path.suffix.lower() != ".txt":
+        return [str(path)]
+    if base is not None:
+        raise ValueError(f"shard list {path} is named inside another shard list; lists do not nest")
+    urls = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            urls += _resolve_item(line, allow_pipe, base=path.parent)
+    return urls
+
+
+def decode_sample(sample: dict, max_image_pixels: int,
+                  with_label: bool = True) -> tuple[Image.Image, int | None]:
+    """(RGB image, label or None) from a raw WebDataset sample; raises SampleError(reason) if unusable.
+
+    Images above `max_image_pixels` are refused from their header, before decoding. PIL's own bomb check
+    (2 × Image.MAX_IMAGE_PIXELS) still applies on top; raise that too to admit even larger images.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or not isinstance(sample[ext], (bytes, bytearray, memoryview)):
+        raise SampleError("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+    label = _read_label(sample.get("cls")) if with_label else None
+    try:
+        with warnings.catch_warnings():
+            # our own pixel limit below decides; PIL's warning threshold would silently override a larger one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(sample[ext]), formats=_FORMATS)
+            if img.width * img.height > max_image_pixels:
+                raise SampleError("too_large", f"{img.width}x{img.height} > {max_image_pixels} pixels")
+            rgb = to_rgb(img)  # forces the full decode: truncated data fails here, not in a transform
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise SampleError("too_large", str(err)) from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken data
+        raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
+    return rgb, label
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale (medical, satellite PNGs) is rescaled, where PIL's convert would clip."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        scaled = (np.asarray(img, dtype=np.float32) / 257.0).round().clip(0, 255)
+        img = Image.fromarray(scaled.astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _read_label(data: Any) -> int | None:
+    if data is None:
+        return None
+    try:
+        text = bytes(data).decode("ascii").strip()
+    except (TypeError, UnicodeDecodeError):
+        raise SampleError("bad_label", "cls member is not ASCII text") from None
+    if not text.isdigit():
+        raise SampleError("bad_label", f"cls {text[:20]!r} is not a non-negative integer")
+    return int(text)
+
+
+class _SkipCounter:
+    """Per-worker skip counts; each yielded sample takes the increments since the worker's previous yield, so
+    the main process sums `batch["skipped"]` to exact totals without any inter-process channel."""
+
+    def __init__(self, give_up_after: int | None = None) -> None:
+        self.pending = [0] * len(SKIP_REASONS)
+        self.fruitless = 0  # failures (and empty shards) since the last good sample
+        self.give_up_after = give_up_after
+
+    def add(self, reason: str) -> None:
+        self.pending[SKIP_REASONS.index(reason)] += 1
+        self.no_progress()
+
+    def no_progress(self) -> None:
+        self.fruitless += 1
+        if self.give_up_after is not None and self.fruitless > self.give_up_after:
+            counts = dict(zip(SKIP_REASONS, self.pending, strict=True))
+            raise ValueError(f"no usable sample in the last {self.give_up_after} tries (skips since the last "
+                             f"good one: {counts}); the shards look unreadable")
+
+    def take(self) -> torch.Tensor:
+        out = torch.tensor(self.pending, dtype=torch.long)
+        self.pending = [0] * len(SKIP_REASONS)
+        self.fruitless = 0
+        return out
+
+    def read_error(self, exn: Exception) -> bool:
+        """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
+        log.warning("skipping the rest of a shard after a read error: %s", exn)
+        self.add("read_error")
+        return False
+
+
+class _TarSamples:
+    """Shard dicts → raw samples, one shard at a time: a shard that breaks off mid-way then counts as one
+    read error and its last sample is never merged with the next shard's first (as a shared stream would)."""
+
+    def __init__(self, counter: _SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            n = 0
+            for sample in wds.tarfile_to_samples(handler=self.counter.read_error)([dict(shard)]):
+                n += 1
+                yield sample
+            if n == 0:
+                self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
+
+
+class _SeededShuffle:
+    """wds.shuffle seeded inside the worker (a main-process rng would be copied into every worker alike)."""
+
+    def __init__(self, bufsize: int, seed_fn: Callable[[], int]) -> None:
+        self.bufsize, self.seed_fn = bufsize, seed_fn
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), seed=self.seed_fn())(src)
+
+
+class _Decode:
+    """Raw samples → {"image", "skipped"[, "label", "key"]}, holding each good sample back until the next one
+    (or the end of the stream) so that skips after a worker's last good sample are still reported."""
+
+    def __init__(self, counter: _SkipCounter, transform: Callable, max_pixels: int, with_label: bool) -> None:
+        self.counter, self.transform = counter, transform
+        self.max_pixels, self.with_label = max_pixels, with_label
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        held = None
+        for sample in src:
+            try:
+                img, label = decode_sample(sample, self.max_pixels, with_label=self.with_label)
+            except SampleError as err:
+                log.debug("skipping sample %s: %s", sample.get("__key__"), err)
+                self.counter.add(err.reason)
+                continue
+            out: dict[str, Any] = {"image": self.transform(img)}
+            if self.with_label:
+                out["label"] = -1 if label is None else label
+                out["key"] = sample["__key__"]
+            if held is not None:
+                held["skipped"] = self.counter.take()
+                yield held
+            held = out
+        if held is not None:
+            held["skipped"] = self.counter.take()
+            yield held
+
+
+def _collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list."""
+    first = samples[0]["image"]
+    if isinstance(first, (list, tuple)):
+        images: Any = [torch.stack([s["image"][i] for s in samples]) for i in range(len(first))]
+    else:
+        images = torch.stack([s["image"] for s in samples])
+    batch = {"image": images, "skipped": torch.stack([s["skipped"] for s in samples])}
+    if "label" in samples[0]:
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
+    """Seed from (seed, rank, loader worker, start_step, salt); evaluated inside the worker process."""
+    info = torch.utils.data.get_worker_info()
+    worker = info.id + 1 if info is not None else 0
+    entropy = [seed & 0xFFFFFFFFFFFFFFFF, rank, worker, start_step, salt]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _shard_dicts(urls: list[str]) -> Iterator[dict]:
+    return (dict(url=u) for u in urls)
+
+
+def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size} and {num_workers}")
+
+
+def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,
+                 seed: int, start_step: int = 0) -> DataLoader:
+    """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)}.
+
+    Every rank and worker draws shards from the whole list with replacement, seeded from (seed, rank, worker,
+    start_step), so all ranks can run the same number of steps whatever the shard count (world_size only
+    validates rank). Resuming with `start_step` starts a fresh stream: statistically the same as the
+    interrupted one, not the same samples. Shard order and shuffling are reproducible for a given start_step;
+    augmentations too when num_workers > 0 (with 0 they draw from the caller's global torch RNG).
+    """
+    _check_loader_args(rank, world_size, cfg.batch_size, cfg.num_workers)
+    if cfg.shuffle_buffer < 0:
+        raise ValueError(f"data.shuffle_buffer must be ≥ 0, got {cfg.shuffle_buffer}")
+    urls = resolve_shards(cfg.train, cfg.allow_pipe)
+    counter = _SkipCounter(give_up_after=_MAX_FRUITLESS)
+    shard_seed = partial(_stream_seed, seed, rank, start_step, 0)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=0, worker_seed=shard_seed, deterministic=True),
+        _TarSamples(counter),
+        _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
+        if cfg.shuffle_buffer > 1 else None,
+        _Decode(counter, views, cfg.max_image_pixels, with_label=False),
+    )
+    # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
+    generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))
+    return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True, collate_fn=_collate,
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      pin_memory=torch.cuda.is_available(), generator=generator)
+
+
+def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *,
+                batch_size: int, num_workers: int, rank: int, world_size: int, allow_pipe: bool = False,
+                max_image_pixels: int = DataConfig.max_image_pixels) -> DataLoader:
+    """One deterministic pass: {"image", "label" (-1 if none), "key": list[str], "skipped": LongTensor(B, n)}.
+
+    Shards are dealt to ranks (shard i → rank i % world_size), then to loader workers, so every sample is read
+    exactly once across all ranks and workers; ranks may get unequal numbers of batches (none with fewer
+    shards than ranks). Each worker's last partial batch is kept. Skip counts are exact except for a worker
+    that yields no sample at all (nothing to carry them).
+    """
+    _check_loader_args(rank, world_size, batch_size, num_workers)
+    urls = resolve_shards(shards, allow_pipe)
+    counter = _SkipCounter()
+    pipeline = wds.DataPipeline(
+        partial(_shard_dicts, urls[rank::world_size]),  # not a list: DataPipeline splices lists in
+        wds.split_by_worker,
+        _TarSamples(counter),
+        _Decode(counter, transform, max_pixels=max_image_pixels, with_label=True),
+    )
+    return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=_collate,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,51 @@
+"""Image views for pretraining and evaluation (torchvision.transforms.v2, PIL in → float Tensor out)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+_BICUBIC = v2.InterpolationMode.BICUBIC
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def _to_normalized_tensor() -> list[v2.Transform]:
+    # ToPureTensor: callers (collate, models) get a plain Tensor, not a tv_tensors.Image subclass
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor()]
+
+
+def mae_views(img_size: int, crop_scale: tuple[float, float]) -> Callable[[Image.Image], torch.Tensor]:
+    """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip, normalise → (3, S, S)."""
+    lo, hi = crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop_scale must satisfy 0 < min ≤ max ≤ 1, got {crop_scale}")
+    return v2.Compose([
+        # crop on the PIL image, like the MAE reference, so only the crop is ever resized
+        v2.RandomResizedCrop(img_size, scale=(lo, hi), interpolation=_BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *_to_normalized_tensor(),
+    ])
+
+
+def eval_transform(img_size: int, crop_ratio: float = 0.875) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to round(img_size / crop_ratio) (bicubic), centre-crop img_size, normalise."""
+    if not 0.0 < crop_ratio <= 1.0:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+    return v2.Compose([
+        v2.Resize(round(img_size / crop_ratio), interpolation=_BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        *_to_normalized_tensor(),
+    ])
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation of (3, H, W) or (B, 3, H, W) images, clamped to [0, 1] for display."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0.0, 1.0)
