@@ -27,13 +27,12 @@ def _recipe_path(recipe: str | None) -> Path:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
     from ssl_vit.config import load_config
+    from ssl_vit.distributed import make_accelerator
     from ssl_vit.train import pretrain, resolve_demo
 
     cfg = resolve_demo(load_config(_recipe_path(args.recipe), args.set))
-    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision)
     result = pretrain(cfg, accelerator)
     if args.no_knn or not (cfg.eval.knn_train and cfg.eval.knn_val) or result.backbone is None:
         return 0
@@ -50,6 +49,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
               f"top-1: pretrained {scores['pretrained']['top1']:.1f}% vs random init "
               f"{scores['random init']['top1']:.1f}%  (top-5: {scores['pretrained']['top5']:.1f}% vs "
               f"{scores['random init']['top5']:.1f}%)")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ssl_vit.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(_recipe_path(args.recipe), args.set)), sort_keys=False), end="")
     return 0
 
 
@@ -75,16 +83,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_knn(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from accelerate import Accelerator
-
     from ssl_vit.checkpoint import load_backbone
     from ssl_vit.config import EvalConfig
+    from ssl_vit.distributed import make_accelerator
     from ssl_vit.eval.knn import knn_eval
 
     cfg = dataclasses.replace(EvalConfig(), knn_train=args.train, knn_val=args.val, knn_k=args.k[0],
                               knn_temperature=args.temperature, pool=args.pool, batch_size=args.batch_size,
                               num_workers=args.num_workers, crop_ratio=args.crop_ratio)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     vit, _ = load_backbone(args.backbone, random_init=args.random_init)
     results = knn_eval(vit, cfg, accelerator, ks=args.k, allow_pipe=args.allow_pipe)
     if accelerator.is_main_process:
@@ -105,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set optim.base_lr=1e-4 (repeatable)")
     p.add_argument("--no-knn", action="store_true", help="skip the k-NN evaluation after training")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("config", help="print the resolved config of a recipe plus overrides, as YAML")
+    p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("make-shards", help="turn an image folder into WebDataset tar shards")
     p.add_argument("src", help="image folder (class sub-folders become integer labels)")

@@ -148,7 +148,7 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -162,7 +162,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ConfigError(f"{key}: cannot parse {str(value)!r} as {_type_name(tp)}") from None
+            raise ConfigError(f"{key}: cannot parse {str(value)!r} as {type_name(tp)}") from None
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -175,7 +175,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -191,7 +191,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             pass
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -22,6 +22,7 @@ from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssl_vit.config import Config, dump_config
 from ssl_vit.data.shards import SKIP_REASONS, train_stream
+from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import cosine, warmup_cosine
@@ -64,7 +65,7 @@ def build_optimizer(objective: Objective, cfg: Config, use_fused: bool) -> torch
 
 def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> PretrainResult:
     """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.train.precision)
+    accelerator = accelerator or make_accelerator(cfg.train.precision)
     run_dir = Path(cfg.train.run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
