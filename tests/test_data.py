@@ -305,3 +305,17 @@ def test_views_and_transforms() -> None:
     assert torch.allclose(back[0, :, 4, 4], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-2)
     with pytest.raises(ValueError, match="crop_scale"):
         mae_views(16, (0.0, 1.0))
+
+
+def test_train_shards_split_by_rank_then_worker() -> None:
+    from ssl_vit.data.shards import share_of_shards
+
+    urls = [f"s{i}" for i in range(10)]
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            share = share_of_shards(share_of_shards(urls, rank, 2), worker, 2)
+            assert share
+            seen += share
+    assert sorted(seen) == sorted(urls)  # disjoint and complete
+    assert share_of_shards(["a"], 1, 2) == ["a"]  # fewer shards than ranks: everyone samples them all

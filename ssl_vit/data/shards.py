@@ -256,6 +256,34 @@ def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
+def share_of_shards(urls: Sequence[str], index: int, count: int) -> list[str]:
+    """The shards that participant `index` of `count` (a rank, or a loader worker of a rank) reads.
+
+    Dealt round-robin, so participants hold disjoint shards. With fewer shards than participants, every one
+    keeps them all: a resampled stream then still differs per participant through its seed.
+    """
+    return list(urls[index::count]) if len(urls) >= count else list(urls)
+
+
+class _ResampledShares:
+    """Endless shard draws (with replacement) from this rank's share, then this worker's share of that.
+
+    Disjoint shards per rank and worker whenever there are enough of them; resampling keeps every rank's
+    stream endless, so all ranks run the same number of steps even when their shard counts differ.
+    """
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, seed_fn: Callable[[], int]) -> None:
+        self.urls, self.rank, self.world_size, self.seed_fn = urls, rank, world_size, seed_fn
+
+    def __call__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shares = share_of_shards(share_of_shards(self.urls, self.rank, self.world_size), worker, workers)
+        rng = np.random.default_rng(self.seed_fn())
+        while True:
+            yield dict(url=shares[int(rng.integers(len(shares)))])
+
+
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
     return (dict(url=u) for u in urls)
 
@@ -271,9 +299,9 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
                  seed: int, start_step: int = 0) -> DataLoader:
     """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)}.
 
-    Every rank and worker draws shards from the whole list with replacement, seeded from (seed, rank, worker,
-    start_step), so all ranks can run the same number of steps whatever the shard count (world_size only
-    validates rank). Resuming with `start_step` starts a fresh stream: statistically the same as the
+    Shards are dealt to ranks, then to loader workers (see `share_of_shards`); each worker draws from its
+    share with replacement, seeded from (seed, rank, worker, start_step), so all ranks run the same number of
+    steps whatever their shard counts. Resuming with `start_step` starts a fresh stream: statistically the same as the
     interrupted one, not the same samples. Shard order and shuffling are reproducible for a given start_step;
     augmentations too when num_workers > 0 (with 0 they draw from the caller's global torch RNG).
     """
@@ -284,7 +312,7 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     counter = _SkipCounter(give_up_after=_MAX_FRUITLESS)
     shard_seed = partial(_stream_seed, seed, rank, start_step, 0)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=0, worker_seed=shard_seed, deterministic=True),
+        _ResampledShares(urls, rank, world_size, shard_seed),
         _TarSamples(counter),
         _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
         if cfg.shuffle_buffer > 1 else None,
