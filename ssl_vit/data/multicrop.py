@@ -1,0 +1,80 @@
+"""DINO's multi-crop views (torchvision.transforms.v2 on the PIL image, like the reference implementation).
+
+Two global crops, the teacher's inputs, and N small local crops that only the student sees. Every view gets
+a random resized crop (bicubic), a flip, colour jitter and grayscale (BYOL's colour augmentations); Gaussian
+blur and solarization differ per view so that the two global views are asymmetric (paper, Appendix D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from ssl_vit.data.transforms import _to_normalized_tensor
+
+BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of the resized crop, drawn uniformly
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
+def _check_scale(name: str, scale: tuple[float, float]) -> None:
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 < min ≤ max ≤ 1, got {scale}")
+
+
+def _blur_kernel(size: int) -> int:
+    # ±3σ at the largest σ (PIL's blur, used by DINO, has no kernel size), kept odd and within the crop.
+    kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+    return min(kernel, size if size % 2 else size - 1)
+
+
+def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, grayscale_prob: float,
+              blur_prob: float, solarize_prob: float = 0.0) -> v2.Compose:
+    """One view: PIL image → normalised (3, size, size) tensor."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                       p=color_jitter_prob),
+        v2.RandomGrayscale(p=grayscale_prob),
+        v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=BLUR_SIGMA)], p=blur_prob),
+    ]
+    if solarize_prob > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey
+    return v2.Compose(steps + _to_normalized_tensor())
+
+
+class MultiCropViews:
+    """PIL image → [global 1, global 2, local 1, ..., local N] normalised tensors (globals first)."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, local_number: int = 10,
+                 global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4),
+                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                 blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
+                 solarize_prob: float = 0.2) -> None:
+        if global_size < 1 or local_size < 1 or local_number < 0:
+            raise ValueError(f"need crop sizes ≥ 1 and local_crops_number ≥ 0, got {global_size}, "
+                             f"{local_size}, {local_number}")
+        _check_scale("dino.global_crops_scale", global_scale)
+        _check_scale("dino.local_crops_scale", local_scale)
+        probs = {"dino.color_jitter_prob": color_jitter_prob, "dino.grayscale_prob": grayscale_prob,
+                 "dino.solarize_prob": solarize_prob}
+        probs.update({f"dino.blur_probs[{i}]": p for i, p in enumerate(blur_probs)})
+        for name, p in probs.items():
+            _check_prob(name, p)
+        colour = (color_jitter_prob, grayscale_prob)
+        self.global1 = dino_view(global_size, global_scale, *colour, blur_probs[0])
+        self.global2 = dino_view(global_size, global_scale, *colour, blur_probs[1], solarize_prob)
+        self.local = dino_view(local_size, local_scale, *colour, blur_probs[2])
+        self.local_number = local_number
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        locals_ = [self.local(image) for _ in range(self.local_number)]
+        return [self.global1(image), self.global2(image), *locals_]

@@ -1,0 +1,187 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels, between a student and its EMA teacher.
+
+    crops = multi_crop(image)                                  # 2 global + N local views
+    t = teacher(crops[:2])                                     # the teacher sees the global views only
+    s = student(crops)                                         # the student sees them all
+    loss = Σ_{t ≠ s} H(softmax((t - c) / τt), softmax(s / τs))   # centered, sharpened teacher as target
+    c ← EMA of mean(t);  after the optimizer step: θt ← m·θt + (1 − m)·θs
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ssl_vit.backbone import encode
+from ssl_vit.config import DINOConfig, TrainConfig
+from ssl_vit.data.multicrop import MultiCropViews
+from ssl_vit.data.transforms import denormalize
+from ssl_vit.objectives.base import Objective
+from ssl_vit.objectives.dino_head import DINOHead, dino_loss, mean_entropy, teacher_targets, update_center
+from ssl_vit.schedules import cosine
+
+N_GLOBAL = 2  # global crops: the teacher's inputs
+# Steps the teacher entropy must stay in a collapsed band before we warn: long enough to ride out the first
+# steps (a random teacher maps all images alike, so its centered output starts near uniform), short next to
+# a run.
+COLLAPSE_WINDOW = 200
+COLLAPSE_LOW, COLLAPSE_HIGH = 0.05, 0.98  # collapsed bands, as fractions of log(out_dim): one-hot / uniform
+
+
+class CollapseWarning(UserWarning):
+    """The teacher's output looks collapsed (one-hot or uniform) for a sustained window of steps."""
+
+
+def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Linear warmup of the teacher temperature from `start` to `end` over `warmup_steps`, then constant."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+def teacher_momentum(step: int, total_steps: int, base: float) -> float:
+    """EMA momentum of the teacher: half-cosine from `base` at step 0 to 1 at `total_steps`."""
+    return cosine(step, total_steps, base, 1.0)
+
+
+def _is_main_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class DINO(Objective):
+    """Student = shared backbone + DINOHead; teacher = their EMA copy, never optimised, always in eval mode.
+
+    `total_steps` (the run's optimizer steps) sets the length of the teacher-momentum cosine.
+    """
+
+    def __init__(self, cfg: DINOConfig, backbone: VisionTransformer,
+                 total_steps: int = TrainConfig.total_steps, collapse_window: int = COLLAPSE_WINDOW) -> None:
+        super().__init__()
+        _validate(cfg)
+        if total_steps < 1 or collapse_window < 1:
+            raise ValueError(f"total_steps and collapse_window must be ≥ 1, got {total_steps}, "
+                             f"{collapse_window}")
+        self.cfg, self.total_steps, self.collapse_window = cfg, total_steps, collapse_window
+        self.backbone = backbone
+        self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                             cfg.head_layers, cfg.norm_last_layer)
+        # Same initial weights as the student; its drop-path is inert because it always stays in eval mode.
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
+        self._collapse: tuple[str, int] | None = None  # (kind, first step) of the current collapsed episode
+        self._warned = False
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.teacher.eval()  # model.train() must not switch on the teacher's drop-path
+        return self
+
+    @property
+    def views(self) -> Callable[[Image.Image], list[Tensor]]:
+        c = self.cfg
+        return MultiCropViews(self.backbone.patch_embed.img_size[0], c.local_crops_size,
+                              c.local_crops_number, c.global_crops_scale, c.local_crops_scale,
+                              c.color_jitter_prob, c.grayscale_prob, c.blur_probs, c.solarize_prob)
+
+    def export_backbone(self) -> VisionTransformer:
+        return self.teacher["backbone"] if self.cfg.export_teacher else self.backbone
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        crops = batch["image"]
+        if not isinstance(crops, (list, tuple)) or len(crops) < N_GLOBAL:
+            raise ValueError("DINO needs multi-crop batches: a list of at least 2 crop tensors per batch")
+        temp = teacher_temperature(step, self.cfg.warmup_teacher_temp_steps, self.cfg.warmup_teacher_temp,
+                                   self.cfg.teacher_temp)
+        with torch.no_grad():
+            teacher_out = embed(self.teacher["backbone"], self.teacher["head"], crops[:N_GLOBAL])  # (2B, K)
+            targets = teacher_targets(teacher_out, self.center, temp)  # (2B, K)
+        student_out = embed(self.backbone, self.head, crops)  # (V·B, K)
+        loss = dino_loss(student_out, targets, len(crops), self.cfg.student_temp)
+
+        entropy = mean_entropy(targets)
+        if self.training:
+            update_center(self.center, teacher_out, self.cfg.center_momentum)
+            self._watch_collapse(float(entropy), step)
+        device = loss.device
+        momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
+        return {
+            "loss": loss,
+            "teacher_entropy": entropy,
+            # Each teacher view enters the same number of pairs, so the mean KL is the loss minus the entropy.
+            "kl": loss.detach() - entropy,
+            "center_norm": self.center.norm(),
+            "teacher_temp": torch.tensor(temp, device=device),
+            "teacher_momentum": torch.tensor(momentum, device=device),
+        }
+
+    def after_backward(self, step: int) -> None:
+        # No gradient at all (rather than a zero one): AdamW then neither moves nor decays the frozen layer.
+        if step < self.cfg.freeze_last_layer_steps:
+            for param in self.head.last_layer.parameters():
+                param.grad = None
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        m = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
+        student = [p for part in (self.backbone, self.head) for p in part.parameters()]
+        teacher = [p for part in (self.teacher["backbone"], self.teacher["head"]) for p in part.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - m)  # θt ← θt + (1 − m)(θs − θt) = m·θt + (1 − m)·θs
+
+    def _watch_collapse(self, entropy: float, step: int) -> None:
+        """Warn once per episode of ≥ `collapse_window` steps with the teacher entropy in a collapsed band."""
+        log_k = math.log(self.cfg.out_dim)
+        kind = ("one-hot" if entropy < COLLAPSE_LOW * log_k else
+                "uniform" if entropy > COLLAPSE_HIGH * log_k else None)
+        if kind is None or self._collapse is None or self._collapse[0] != kind:
+            self._collapse, self._warned = ((kind, step) if kind else None), False
+        if self._collapse is None or self._warned or step - self._collapse[1] + 1 < self.collapse_window:
+            return
+        self._warned = True
+        if _is_main_rank():
+            warnings.warn(f"DINO looks collapsed ({kind}): teacher entropy {entropy:.3f} nats (log K = "
+                          f"{log_k:.2f}) for steps {self._collapse[1]}-{step}; see docs/dino.md",
+                          CollapseWarning, stacklevel=2)
+
+    @torch.no_grad()
+    def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:
+        """The crops of a few images, a row per image: globals, then locals (upscaled to the global size)."""
+        crops = batch["image"]
+        size = crops[0].shape[-2:]
+        upscaled = [F.interpolate(c[:n].float(), size=size, mode="nearest") for c in crops]  # V × (n,3,H,W)
+        rows = [torch.cat([c[i] for c in upscaled], dim=-1) for i in range(upscaled[0].shape[0])]
+        return {"dino/crops": denormalize(torch.cat(rows, dim=-2))}
+
+
+def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor]) -> Tensor:
+    """Head outputs (V·B, K) of the V crops, in crop order; one backbone pass per run of equal-sized crops."""
+    feats = []
+    for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
+        x = torch.cat(list(group))  # (n·B, 3, H, W): same-resolution crops share a pass
+        feats.append(encode(backbone, x)[:, 0])  # cls token, (n·B, D)
+    return head(torch.cat(feats))  # one head pass over all crops
+
+
+def _validate(cfg: DINOConfig) -> None:
+    if cfg.out_dim < 2:
+        raise ValueError(f"dino.out_dim must be at least 2, got {cfg.out_dim}")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"dino.{name} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.center_momentum < 1.0 or not 0.0 <= cfg.momentum_teacher <= 1.0:
+        raise ValueError(f"dino momenta must be in [0, 1), got center {cfg.center_momentum}, "
+                         f"teacher {cfg.momentum_teacher}")
+    if cfg.warmup_teacher_temp_steps < 0 or cfg.freeze_last_layer_steps < 0:
+        raise ValueError("dino.warmup_teacher_temp_steps and dino.freeze_last_layer_steps must be ≥ 0")
