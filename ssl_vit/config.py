@@ -12,9 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held per worker for shuffling across shard boundaries
     max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     allow_pipe: bool = False  # allow `pipe:` shard URLs; they run a shell command, so off by default
+    max_skip_rate: float = 0.1  # stop the run when more than this share of samples was skipped (after 1000)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class TrainConfig:
     save_every: int = 5000  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept on disk
     export: bool = True  # write backbone.safetensors + backbone.json at the end of the run
+    max_nonfinite_steps: int = 20  # consecutive steps skipped for a NaN/inf loss or grad norm before stopping
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,8 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
-    valid = _all_keys(Config)
+def _unknown_key(key: str, root: type) -> ConfigError:
+    valid = _all_keys(root)
     leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
     close = leaf_matches or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -194,19 +198,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    root = root or cls  # the top-level dataclass, whose keys the closest-key suggestions search
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = prefix + str(name)
         if name not in names:
-            raise _unknown_key(key)
+            raise _unknown_key(key, root)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            kwargs[name] = _build(tp, value, key + ".")
+            kwargs[name] = _build(tp, value, key + ".", root)
         else:
             kwargs[name] = _coerce(key, value, tp)
     return cls(**kwargs)
@@ -248,13 +253,22 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← recipe (if any) ← `key=value` overrides, validated into a frozen Config."""
+def load_dataclass(cls: type[T], recipe: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults of the frozen dataclass `cls` ← recipe (if any) ← `key=value` overrides, type-checked.
+
+    The closed-schema machinery of `load_config`, for any root dataclass (e.g. the fine-tune config).
+    """
     data = read_recipe(recipe) if recipe is not None else {}
     for item in overrides:
         path, value = _parse_override(item)
         _merge(data, path, value)
-    cfg = _build(Config, data)
+    return _build(cls, data)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← recipe (if any) ← `key=value` overrides, validated into a frozen Config."""
+    cfg = load_dataclass(Config, recipe, overrides)
     validate(cfg)
     return cfg
 

@@ -296,8 +296,9 @@ def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers:
 
 
 def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,
-                 seed: int, start_step: int = 0) -> DataLoader:
-    """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)}.
+                 seed: int, start_step: int = 0, with_label: bool = False) -> DataLoader:
+    """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)},
+    plus "label" (-1 if none) and "key" with `with_label` (supervised training on labelled shards).
 
     Shards are dealt to ranks, then to loader workers (see `share_of_shards`); each worker draws from its
     share with replacement, seeded from (seed, rank, worker, start_step), so all ranks run the same number of
@@ -316,7 +317,7 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
         _TarSamples(counter),
         _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
         if cfg.shuffle_buffer > 1 else None,
-        _Decode(counter, views, cfg.max_image_pixels, with_label=False),
+        _Decode(counter, views, cfg.max_image_pixels, with_label=with_label),
     )
     # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))

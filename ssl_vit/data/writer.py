@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -119,12 +120,15 @@ def _encode(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, str]:
 
 
 def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max_count: int = 10_000,
-                 max_size: int = 1 << 30, max_side: int | None = None, progress: bool = True) -> ShardSummary:
+                 max_size: int = 1 << 30, max_side: int | None = None, shuffle: bool = True, seed: int = 0,
+                 progress: bool = True) -> ShardSummary:
     """Pack every jpg/jpeg/png/webp under `src` into shards in `out`.
 
     When every image sits in a first-level sub-folder, the sorted folder names are the classes: each sample
     gets a `cls` member and out/classes.txt lists the names. Original bytes are stored untouched unless
-    `max_side` asks for downsizing. Unreadable files are skipped, logged and counted.
+    `max_side` asks for downsizing. Unreadable files are skipped, logged and counted. With `shuffle` (default)
+    the files are written in an order shuffled by `seed`, so every shard mixes classes and folders: a stream's
+    shuffle buffer only mixes the few shards a worker has open.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -134,6 +138,8 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     files = _find_images(src)
     if not files:
         raise ValueError(f"no jpg/jpeg/png/webp images under {src}")
+    if shuffle:
+        random.Random(seed).shuffle(files)  # same folder + seed → same shards
     rels = [f.relative_to(src) for f in files]
     labelled = all(len(r.parts) > 1 for r in rels)
     classes = sorted({r.parts[0] for r in rels}) if labelled else None

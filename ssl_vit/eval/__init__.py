@@ -1,1 +1,2 @@
-"""Evaluation of frozen backbones: feature extraction and k-NN."""
+"""Evaluation of pretrained backbones: features (+ cache), k-NN, linear probe, fine-tuning, attention and MAE
+visualisations."""

@@ -1,20 +1,50 @@
-"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample key."""
+"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample key.
+
+A feature is the cls token or the mean patch token (after the final norm) of each of the last N blocks,
+concatenated, optionally followed by the mean patch token of the last block (DINO's linear-probe features).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ssl_vit.backbone import encode, pool
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import eval_transform
+
+POOLS = ("avg", "cls")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which tokens make an image's feature vector."""
+
+    pool: str = "cls"  # cls token or mean patch token, taken from each of the last `n_last_blocks` blocks
+    n_last_blocks: int = 1  # blocks whose (normed) output is pooled and concatenated, last block last
+    avgpool: bool = False  # also append the last block's mean patch token (DINO's ViT-B linear probe)
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose from {list(POOLS)}")
+        if self.n_last_blocks < 1:
+            raise ValueError(f"n_last_blocks must be ≥ 1, got {self.n_last_blocks}")
+        if self.avgpool and self.pool == "avg":
+            raise ValueError("avgpool appends the mean patch token to cls features; with pool=avg it is already there")
+
+    def dim(self, embed_dim: int) -> int:
+        return embed_dim * (self.n_last_blocks + int(self.avgpool))
+
+    def describe(self) -> str:
+        name = self.pool if self.n_last_blocks == 1 else f"{self.pool} of the last {self.n_last_blocks} blocks"
+        return name + (" + avg" if self.avgpool else "")
 
 
 @dataclass
@@ -24,11 +54,43 @@ class Features:
     keys: list[str]
 
 
+def image_features(vit: VisionTransformer, images: Tensor, spec: FeatureSpec) -> Tensor:
+    """(B, spec.dim(D)) features of a batch; with the default spec, the cls token of `backbone.encode`."""
+    if spec.n_last_blocks > len(vit.blocks):
+        raise ValueError(f"n_last_blocks {spec.n_last_blocks} exceeds the backbone's {len(vit.blocks)} blocks")
+    if spec.pool == "cls" and vit.num_prefix_tokens == 0:
+        raise ValueError("this backbone has no cls token; use pool=avg")
+    # Each intermediate goes through the final norm, as DINO's get_intermediate_layers does.
+    outs = vit.forward_intermediates(images, indices=spec.n_last_blocks, norm=True, output_fmt="NLC",
+                                     intermediates_only=True, return_prefix_tokens=vit.num_prefix_tokens > 0,
+                                     stop_early=True)
+    split = [o if isinstance(o, tuple) else (o, None) for o in outs]  # (patches (B, L, D), prefix (B, P, D))
+    parts = [prefix[:, 0] if spec.pool == "cls" else patches.mean(dim=1) for patches, prefix in split]
+    if spec.avgpool:
+        parts.append(split[-1][0].mean(dim=1))
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accelerator: Accelerator, *,
-                     pool_mode: str = "cls", batch_size: int = 256, num_workers: int = 4,
-                     crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features") -> Features:
-    """Every rank encodes its share of the shards; all ranks get the full, de-duplicated, key-sorted result."""
+                     spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,
+                     crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
+                     cache_dir: str | Path | None = None) -> Features:
+    """Every rank encodes its share of the shards; all ranks get the full, de-duplicated, key-sorted result.
+
+    With `cache_dir`, the result is stored there (safetensors) under a key of the backbone's weights and
+    architecture, the feature spec, the transform and the shards (paths, sizes, mtimes); a later call with
+    the same key loads it instead of running the backbone.
+    """
+    path = None
+    if cache_dir is not None:
+        from ssl_vit.eval.feature_cache import cache_path, load_cached, save_cached
+
+        path = cache_path(cache_dir, vit, shards, spec, crop_ratio, allow_pipe)
+        hit = [path.is_file()]
+        broadcast_object_list(hit)  # the main process decides, so no rank waits in a gather the others skip
+        if hit[0]:
+            return load_cached(path)
     vit = vit.to(accelerator.device).eval()
     transform = eval_transform(vit.patch_embed.img_size[0], crop_ratio)
     loader = eval_stream(shards, transform, batch_size=batch_size, num_workers=num_workers,
@@ -37,20 +99,28 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
     feats, labels, keys = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, unit="batch"):
         with accelerator.autocast():
-            tokens = encode(vit, batch["image"].to(accelerator.device, non_blocking=True))
-        feats.append(pool(vit, tokens, pool_mode).float())
+            feats.append(image_features(vit, batch["image"].to(accelerator.device, non_blocking=True), spec).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
-    dim = vit.embed_dim if pool_mode in ("cls", "avg") else feats[0].shape[1]
-    local_f = torch.cat(feats) if feats else torch.zeros(0, dim, device=accelerator.device)
+    local_f = torch.cat(feats) if feats else torch.zeros(0, spec.dim(vit.embed_dim), device=accelerator.device)
     local_l = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    all_f, all_l, all_k = _gather(accelerator, local_f, local_l, keys)
+    result = gather_by_key(accelerator, local_f, local_l, keys)
+    if path is not None:
+        if accelerator.is_main_process:
+            save_cached(path, result)
+        accelerator.wait_for_everyone()
+    return result
+
+
+def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: list[str]) -> Features:
+    """Rows of every rank on every rank, one per sample key, sorted by key (a collective: all ranks call)."""
+    all_r, all_l, all_k = _gather(accelerator, rows, labels, keys)
     # A sample can reach two ranks only if a shard was listed twice; keep one row per key, in key order.
-    first = {}
+    first: dict[str, int] = {}
     for i, key in enumerate(all_k):
         first.setdefault(key, i)
     order = [first[k] for k in sorted(first)]
-    return Features(all_f[order].cpu(), all_l[order].cpu(), sorted(first))
+    return Features(all_r[order].cpu(), all_l[order].cpu(), sorted(first))
 
 
 def _gather(accelerator: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) -> tuple[Tensor, Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from ssl_vit.config import EvalConfig
-from ssl_vit.eval.features import extract_features
+from ssl_vit.eval.features import FeatureSpec, extract_features
 
 
 @torch.no_grad()
@@ -49,12 +50,16 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
 
 
 def knn_eval(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
-             ks: Sequence[int] | None = None, allow_pipe: bool = False) -> dict[int, dict[str, float]]:
-    """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN."""
+             ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
+             cache_dir: str | Path | None = None) -> dict[int, dict[str, float]]:
+    """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN.
+
+    `spec` defaults to `cfg.pool` of the last block; `cache_dir` caches the features (see extract_features).
+    """
     if not cfg.knn_train or not cfg.knn_val:
         raise ValueError("k-NN needs labelled shards: set eval.knn_train and eval.knn_val (or --train/--val)")
-    kwargs = dict(pool_mode=cfg.pool, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  crop_ratio=cfg.crop_ratio, allow_pipe=allow_pipe)
+    kwargs = dict(spec=spec or FeatureSpec(pool=cfg.pool), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  crop_ratio=cfg.crop_ratio, allow_pipe=allow_pipe, cache_dir=cache_dir)
     train = extract_features(vit, cfg.knn_train, accelerator, desc="k-NN train features", **kwargs)
     val = extract_features(vit, cfg.knn_val, accelerator, desc="k-NN val features", **kwargs)
     return knn_classify(train.features, train.labels, val.features, val.labels, ks or (cfg.knn_k,),

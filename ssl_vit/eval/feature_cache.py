@@ -1,0 +1,77 @@
+"""On-disk cache of extracted features (safetensors), keyed by everything the features depend on.
+
+The key hashes the backbone's weights and architecture (so a random init, a new export or another timm model
+never hits a stale entry), the feature spec, the eval transform and the shards: their resolved URLs and, for
+local files, size and modification time. Data changed in place with its mtime preserved is not detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.eval.features import Features, FeatureSpec
+
+_VERSION = 1  # bump when the extraction itself changes
+
+
+def backbone_fingerprint(vit: VisionTransformer) -> str:
+    """Hash of every weight and of the module structure (heads, image size: what weights alone don't show)."""
+    h = hashlib.sha256()
+    arch = {"repr": repr(vit), "img_size": list(vit.patch_embed.img_size),
+            "heads": [getattr(b.attn, "num_heads", None) for b in vit.blocks]}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in vit.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(shards: str | Sequence[str], allow_pipe: bool = False) -> list[list]:
+    """Each resolved shard with (size, mtime_ns) for local files; remote URLs by name only."""
+    out = []
+    for url in resolve_shards(shards, allow_pipe):
+        local = Path(url.removeprefix("file:"))
+        if local.is_file():
+            st = os.stat(local)
+            out.append([str(local.resolve()), st.st_size, st.st_mtime_ns])
+        else:
+            out.append([url])
+    return out
+
+
+def cache_path(cache_dir: str | Path, vit: VisionTransformer, shards: str | Sequence[str], spec: FeatureSpec,
+               crop_ratio: float, allow_pipe: bool = False) -> Path:
+    """The cache file for these features (it may not exist yet)."""
+    key = {"version": _VERSION, "backbone": backbone_fingerprint(vit), "spec": asdict(spec),
+           "crop_ratio": crop_ratio, "data": data_fingerprint(shards, allow_pipe)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"features-{digest}.safetensors"
+
+
+def save_cached(path: Path, feats: Features) -> None:
+    """Write atomically (temp file, then rename): a killed run never leaves a truncated cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keys as one newline-joined UTF-8 byte tensor: safetensors metadata headers are size-limited.
+    keys = torch.frombuffer(bytearray("\n".join(feats.keys).encode()), dtype=torch.uint8) if feats.keys \
+        else torch.zeros(0, dtype=torch.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"features": feats.features.contiguous(), "labels": feats.labels.contiguous(), "keys": keys},
+              str(tmp), metadata={"n": str(len(feats.keys))})
+    tmp.replace(path)
+
+
+def load_cached(path: Path) -> Features:
+    data = load_file(str(path))
+    text = bytes(data["keys"].numpy()).decode()
+    return Features(data["features"], data["labels"], text.split("\n") if text else [])

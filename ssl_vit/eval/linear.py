@@ -1,0 +1,263 @@
+"""Linear probes on a frozen backbone: a grid of heads (learning rates × weight decays) trained at once.
+
+Fast path: features are extracted once (no augmentation), then every head trains on them for many epochs,
+seconds to minutes in all. Slow path (`augment=True`): each step encodes a freshly augmented batch, as the
+papers do; the heads still train together, so the backbone runs once per batch for the whole grid.
+Every head sees the same batches in the same order from the same initial weights, and the loss is a sum of
+per-head losses, so each head trains exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import Lars
+from torch import Tensor, nn
+
+from ssl_vit.eval.features import Features, FeatureSpec, extract_features
+from ssl_vit.eval.metrics import topk_hits
+from ssl_vit.run_log import RunLog
+from ssl_vit.schedules import warmup_cosine
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """A linear-probe recipe. Each head's peak lr = base_lr × batch_size / 256 (linear scaling rule)."""
+
+    features: FeatureSpec
+    batchnorm: bool  # BatchNorm1d without affine before the linear layer (MAE, after MoCo v3)
+    optimizer: str  # lars (MAE) | sgd (DINO); momentum 0.9 for both
+    base_lrs: tuple[float, ...]  # the lr grid
+    weight_decays: tuple[float, ...]  # the weight-decay grid (on the weight matrix, never the bias)
+    epochs: int
+    warmup_epochs: int  # linear warmup, then cosine to 0 (per step)
+    batch_size: int  # global batch
+    init_std: float = 0.01  # head weights ~ N(0, init_std²), bias 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("lars", "sgd"):
+            raise ValueError(f"unknown probe optimizer {self.optimizer!r}; choose from ['lars', 'sgd']")
+        if not self.base_lrs or not self.weight_decays:
+            raise ValueError("the lr and weight-decay grids need at least one value each")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"need epochs ≥ 1, batch_size ≥ 1, 0 ≤ warmup_epochs ≤ epochs; got {self.epochs}, "
+                             f"{self.batch_size}, {self.warmup_epochs}")
+
+
+PROTOCOL_NAMES = ("dino", "mae")
+
+
+def probe_protocol(name: str, embed_dim: int) -> ProbeProtocol:
+    """The papers' protocols, with an lr grid around the paper's value.
+
+    mae: BN + linear on the cls token, LARS, blr 0.1, batch 16384, 90 epochs with 10 warmup.
+    dino: linear on the last 4 cls tokens for ViT-S and narrower (embed_dim < 768), on the last cls + mean patch
+    token for wider models; SGD, lr 1e-3 per 256, batch 1024, 100 epochs, cosine.
+    """
+    if name == "mae":
+        return ProbeProtocol(FeatureSpec("cls"), batchnorm=True, optimizer="lars",
+                             base_lrs=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), weight_decays=(0.0,),
+                             epochs=90, warmup_epochs=10, batch_size=16384)
+    if name == "dino":
+        spec = FeatureSpec("cls", n_last_blocks=4) if embed_dim < 768 else FeatureSpec("cls", avgpool=True)
+        return ProbeProtocol(spec, batchnorm=False, optimizer="sgd",
+                             base_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3), weight_decays=(0.0,),
+                             epochs=100, warmup_epochs=0, batch_size=1024)
+    raise ValueError(f"unknown probe protocol {name!r}; choose from {list(PROTOCOL_NAMES)}")
+
+
+def customize(proto: ProbeProtocol, *, pool: str | None = None, n_last_blocks: int | None = None,
+              avgpool: bool | None = None, base_lrs: Sequence[float] | None = None,
+              weight_decays: Sequence[float] | None = None, epochs: int | None = None,
+              warmup_epochs: int | None = None, batch_size: int | None = None) -> ProbeProtocol:
+    """`proto` with every value that is not None replaced (the command-line overrides)."""
+    f = proto.features
+    features = FeatureSpec(pool or f.pool, n_last_blocks or f.n_last_blocks, f.avgpool if avgpool is None else avgpool)
+    changes = {"base_lrs": base_lrs and tuple(base_lrs), "weight_decays": weight_decays and tuple(weight_decays),
+               "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
+    return dataclasses.replace(proto, features=features, **{k: v for k, v in changes.items() if v is not None})
+
+
+class HeadGrid(nn.Module):
+    """Optional shared BatchNorm (no affine: identical for every head) + one linear head per grid point."""
+
+    def __init__(self, dim: int, num_classes: int, n_heads: int, batchnorm: bool, init_std: float,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n_heads))
+        weight = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(seed)) * init_std
+        with torch.no_grad():
+            for head in self.heads:  # the same start for every head, whatever the grid
+                head.weight.copy_(weight)
+                head.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, D) features → (H, B, C) logits of every head."""
+        x = self.norm(x)
+        weight = torch.stack([h.weight for h in self.heads])  # (H, C, D)
+        bias = torch.stack([h.bias for h in self.heads])  # (H, C)
+        return torch.einsum("bd,hcd->hbc", x, weight) + bias[:, None]
+
+
+def grid_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum over heads of each head's mean cross-entropy: head i's gradient is what it would be alone."""
+    n_heads, batch = logits.shape[:2]
+    per_sample = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(n_heads), reduction="none")
+    return per_sample.view(n_heads, batch).mean(dim=1).sum()
+
+
+class HeadTrainer:
+    """Trains a HeadGrid step by step (lr schedule per step), evaluates every head, keeps the best epochs."""
+
+    def __init__(self, proto: ProbeProtocol, dim: int, num_classes: int, batch_size: int, steps_per_epoch: int,
+                 seed: int = 0) -> None:
+        self.proto, self.steps_per_epoch = proto, steps_per_epoch
+        self.grid = [(lr, wd) for lr in proto.base_lrs for wd in proto.weight_decays]
+        self.model = HeadGrid(dim, num_classes, len(self.grid), proto.batchnorm, proto.init_std, seed)
+        groups: list[dict[str, Any]] = []
+        for head, (base_lr, wd) in zip(self.model.heads, self.grid, strict=True):
+            peak = base_lr * batch_size / 256
+            # LARS adapts the weight matrix only; biases get neither adaptation nor decay (as in MAE's LARS).
+            groups.append({"params": [head.weight], "weight_decay": wd, "peak_lr": peak, "always_adapt": True})
+            groups.append({"params": [head.bias], "weight_decay": 0.0, "peak_lr": peak, "always_adapt": False})
+        if proto.optimizer == "lars":
+            self.optimizer: torch.optim.Optimizer = Lars(groups, lr=0.0, momentum=0.9)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        self.history: list[list[dict[str, float]]] = []  # per epoch, per head: top1, top5
+
+    def names(self) -> list[str]:
+        return [f"lr{lr:g}_wd{wd:g}" for lr, wd in self.grid]
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, step: int,
+             backward: Callable[[Tensor], None] | None = None) -> float:
+        """One optimizer step of every head; `model` is the grid, possibly wrapped for distributed training
+        (then pass `accelerator.backward`)."""
+        total = self.proto.epochs * self.steps_per_epoch
+        warmup = self.proto.warmup_epochs * self.steps_per_epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, total, warmup, group["peak_lr"])
+        loss = grid_loss(model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        (backward or Tensor.backward)(loss)
+        self.optimizer.step()
+        return float(loss.detach()) / len(self.grid)
+
+    @torch.no_grad()
+    def evaluate(self, val: Features, chunk: int = 4096) -> list[dict[str, float]]:
+        """Top-1/top-5 (%) of every head on `val` (BatchNorm with its running statistics)."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        hits = [[0, 0] for _ in self.grid]
+        for x, y in zip(val.features.split(chunk), val.labels.split(chunk), strict=True):
+            for i, head_logits in enumerate(self.model(x.to(device))):  # (chunk, C) per head
+                counts = topk_hits(head_logits, y.to(device))
+                hits[i][0] += counts[1]
+                hits[i][1] += counts[5]
+        self.model.train()
+        n = val.features.shape[0]
+        scores = [{"top1": 100.0 * h1 / n, "top5": 100.0 * h5 / n} for h1, h5 in hits]
+        self.history.append(scores)
+        return scores
+
+    def summary(self) -> dict[str, Any]:
+        """Per head its best epoch on val (and the final one); `best` is the head with the highest top-1."""
+        heads = []
+        for i, ((lr, wd), name) in enumerate(zip(self.grid, self.names(), strict=True)):
+            per_epoch = [epoch[i] for epoch in self.history]
+            best = max(range(len(per_epoch)), key=lambda e: (per_epoch[e]["top1"], per_epoch[e]["top5"]))
+            heads.append({"name": name, "base_lr": lr, "weight_decay": wd, "best_epoch": best + 1,
+                          **per_epoch[best], "final_top1": per_epoch[-1]["top1"]})
+        return {"heads": heads, "best": max(heads, key=lambda h: (h["top1"], h["top5"]))}
+
+
+def _log_epoch(log: RunLog | None, trainer: HeadTrainer, epoch: int, loss: float,
+               scores: list[dict[str, float]]) -> None:
+    if log is None:
+        return
+    values = {"probe/train_loss": loss, "probe/best_top1": max(s["top1"] for s in scores)}
+    values.update({f"probe_top1/{name}": s["top1"] for name, s in zip(trainer.names(), scores, strict=True)})
+    log.scalars(epoch, values)
+
+
+def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_classes: int | None = None,
+                   device: torch.device | str = "cpu", seed: int = 0, log: RunLog | None = None,
+                   ) -> tuple[dict[str, Any], HeadTrainer]:
+    """Fast path: train the whole grid on fixed features; returns the summary and the trainer (heads inside)."""
+    if (train.labels < 0).any() or (val.labels < 0).any():
+        raise ValueError("the linear probe needs labelled shards (samples with a `cls` member)")
+    if train.features.shape[0] == 0 or val.features.shape[0] == 0:
+        raise ValueError("the linear probe needs a non-empty train and val set")
+    num_classes = num_classes or int(max(train.labels.max(), val.labels.max())) + 1
+    n = train.features.shape[0]
+    batch = min(proto.batch_size, n)
+    trainer = HeadTrainer(proto, train.features.shape[1], num_classes, batch, n // batch, seed)
+    trainer.model.to(device).train()
+    x, y = train.features.to(device), train.labels.to(device)
+    order = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(proto.epochs):
+        perm = torch.randperm(n, generator=order)
+        losses = []
+        for s in range(trainer.steps_per_epoch):  # full batches only, as the papers' loaders (drop_last)
+            idx = perm[s * batch:(s + 1) * batch].to(device)
+            losses.append(trainer.step(trainer.model, x[idx], y[idx], step))
+            step += 1
+        _log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
+    return trainer.summary(), trainer
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """Where the labelled images come from and how they are read."""
+
+    train: str  # labelled train shards
+    val: str  # labelled val shards
+    batch_size: int = 256  # per-device batch of feature extraction
+    num_workers: int = 4  # loader workers per rank
+    crop_ratio: float = 0.875  # eval resize/centre-crop ratio
+    allow_pipe: bool = False  # allow pipe: shard URLs
+    cache_dir: str | None = None  # feature cache (fast path, and the val features of the slow path)
+    shuffle_buffer: int = 5000  # slow path: samples shuffled per worker
+    train_size: int | None = None  # slow path: samples per epoch; None = counted from the tar headers
+
+
+def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, accelerator: Accelerator, *,
+                 augment: bool = False, seed: int = 0, out_dir: str | Path | None = None,
+                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extract features, train the grid, report every head and the best on val. With `out_dir` (main process):
+    `linear_probe.json`, `log.jsonl` and TensorBoard curves (val top-1 per head per epoch) there."""
+    kwargs = dict(spec=proto.features, batch_size=data.batch_size, num_workers=data.num_workers,
+                  crop_ratio=data.crop_ratio, allow_pipe=data.allow_pipe, cache_dir=data.cache_dir)
+    val = extract_features(vit, data.val, accelerator, desc="probe val features", **kwargs)
+    if out_dir is not None and accelerator.is_main_process:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir, enabled=accelerator.is_main_process) if out_dir is not None else None
+    try:
+        if augment:
+            from ssl_vit.eval.linear_augmented import probe_augmented
+
+            summary, n_train = probe_augmented(vit, data, proto, val, accelerator, seed=seed, log=log)
+        else:
+            train = extract_features(vit, data.train, accelerator, desc="probe train features", **kwargs)
+            # Every rank holds all features and trains the same grid from the same seed: no collective needed.
+            summary, _ = probe_features(train, val, proto, device=accelerator.device, seed=seed, log=log)
+            n_train = train.features.shape[0]
+    finally:
+        if log is not None:
+            log.close()
+    result = {**(meta or {}), "protocol": dataclasses.asdict(proto), "features": proto.features.describe(),
+              "augment": augment, "n_train": n_train, "n_val": val.features.shape[0], **summary}
+    if out_dir is not None and accelerator.is_main_process:
+        Path(out_dir, "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,70 @@
+"""The slow linear probe: every step encodes a freshly augmented batch (RandomResizedCrop + flip, as MAE's and
+DINO's probes do), for parity with the papers' numbers. The grid of heads trains with data parallelism."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from timm.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
+
+from ssl_vit.data.transforms import mae_views
+from ssl_vit.eval.features import Features, image_features
+from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
+from ssl_vit.run_log import RunLog
+
+if TYPE_CHECKING:
+    from ssl_vit.eval.linear import ProbeData, ProbeProtocol
+
+PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, used by both papers' probes
+
+
+def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, val: Features,
+                    accelerator: Accelerator, seed: int = 0, log: RunLog | None = None) -> tuple[dict[str, Any], int]:
+    """Train the grid on augmented train batches, evaluate on the fixed `val` features after every epoch.
+
+    The global batch `proto.batch_size` is split over the ranks; an epoch is train_size // global batch steps.
+    Returns the summary (the main process's, on every rank) and the train-set size.
+    """
+    from ssl_vit.eval.linear import HeadTrainer, _log_epoch
+
+    n_train = data.train_size or count_samples(data.train, data.allow_pipe)
+    per_device = max(1, proto.batch_size // accelerator.num_processes)
+    global_batch = per_device * accelerator.num_processes
+    steps_per_epoch = max(1, n_train // global_batch)
+    num_classes = max(classes_file_count(data.train, data.allow_pipe) or 0, int(val.labels.max()) + 1)
+    vit = vit.to(accelerator.device).eval()
+    trainer = HeadTrainer(proto, proto.features.dim(vit.embed_dim), num_classes, global_batch, steps_per_epoch,
+                          seed)
+    trainer.model.to(accelerator.device).train()
+    # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
+    model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
+    transform = mae_views(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
+    loader = iter(labelled_train_stream(data.train, transform, batch_size=per_device,
+                                        num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                                        rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe))
+    bar = tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
+               disable=not accelerator.is_main_process)
+    step = 0
+    for epoch in range(proto.epochs):
+        losses = []
+        for _ in range(steps_per_epoch):
+            batch = next(loader)
+            labels = batch["label"].to(accelerator.device)
+            if (labels < 0).any() or (labels >= num_classes).any():
+                raise ValueError(f"the linear probe needs labels in [0, {num_classes}) on every train sample")
+            with torch.no_grad(), accelerator.autocast():
+                feats = image_features(vit, batch["image"].to(accelerator.device, non_blocking=True),
+                                       proto.features).float()
+            losses.append(trainer.step(model, feats, labels, step, accelerator.backward))
+            step += 1
+            bar.update(1)
+        _log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
+    bar.close()
+    summary = [trainer.summary()]
+    broadcast_object_list(summary)  # BatchNorm running stats may differ by rank: report the main process's
+    return summary[0], n_train

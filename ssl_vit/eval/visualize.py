@@ -1,0 +1,108 @@
+"""PNGs to look at a backbone: per-head cls attention with DINO's thresholded masks, attention rollout, and an
+MAE run's original / masked / reconstruction grid. Drawn with torchvision's make_grid (no plotting library).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from ssl_vit.data.shards import eval_stream, to_rgb
+from ssl_vit.data.transforms import denormalize, eval_transform
+from ssl_vit.eval.attention import attention_maps, attention_rollout, cls_to_patches, mass_mask
+from ssl_vit.objectives import Objective
+
+# "inferno"-like ramp from dark (no attention) to bright (most attention)
+_RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
+_PAD = 2  # pixels between tiles (make_grid's default)
+
+
+def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = None, n: int = 4,
+                crop_ratio: float = 0.875, allow_pipe: bool = False) -> Tensor:
+    """(B, 3, S, S) normalised images: the files in `paths`, else the first `n` samples of `shards`."""
+    transform = eval_transform(img_size, crop_ratio)
+    if paths:
+        images = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"image not found: {path}")
+            with Image.open(path) as img:
+                images.append(transform(to_rgb(img)))
+        return torch.stack(images)
+    if not shards:
+        raise ValueError("give image files or shards to take the images from")
+    loader = eval_stream(shards, transform, batch_size=n, num_workers=0, rank=0, world_size=1,
+                         allow_pipe=allow_pipe)
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError(f"no readable image in {shards}")
+    return batch["image"][:n]
+
+
+def colorize(maps: Tensor) -> Tensor:
+    """(..., H, W) maps → (..., 3, H, W) colours, each map stretched to its own min..max."""
+    flat = maps.float().flatten(-2)
+    lo, hi = flat.min(dim=-1, keepdim=True).values, flat.max(dim=-1, keepdim=True).values
+    t = ((flat - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1) * (len(_RAMP) - 1)
+    i = t.floor().long().clamp(max=len(_RAMP) - 2)
+    frac = (t - i).unsqueeze(-1)
+    rgb = _RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac  # (..., H·W, 3)
+    return rgb.movedim(-1, -2).reshape(*maps.shape[:-2], 3, *maps.shape[-2:])
+
+
+def _upsample(x: Tensor, size: int) -> Tensor:
+    """(B, C, h, w) → (B, C, size, size) with nearest neighbours: one patch stays one flat block."""
+    return F.interpolate(x.float(), size=(size, size), mode="nearest")
+
+
+def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, scale: int | None = None) -> Tensor:
+    """(3, H, W) grid, two rows per image: [image, cls attention of each last-layer head, rollout], then
+    [mean-head mask, each head's mask, rollout mask] over the image; a mask keeps the patches that hold a
+    `keep` share of the attention mass (DINO's visualisation). Tiles are S·scale pixels (default ≥ 128)."""
+    s = images.shape[-1]
+    scale = scale or max(1, 128 // s)
+    tile = s * scale
+    grid = tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    images = images.to(next(vit.parameters()).device)
+    maps = attention_maps(vit, images)  # every layer: the rollout needs them all, the last one gives heads
+    heads = cls_to_patches(maps[-1], vit.num_prefix_tokens, grid).cpu()  # (B, heads, gh, gw)
+    rollout = cls_to_patches(attention_rollout(maps), vit.num_prefix_tokens, grid).cpu()  # (B, gh, gw)
+    all_maps = torch.cat([heads, rollout.unsqueeze(1)], dim=1)  # (B, heads + 1, gh, gw)
+    masks = torch.cat([mass_mask(heads.mean(dim=1, keepdim=True), keep), mass_mask(all_maps, keep)], dim=1)
+    pictures = _upsample(denormalize(images.float().cpu()), tile)  # (B, 3, T, T)
+    tiles = []
+    for b in range(images.shape[0]):
+        tiles += [pictures[b], *_upsample(colorize(all_maps[b]), tile)]
+        dimmed = 0.2 + 0.8 * _upsample(masks[b].unsqueeze(1), tile)  # (heads + 2, 1, T, T): masked-out dimmed
+        tiles += list(pictures[b] * dimmed)
+    return make_grid(torch.stack(tiles), nrow=heads.shape[1] + 2, padding=_PAD, pad_value=1.0)
+
+
+def mae_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int | None = None) -> Tensor:
+    """(3, 3·T, n·T) grid from `MAE.visualize`: rows original, masked input, reconstruction (visible patches
+    pasted back), one column per image; the random mask is drawn from `seed`."""
+    from ssl_vit.objectives.mae import MAE
+
+    if not isinstance(objective, MAE):
+        raise ValueError(f"reconstructions need an MAE run, this one is {type(objective).__name__}")
+    s = images.shape[-1]
+    scale = scale or max(1, 128 // s)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        figure = objective.visualize({"image": images}, n=images.shape[0])["mae/reconstruction"]
+    return F.interpolate(figure.unsqueeze(0).float().cpu(), scale_factor=scale, mode="nearest")[0]
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Write a (3, H, W) image in [0, 1] as PNG (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image.clamp(0, 1), str(path))
+    return path

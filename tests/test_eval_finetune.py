@@ -1,0 +1,119 @@
+"""Fine-tuning: two steps with every augmentation on, the best model loads back in plain timm; its config."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+import ssl_vit.eval.finetune as ft
+from ssl_vit.checkpoint import export_backbone, load_backbone
+from ssl_vit.config import ConfigError
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.finetune_config import FinetuneConfig, FTModelConfig, load_finetune_config
+
+ROOT = Path(__file__).resolve().parent.parent
+KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    demo = ensure_demo_data(root / "demo", n_train=8, n_knn_train=24, n_knn_val=10)
+    torch.manual_seed(0)
+    export_backbone(timm.create_model("vit_tiny_patch16_224", **KW), root / "bb", "vit_tiny_patch16_224", KW)
+    return demo, root / "bb"
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_classifier_keeps_every_backbone_weight(setup, pool):
+    _, backbone = setup
+    model, name, kwargs = ft.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
+    vit, _ = load_backbone(backbone)
+    state = model.state_dict()
+    for key, value in vit.state_dict().items():
+        if pool == "avg" and key.startswith("norm."):
+            assert key not in state  # MAE's global pool: the final norm becomes a fresh fc_norm after pooling
+        else:
+            assert torch.equal(state[key], value), key
+    assert model.head.out_features == 7 and kwargs["global_pool"] == ("avg" if pool == "avg" else "token")
+    assert float(model.head.weight.detach().std()) < 1e-4 and not model.head.bias.any()  # MAE's head init, std 2e-5
+
+
+def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setup, monkeypatch):
+    demo, backbone = setup
+    calls = []
+    real_call = ft.Mixup.__call__
+    monkeypatch.setattr(ft.Mixup, "__call__", lambda self, x, y: calls.append(len(x)) or real_call(self, x, y))
+    cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
+        f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=2",
+        "train.log_every=1", f"train.run_dir={tmp_path / 'run'}"])
+    aug = cfg.augment  # every augmentation on: RandAugment, random erasing, mixup + cutmix, smoothing, drop path
+    assert aug.auto_augment and aug.reprob > 0 and aug.mixup > 0 and aug.cutmix > 0 and aug.smoothing > 0
+    assert cfg.model.drop_path_rate > 0 and cfg.optim.layer_decay < 1
+    names = repr(ft.train_transform(aug, 32))
+    assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
+
+    result = ft.finetune(cfg, Accelerator())
+    assert result.step == 2 and calls == [4, 4]
+    run = tmp_path / "run"
+    summary = json.loads((run / "finetune.json").read_text())
+    assert summary["num_classes"] == 10 and summary["n_train"] == 24 and summary["best"]["n"] == 10
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 2]
+
+    # The best model, head included, loads in plain timm and gives the same logits.
+    meta = json.loads((run / "best" / "backbone.json").read_text())
+    assert meta["model_kwargs"]["num_classes"] == 10 and meta["step"] == 2
+    weights = load_file(run / "best" / "backbone.safetensors")
+    plain = timm.create_model(meta["model_name"], **meta["model_kwargs"]).eval()
+    plain.load_state_dict(weights, strict=True)
+    overlay = timm.create_model(meta["model_name"], pretrained=True, **meta["model_kwargs"],
+                                pretrained_cfg_overlay=dict(file=str(result.exported), num_classes=10)).eval()
+    ours, _ = load_backbone(run / "best")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), ours.eval()(x)) and torch.equal(overlay(x), plain(x))
+    assert plain(x).shape == (2, 10)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    transform = ft.train_transform(FinetuneConfig().augment, 32)
+    ops = [op for step in transform.transforms if isinstance(step, RandAugment) for op in step.ops]
+    posterize = [op for op in ops if "Posterize" in op.name]
+    assert posterize and all(op.aug_fn is ft.posterize_any_bits for op in posterize)
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert ft.posterize_any_bits(img, 0).getextrema() == ((0, 0),) * 3
+    assert ft.posterize_any_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
+
+
+def test_finetune_config_is_closed_and_the_recipes_load():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.layer_decy'; did you mean 'optim.layer_decay'"):
+        load_finetune_config(None, ["optim.layer_decy=0.7"])
+    with pytest.raises(ConfigError, match="must be even"):
+        load_finetune_config(None, ["data.batch_size=3"])
+    base = load_finetune_config(ROOT / "recipes" / "finetune_vit_base_p16.yaml")
+    # MAE's ViT-B fine-tuning (FINETUNE.md, main_finetune.py)
+    assert (base.optim.base_lr, base.optim.layer_decay, base.optim.weight_decay) == (5e-4, 0.65, 0.05)
+    assert (base.train.epochs, base.train.warmup_epochs, base.model.drop_path_rate) == (100, 5, 0.1)
+    assert (base.augment.mixup, base.augment.cutmix, base.augment.smoothing, base.augment.reprob) == (0.8, 1, 0.1, 0.25)
+    assert base.augment.auto_augment == "rand-m9-mstd0.5-inc1" and base.optim.betas == (0.9, 0.999)
+    assert base.data.batch_size * 32 == 1024
+    large = load_finetune_config(ROOT / "recipes" / "finetune_vit_large_p16.yaml")
+    assert (large.optim.base_lr, large.optim.layer_decay, large.model.drop_path_rate) == (1e-3, 0.75, 0.2)
+    load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml")
+
+
+def test_every_finetune_key_is_documented():
+    doc = (ROOT / "docs" / "evaluation.md").read_text()
+    keys = [f"{section.name}.{f.name}" for section in dataclasses.fields(FinetuneConfig)
+            for f in dataclasses.fields(section.default_factory())]
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, f"docs/evaluation.md does not list {missing}"

@@ -1,0 +1,74 @@
+"""Two real processes (gloo on CPU): the linear probe equals one process; the slow probe and fine-tuning run DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import timm
+import torch
+from accelerate import Accelerator
+
+from ssl_vit.checkpoint import export_backbone, load_backbone
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.eval.features import FeatureSpec
+from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True)
+
+# Run by both processes: every evaluation that trains something, through the library entry points.
+SCRIPT = """
+import dataclasses, json, sys
+from ssl_vit.checkpoint import load_backbone
+from ssl_vit.distributed import make_accelerator
+from ssl_vit.eval.features import FeatureSpec
+from ssl_vit.eval.finetune import finetune
+from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
+from ssl_vit.finetune_config import load_finetune_config
+
+backbone, train, val, out, proto_json = sys.argv[1:6]
+acc = make_accelerator()
+assert acc.num_processes == 2
+p = json.loads(proto_json)
+proto = ProbeProtocol(**{**p, "features": FeatureSpec(**p["features"]), "base_lrs": tuple(p["base_lrs"]),
+                         "weight_decays": tuple(p["weight_decays"])})
+data = ProbeData(train, val, batch_size=8, num_workers=1, crop_ratio=1.0, shuffle_buffer=8)
+vit, _ = load_backbone(backbone)
+fast = linear_probe(vit, data, proto, acc, out_dir=out + "/fast")
+slow = linear_probe(vit, data, dataclasses.replace(proto, epochs=1), acc, augment=True)
+cfg = load_finetune_config("recipes/finetune_demo_tiny.yaml", [
+    f"model.backbone={backbone}", f"data.train={train}", f"data.val={val}", "data.batch_size=4",
+    "data.num_workers=1", "data.shuffle_buffer=8", "train.max_steps=2", f"train.run_dir={out}/ft"])
+result = finetune(cfg, acc)
+if acc.is_main_process:
+    json.dump({"slow_heads": len(slow["heads"]), "ft_best": result.best}, open(out + "/two.json", "w"))
+"""
+
+
+def test_two_process_probe_equals_one_and_training_runs(tmp_path):
+    demo = ensure_demo_data(tmp_path / "demo", n_train=8, n_knn_train=40, n_knn_val=20)
+    torch.manual_seed(0)
+    export_backbone(timm.create_model("vit_tiny_patch16_224", **KW), tmp_path / "bb", "vit_tiny_patch16_224", KW)
+    proto = ProbeProtocol(FeatureSpec("cls", 2, True), batchnorm=True, optimizer="sgd", base_lrs=(0.01, 0.1),
+                          weight_decays=(0.0,), epochs=3, warmup_epochs=1, batch_size=16)
+    script = tmp_path / "both.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(LAUNCH + [str(script), str(tmp_path / "bb"), demo.knn_train, demo.knn_val, str(tmp_path),
+                                   json.dumps(asdict(proto))], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    two = json.loads((tmp_path / "fast" / "linear_probe.json").read_text())
+    vit, _ = load_backbone(tmp_path / "bb")
+    one = linear_probe(vit, ProbeData(demo.knn_train, demo.knn_val, batch_size=8, num_workers=0, crop_ratio=1.0),
+                       proto, Accelerator())
+    assert two["n_train"] == one["n_train"] == 40 and two["heads"] == one["heads"]
+    extra = json.loads((tmp_path / "two.json").read_text())
+    assert extra["slow_heads"] == 2 and extra["ft_best"]["n"] == 20.0  # every val image once, across both ranks
+    assert (tmp_path / "ft" / "best" / "backbone.safetensors").is_file()
