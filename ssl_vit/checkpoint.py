@@ -9,15 +9,20 @@ Layout of a run directory:
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.utils.other import load as safe_load  # torch.load(weights_only=True) + numpy RNG types
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
+
+if TYPE_CHECKING:
+    from ssl_vit.objectives import Objective
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step_"
@@ -43,10 +48,12 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Save model, optimizer, scaler and per-rank RNG; atomic: temp dir → rename → COMPLETE marker.
 
-    Every rank must call this (Accelerate writes one RNG file per rank).
+    `extra` (JSON) goes into the marker beside the step. Every rank must call this (Accelerate writes one RNG
+    file per rank).
     """
     root = checkpoint_dir(run_dir)
     final = root / f"{_PREFIX}{step:08d}"
@@ -61,17 +68,29 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, ke
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        (final / COMPLETE).write_text(json.dumps({"step": step}))
+        (final / COMPLETE).write_text(json.dumps({"step": step, **(extra or {})}))
         for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else ():
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
-    accelerator.load_state(str(path))
-    return int(json.loads((path / COMPLETE).read_text())["step"])
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the marker: {"step": ..., **extra}.
+
+    Accelerate unpickles with `weights_only=True`, so a planted payload never runs; a refused file becomes a
+    one-line error here. Accelerate would skip an unreadable RNG file silently (and so break exact resume):
+    it is checked explicitly.
+    """
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        accelerator.load_state(str(path))
+        safe_load(rng)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0][:120]
+        raise ValueError(f"checkpoint {path}: refusing a file that is not plain tensors ({first}); "
+                         "delete this checkpoint to resume from an older one") from None
+    return json.loads((path / COMPLETE).read_text())
 
 
 def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str, model_kwargs: dict[str, Any],
@@ -113,19 +132,29 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
     return model, meta
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export the backbone of a run's newest complete checkpoint (e.g. of a run that was stopped early)."""
-    from ssl_vit.backbone import backbone_kwargs, build_backbone
+def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
+    """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, and its step."""
+    from ssl_vit.backbone import build_backbone
     from ssl_vit.config import load_config
     from ssl_vit.objectives import build_objective
 
-    run_dir = Path(run_dir)
     found = latest_checkpoint(run_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     step, path = found
-    cfg = load_config(run_dir / "config.yaml")
-    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model))
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                                total_steps=cfg.train.total_steps)
     objective.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return objective.eval(), step
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export the backbone of a run's newest complete checkpoint (e.g. of a run that was stopped early)."""
+    from ssl_vit.backbone import backbone_kwargs
+    from ssl_vit.config import load_config
+
+    objective, step = load_run_objective(run_dir)
+    cfg = load_config(Path(run_dir) / "config.yaml")
     return export_backbone(objective.export_backbone(), out_dir or run_dir, cfg.model.name,
                            backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})

@@ -1,13 +1,20 @@
 """The one pretraining loop. It runs any `Objective` and never asks which one.
 
 Step-based: every schedule is a function of the optimizer step, checkpoints are taken every N steps, and
-re-running the same command resumes from the newest complete checkpoint.
+re-running the same command resumes from the newest complete checkpoint. Guarantees (docs/troubleshooting.md):
+- exact resume: the data stream is reseeded on a fixed grid of steps (every `train.save_every`), so a run
+  resumed from a checkpoint reads the very batches the uninterrupted run reads;
+- SIGTERM/SIGINT stop every rank after the same step, save, and return normally;
+- a NaN/inf loss or gradient norm on any rank skips that update on all ranks; too many in a row abort;
+- too many unusable samples abort with the counts by reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +28,15 @@ from tqdm.auto import tqdm
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssl_vit.config import Config, dump_config
-from ssl_vit.data.shards import SKIP_REASONS, train_stream
+from ssl_vit.data.shards import resolve_shards, train_stream
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import cosine, warmup_cosine
+from ssl_vit.signals import StopRequest
+from ssl_vit.train_monitor import Counters, RunAborted, StepWindow
+
+__all__ = ["PretrainResult", "RunAborted", "peak_lr", "pretrain", "resolve_demo"]
 
 
 @dataclass
@@ -33,6 +44,8 @@ class PretrainResult:
     run_dir: Path
     step: int  # optimizer steps done in total (this run and the ones it resumed)
     backbone: Path | None  # exported backbone.safetensors, when exported
+    stopped_by: str | None = None  # signal name when a SIGTERM/SIGINT ended the run early
+    checkpoint: Path | None = None  # the newest checkpoint written
 
 
 def peak_lr(cfg: Config, num_processes: int) -> float:
@@ -52,139 +65,180 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _batch_images(batch: dict[str, Any]) -> int:
-    images = batch["image"]
-    return (images[0] if isinstance(images, (list, tuple)) else images).shape[0]
-
-
 def build_optimizer(objective: Objective, cfg: Config, use_fused: bool) -> torch.optim.AdamW:
     groups = objective.param_groups(cfg.optim.weight_decay)
     # lr is set from the schedule before every step; the value here is a placeholder.
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=use_fused or None)
 
 
-def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> PretrainResult:
-    """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
-    accelerator = accelerator or make_accelerator(cfg.train.precision)
-    run_dir = Path(cfg.train.run_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
-    set_seed(cfg.train.seed)
-    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model))
-    optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
-    model, optimizer = accelerator.prepare(objective, optimizer)
-    objective = accelerator.unwrap_model(model)
-    set_seed(cfg.train.seed + accelerator.process_index)
+class Trainer:
+    """State of one pretraining run on this rank; `run()` trains to `train.total_steps` or a stop signal."""
 
-    start = 0
-    found = latest_checkpoint(run_dir)
-    if found is not None:
-        start = load_checkpoint(accelerator, found[1])
-        accelerator.print(f"resumed from {found[1]} (step {start})")
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg, self.acc = cfg, accelerator
+        resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
+        self.run_dir = Path(cfg.train.run_dir)
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
+        set_seed(cfg.train.seed)
+        objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                                    total_steps=cfg.train.total_steps)
+        optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
+        self.model, self.optimizer = accelerator.prepare(objective, optimizer)
+        self.objective: Objective = accelerator.unwrap_model(self.model)
+        set_seed(cfg.train.seed + accelerator.process_index)
+        self.step, self.counters, self.checkpoint = 0, Counters(), None
+        found = latest_checkpoint(self.run_dir)
+        if found is not None:
+            marker = load_checkpoint(accelerator, found[1])  # also restores every rank's RNG state
+            self.step, self.checkpoint = marker["step"], found[1]
+            self.counters = Counters.from_dict(marker.get("counters"))
+            accelerator.print(f"resumed from {found[1]} (step {self.step})")
+        # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
+        # and one resumed from any checkpoint then read the same batches.
+        self.segment = cfg.train.save_every or cfg.train.total_steps
+        self.loader = self._stream(self.step - self.step % self.segment)
+        self._fast_forward((self.step % self.segment) * cfg.optim.accum_steps)
 
-    total, lr_peak = cfg.train.total_steps, peak_lr(cfg, accelerator.num_processes)
-    log = RunLog(run_dir, enabled=accelerator.is_main_process, purge_step=start)
-    # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
-    loader = iter(train_stream(cfg.data, objective.views, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, seed=cfg.train.seed, start_step=start))
-    bar = tqdm(total=total, initial=start, desc="pretrain", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    window: dict[str, float] = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "images": 0}
-    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=accelerator.device)
-    accum = cfg.optim.accum_steps
-    step = start
-    model.train()
-    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-    while step < total:
-        t_start = time.perf_counter()
-        lr = warmup_cosine(step, total, cfg.train.warmup_steps, lr_peak, cfg.optim.min_lr)
-        wd = cosine(step, total, cfg.optim.weight_decay, wd_end)
-        for group in optimizer.param_groups:
+    def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
+        # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
+        return iter(train_stream(self.cfg.data, self.objective.views, rank=self.acc.process_index,
+                                 world_size=self.acc.num_processes, seed=self.cfg.train.seed,
+                                 start_step=start_step))
+
+    def _fast_forward(self, batches: int) -> None:
+        """Skip what the interrupted run already read since the last grid point (resume after a stop signal)."""
+        quiet = not self.acc.is_main_process or not batches
+        for _ in tqdm(range(batches), desc="fast-forwarding data", disable=quiet):
+            next(self.loader)
+
+    def _set_schedules(self) -> tuple[float, float]:
+        cfg = self.cfg
+        lr = warmup_cosine(self.step, cfg.train.total_steps, cfg.train.warmup_steps,
+                           peak_lr(cfg, self.acc.num_processes), cfg.optim.min_lr)
+        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+        wd = cosine(self.step, cfg.train.total_steps, cfg.optim.weight_decay, wd_end)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
             group["weight_decay"] = wd if group["apply_wd"] else 0.0
-        wait = 0.0
+        return lr, wd
+
+    def _forward_backward(self, window: StepWindow) -> tuple[dict[str, torch.Tensor], dict[str, Any], float, float]:
+        """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss, wait."""
+        accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, 0.0
         for micro in range(accum):
             t_wait = time.perf_counter()
-            batch = _to_device(next(loader), accelerator.device)
+            batch = _to_device(next(self.loader), self.acc.device)
             wait += time.perf_counter() - t_wait
-            skipped += batch["skipped"].sum(0)
-            window["images"] += _batch_images(batch)
+            window.add_batch(batch)
             # Gradients are all-reduced on the last micro-batch only.
-            sync = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                out = model(batch, step)
-                accelerator.backward(out["loss"] / accum)
-            window["loss"] += out["loss"].detach().float().item() / accum
-        grad_norm = None
-        if cfg.optim.clip_grad is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        objective.after_backward(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.after_step(step)
-        step += 1
-        bar.update(1)
-        window["steps"] += 1
-        window["wait"] += wait
-        window["time"] += time.perf_counter() - t_start
+            sync = self.acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
+            with sync, self.acc.autocast():
+                out = self.model(batch, self.step)
+                self.acc.backward(out["loss"] / accum)
+            loss_sum += out["loss"].detach().float().item()
+        return out, batch, loss_sum / accum, wait
 
-        if step % cfg.train.log_every == 0 or step == total:
-            scalars = _window_scalars(accelerator, window, skipped, out, lr, wd, grad_norm)
+    def _grad_norm(self) -> torch.Tensor:
+        """Global gradient norm, clipped to `optim.clip_grad` when set (measured either way, for the NaN guard)."""
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
+        return self.acc.clip_grad_norm_(self.model.parameters(), clip)
+
+    def _agree(self, stop: StopRequest, finite: bool) -> tuple[bool, bool]:
+        """One small all-reduce per step: does any rank want to stop, did any rank see a non-finite value?"""
+        flags = torch.tensor([float(stop.requested), float(not finite)], device=self.acc.device)
+        flags = self.acc.reduce(flags, reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def run(self) -> PretrainResult:
+        cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
+        log = RunLog(self.run_dir, enabled=acc.is_main_process, purge_step=self.step)
+        bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        window, consecutive_nonfinite, stopped_by = StepWindow(acc.device), 0, None
+        self.model.train()
+        with StopRequest() as stop:
+            while self.step < total:
+                t_start = time.perf_counter()
+                lr, wd = self._set_schedules()
+                out, batch, loss, wait = self._forward_backward(window)
+                grad_norm = self._grad_norm()
+                # fp16: the grad scaler already skips steps with inf/NaN gradients (and lowers its scale).
+                check_grads = cfg.train.precision != "fp16"
+                finite = math.isfinite(loss) and (not check_grads or bool(grad_norm.isfinite()))
+                stop_now, skip = self._agree(stop, finite)
+                if skip:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.counters.nonfinite_steps += 1
+                    consecutive_nonfinite += 1
+                    if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                        raise RunAborted(
+                            f"{consecutive_nonfinite} consecutive steps had a NaN/inf loss or gradient norm (up to "
+                            f"step {self.step + 1}); last good checkpoint: {self.checkpoint or 'none'}; lower the lr, "
+                            "set optim.clip_grad, or use bf16 instead of fp16 (docs/troubleshooting.md)")
+                else:
+                    consecutive_nonfinite = 0
+                    self.objective.after_backward(self.step)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.objective.after_step(self.step)
+                self.step += 1
+                bar.update(1)
+                extra = {k: v.detach().float().item() for k, v in out.items() if k != "loss" and v.numel() == 1}
+                if cfg.optim.clip_grad is not None:
+                    extra["grad_norm"] = float(grad_norm)
+                window.add_step(None if skip else loss, wait, time.perf_counter() - t_start, extra)
+                self._after_step(log, bar, window, batch, lr, wd, stop_now)
+                if stop_now:
+                    stopped_by = stop.name or "a signal on another rank"
+                    break
+        bar.close()
+        log.close()
+        if stopped_by:
+            acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
+                      "run the same command again to continue")
+            return PretrainResult(self.run_dir, self.step, None, stopped_by, self.checkpoint)
+        return PretrainResult(self.run_dir, self.step, self._export(), None, self.checkpoint)
+
+    def _after_step(self, log: RunLog, bar: tqdm, window: StepWindow, batch: dict[str, Any], lr: float, wd: float,
+                    stop_now: bool) -> None:
+        cfg, step, total = self.cfg, self.step, self.cfg.train.total_steps
+        if step % cfg.train.log_every == 0 or step == total or stop_now:
+            scalars = {**window.reduce(self.acc, self.counters), "train/lr": lr, "train/weight_decay": wd}
             log.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}")
-            window = dict.fromkeys(window, 0.0)
-        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == total):
-            if accelerator.is_main_process:
-                model.eval()
-                for tag, image in objective.visualize(batch).items():
-                    log.image(step, tag, image)
-                model.train()
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total:
-            path = save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
-            if accelerator.is_main_process:
-                bar.write(f"checkpoint: {path}")
-    bar.close()
-    log.close()
+            self.counters.check_skip_rate(cfg.data.max_skip_rate)
+        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == total) and self.acc.is_main_process:
+            self.model.eval()
+            for tag, image in self.objective.visualize(batch).items():
+                log.image(step, tag, image)
+            self.model.train()
+        on_grid = step % self.segment == 0
+        if on_grid or step == total or stop_now:
+            self.checkpoint = save_checkpoint(self.acc, self.run_dir, step, cfg.train.keep_last,
+                                              {"counters": self.counters.to_dict()})
+            if self.acc.is_main_process:
+                bar.write(f"checkpoint: {self.checkpoint}")
+        if on_grid and step < total and not stop_now:
+            self.loader = self._stream(step)  # reseed on the grid (see __init__)
 
-    exported = None
-    if cfg.train.export:
-        if accelerator.is_main_process:
-            exported = export_backbone(objective.export_backbone(), run_dir, cfg.model.name,
-                                       backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})
-            accelerator.print(f"exported backbone: {exported}")
-        accelerator.wait_for_everyone()
-        exported = run_dir / "backbone.safetensors"
-    return PretrainResult(run_dir=run_dir, step=step, backbone=exported)
+    def _export(self) -> Path | None:
+        cfg, acc = self.cfg, self.acc
+        if not cfg.train.export:
+            return None
+        if acc.is_main_process:
+            path = export_backbone(self.objective.export_backbone(), self.run_dir, cfg.model.name,
+                                   backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": self.step})
+            acc.print(f"exported backbone: {path}")
+        acc.wait_for_everyone()
+        return self.run_dir / "backbone.safetensors"
 
 
-def _window_scalars(accelerator: Accelerator, window: dict[str, float], skipped: torch.Tensor,
-                    out: dict[str, torch.Tensor], lr: float, wd: float,
-                    grad_norm: torch.Tensor | None) -> dict[str, float]:
-    """Scalars averaged over the steps since the last log, reduced across ranks (a collective: all ranks call)."""
-    steps = max(window["steps"], 1)
-    local = torch.tensor([window["loss"] / steps, window["images"], window["wait"], window["time"]],
-                         device=accelerator.device, dtype=torch.float64)
-    mean = accelerator.reduce(local.clone(), reduction="mean")
-    total_skipped = accelerator.reduce(skipped.clone(), reduction="sum")
-    images_global = float(mean[1]) * accelerator.num_processes
-    scalars = {
-        "train/loss": float(mean[0]),
-        "train/lr": lr,
-        "train/weight_decay": wd,
-        "perf/images_per_s": images_global / max(float(mean[3]), 1e-9),
-        "perf/data_wait_share": float(mean[2]) / max(float(mean[3]), 1e-9),
-        "perf/step_time_s": float(mean[3]) / steps,
-    }
-    for name, value in out.items():
-        if name != "loss" and value.numel() == 1:
-            scalars[f"train/{name}"] = float(accelerator.reduce(value.detach().float(), reduction="mean"))
-    if grad_norm is not None:
-        scalars["train/grad_norm"] = float(grad_norm)
-    for reason, count in zip(SKIP_REASONS, total_skipped.tolist(), strict=True):
-        scalars[f"data/skipped_{reason}"] = float(count)
-    return scalars
+def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> PretrainResult:
+    """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
+    return Trainer(cfg, accelerator or make_accelerator(cfg.train.precision)).run()
 
 
 def resolve_demo(cfg: Config) -> Config:

@@ -29,28 +29,14 @@ def demo(tmp_path_factory):
     return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=64, n_knn_train=40, n_knn_val=20)
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_interrupt_resume_export_timm_knn(tmp_path, demo, monkeypatch):
+def test_interrupt_resume_export_timm_knn(tmp_path, demo, crash_in_step):
     run = tmp_path / "run"
     cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run}",
                                     f"eval.knn_train={demo.knn_train}", f"eval.knn_val={demo.knn_val}"])
-
     # First attempt dies during step 5 (after the step-3 checkpoint, before the step-6 one).
-    original = MAE.after_step
-
-    def dying(self, step):
-        if step == 4:
-            raise Interrupt
-        original(self, step)
-
-    monkeypatch.setattr(MAE, "after_step", dying)
-    with pytest.raises(Interrupt):
+    with crash_in_step(MAE, 4):
         pretrain(cfg)
     assert [s for s, _ in complete_checkpoints(run)] == [3]
-    monkeypatch.setattr(MAE, "after_step", original)
 
     # The same command again resumes from step 3 and finishes.
     result = pretrain(cfg)

@@ -1,0 +1,93 @@
+"""What the training loop measures between two log steps, and the run-wide counters it checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ssl_vit.data.shards import SKIP_REASONS
+
+SKIP_RATE_MIN_SAMPLES = 1000  # judge the skip rate only once this many samples were read (all ranks)
+
+
+class RunAborted(RuntimeError):
+    """The run stopped itself for a reason a person must look at (bad data, diverged loss)."""
+
+
+@dataclass
+class Counters:
+    """Run-wide totals over all ranks, kept in every checkpoint so curves continue across a resume."""
+
+    images: int = 0  # usable samples read
+    skipped: list[int] = field(default_factory=lambda: [0] * len(SKIP_REASONS))  # by reason, SKIP_REASONS order
+    nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Counters:
+        return cls(**data) if data else cls()
+
+    def check_skip_rate(self, max_rate: float) -> None:
+        seen = self.images + sum(self.skipped)
+        if seen >= SKIP_RATE_MIN_SAMPLES and sum(self.skipped) > max_rate * seen:
+            by_reason = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, self.skipped, strict=True) if n)
+            raise RunAborted(f"{sum(self.skipped)} of {seen} samples could not be used ({by_reason}), more than "
+                             f"data.max_skip_rate={max_rate}; check the shards (see docs/troubleshooting.md)")
+
+
+class StepWindow:
+    """Per-rank sums since the last log step; `reduce` turns them into logged scalars (a collective)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.finite_steps, self.steps = 0.0, 0, 0
+        self.wait, self.time, self.images = 0.0, 0.0, 0
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
+        self.extra: dict[str, float] = {}
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        images = batch["image"]
+        self.images += (images[0] if isinstance(images, (list, tuple)) else images).shape[0]
+        self.skipped += batch["skipped"].sum(0)
+
+    def add_step(self, loss: float | None, wait: float, seconds: float, extra: dict[str, float]) -> None:
+        """`loss` None: the update was skipped as non-finite."""
+        self.steps += 1
+        self.wait += wait
+        self.time += seconds
+        if loss is not None:
+            self.loss += loss
+            self.finite_steps += 1
+            for name, value in extra.items():
+                self.extra[name] = self.extra.get(name, 0.0) + value
+
+    def reduce(self, accelerator: Accelerator, counters: Counters) -> dict[str, float]:
+        """Window means over steps and ranks; adds the window's images and skips to `counters`."""
+        n = max(self.finite_steps, 1)
+        names = sorted(self.extra)
+        local = torch.tensor([self.loss / n, self.wait, self.time, self.images, *(self.extra[k] / n for k in names)],
+                             device=accelerator.device, dtype=torch.float64)
+        mean = accelerator.reduce(local, reduction="mean")
+        skipped = accelerator.reduce(self.skipped.clone(), reduction="sum").tolist()
+        counters.images += int(round(float(mean[3]) * accelerator.num_processes))
+        counters.skipped = [a + b for a, b in zip(counters.skipped, skipped, strict=True)]
+        seconds = max(float(mean[2]), 1e-9)
+        scalars = {
+            "train/loss": float(mean[0]),
+            "perf/images_per_s": float(mean[3]) * accelerator.num_processes / seconds,
+            "perf/data_wait_share": float(mean[1]) / seconds,
+            "perf/step_time_s": seconds / max(self.steps, 1),
+            "train/nonfinite_steps": float(counters.nonfinite_steps),
+        }
+        scalars.update({f"train/{k}": float(v) for k, v in zip(names, mean[4:].tolist(), strict=True)})
+        scalars.update({f"data/skipped_{r}": float(c) for r, c in zip(SKIP_REASONS, counters.skipped, strict=True)})
+        self.reset()
+        return scalars

@@ -1,0 +1,83 @@
+"""Test-only launcher: `python tests/inject_fault.py FAULT RECORD_DIR ssl-vit-args...` runs the real CLI with one
+fault injected (works under `accelerate launch` too). RECORD_DIR receives what the tests check.
+
+FAULT:
+  nan_rank1   the loss is NaN on rank 1 at steps 2 and 3 (0-based), finite everywhere else
+  nan_always  the loss is NaN on every rank at every step
+  stall_save  the second checkpoint save stalls after Accelerate wrote its files (before rename + COMPLETE),
+              having touched RECORD_DIR/saving, so the test can SIGKILL the process mid-save
+  none        no fault
+Every rank also writes RECORD_DIR/rank<R>.json: the shard URLs it drew and a hash of its final parameters.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import accelerate
+import torch
+
+import ssl_vit.data.shards as shards
+import ssl_vit.train as train
+from ssl_vit.cli import main
+from ssl_vit.objectives.base import Objective
+
+fault, record = sys.argv[1], Path(sys.argv[2])
+rank = int(os.environ.get("RANK", "0"))
+drawn: list[str] = []
+
+original_call = shards._ResampledShares.__call__
+
+
+def recording_call(self):
+    for item in original_call(self):
+        drawn.append(item["url"])
+        yield item
+
+
+shards._ResampledShares.__call__ = recording_call
+
+if fault in ("nan_rank1", "nan_always"):
+    original_call_impl = Objective.__call__
+
+    def nan_call(self, batch, step):
+        out = original_call_impl(self, batch, step)
+        if fault == "nan_always" or (rank == 1 and step in (2, 3)):
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    Objective.__call__ = nan_call
+
+if fault == "stall_save":
+    original_save = accelerate.Accelerator.save_state
+    saves = []
+
+    def stalling_save(self, *args, **kwargs):
+        out = original_save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            (record / "saving").touch()
+            time.sleep(600)
+        return out
+
+    accelerate.Accelerator.save_state = stalling_save
+
+original_run = train.Trainer.run
+
+
+def recording_run(self):
+    result = original_run(self)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(self.objective.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    (record / f"rank{rank}.json").write_text(json.dumps({"drawn": sorted(set(drawn)), "step": self.step,
+                                                         "params": digest.hexdigest()}))
+    return result
+
+
+train.Trainer.run = recording_run
+torch.set_num_threads(1)
+sys.exit(main(sys.argv[3:]))

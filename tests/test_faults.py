@@ -1,0 +1,289 @@
+"""Fault tolerance, provoked for real: signals, SIGKILL mid-save, NaN on one rank, bad data, malicious pickles."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_vit.checkpoint import complete_checkpoints, load_backbone
+from ssl_vit.config import load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.train import pretrain
+from ssl_vit.train_monitor import RunAborted
+
+ROOT = Path(__file__).resolve().parent.parent
+INJECT = str(ROOT / "tests" / "inject_fault.py")
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
+        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
+        "train.warmup_steps=1", "train.log_every=1", "train.image_every=0", "train.export=false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=60, n_knn_train=10, n_knn_val=10)
+
+
+def sets(*items):
+    return [a for kv in items for a in ("--set", kv)]
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting")
+
+
+def logged_steps(run_dir):
+    path = run_dir / "log.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_sigterm_stops_saves_and_rerun_continues(tmp_path, demo):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, INJECT, "none", str(tmp_path), "pretrain",
+            *sets(*TINY, f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=100000",
+                  "train.save_every=1000")]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    [(step, path)] = complete_checkpoints(run_dir)
+    assert f"stopped by SIGTERM after step {step}; checkpoint: {path}" in out
+    assert logged_steps(run_dir)[-1] == step  # the stop step was logged before saving
+
+    argv_again = argv[:-2] + ["--set", f"train.total_steps={step + 2}"]  # the same run, asked to end soon
+    out = subprocess.run(argv_again, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"resumed from {path} (step {step})" in out.stdout
+    assert logged_steps(run_dir)[-3:] == [step, step + 1, step + 2]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo):
+    run_dir = tmp_path / "run"
+    argv = LAUNCH + [INJECT, "none", str(tmp_path), "pretrain",
+                     *sets(*TINY, f"data.train={demo.train}", f"train.run_dir={run_dir}",
+                           "train.total_steps=100000", "train.save_every=1000")]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: len(logged_steps(run_dir)) >= 3, proc, timeout=180)
+        ranks = subprocess.run(["pgrep", "-f", f"{INJECT} none {tmp_path}"], capture_output=True, text=True)
+        workers = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
+        assert len(workers) == 2, ranks.stdout
+        os.kill(max(workers), signal.SIGTERM)  # one rank only
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    [(step, path)] = complete_checkpoints(run_dir)
+    # A checkpoint is a collective: both ranks wrote their RNG state for the same step.
+    assert (path / "random_states_0.pkl").is_file() and (path / "random_states_1.pkl").is_file()
+    assert "stopped by" in out and f"after step {step}" in out
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0]["step"] == records[1]["step"] == step
+    assert records[0]["params"] == records[1]["params"]
+
+
+def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, demo):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, INJECT, "stall_save", str(tmp_path), "pretrain",
+            *sets(*TINY, f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=6",
+                  "train.save_every=2", "train.keep_last=3")]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (tmp_path / "saving").exists(), proc)
+    proc.kill()  # SIGKILL while the step-4 checkpoint is half done
+    proc.wait(timeout=30)
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2]
+    assert (run_dir / "checkpoints" / ".tmp_step_00000004").is_dir()  # the debris of the killed save
+
+    argv[2] = "none"
+    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "(step 2)" in out.stdout and "resumed from" in out.stdout
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2, 4, 6]
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))
+
+
+def test_nan_on_one_rank_skips_the_update_everywhere(tmp_path, demo):
+    """Also: unequal shard counts per rank (3 shards, 2 ranks), disjoint reads, equal steps, equal weights."""
+    three = sorted(Path(demo.train.split("train-")[0]).glob("train-*.tar"))[:3]
+    assert len(three) == 3
+    listing = tmp_path / "three.txt"
+    listing.write_text("".join(f"{path}\n" for path in three))
+    run_dir = tmp_path / "run"
+    argv = LAUNCH + [INJECT, "nan_rank1", str(tmp_path), "pretrain", "--no-knn",
+                     *sets(*TINY, f"data.train={listing}", f"train.run_dir={run_dir}",
+                           "train.total_steps=6", "train.save_every=3")]
+    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_steps"] for r in log] == [0, 0, 1, 2, 2, 2]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0]["step"] == records[1]["step"] == 6
+    assert records[0]["params"] == records[1]["params"]  # no rank stepped on its own
+    assert set(records[0]["drawn"]).isdisjoint(records[1]["drawn"])
+    assert len(records[0]["drawn"]) == 2 and len(records[1]["drawn"]) == 1
+
+
+def test_consecutive_nans_stop_the_run_naming_the_last_good_checkpoint(tmp_path, demo):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, INJECT, "nan_always", str(tmp_path), "pretrain",
+            *sets(*TINY, f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=20",
+                  "train.max_nonfinite_steps=3")]
+    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "stopped: 3 consecutive steps had a NaN/inf loss or gradient norm (up to step 3); last good " \
+           "checkpoint: none" in out.stderr
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    import ssl_vit.train_monitor as monitor
+
+    monkeypatch.setattr(monitor, "SKIP_RATE_MIN_SAMPLES", 20)
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(good, format="PNG")
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(40):
+            data = good.getvalue() if i % 2 else b"\x89PNG not really"
+            info = tarfile.TarInfo(f"s{i:03d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = load_config(None, TINY + [f"data.train={shard}", f"train.run_dir={tmp_path / 'run'}",
+                                    "train.total_steps=50", "data.max_skip_rate=0.2"])
+    with pytest.raises(RunAborted, match=r"of \d+ samples could not be used \(corrupt_image=\d+\), more than "
+                                         r"data.max_skip_rate=0.2"):
+        pretrain(cfg)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+PWNED = ""
+
+
+def test_malicious_pickles_are_refused_and_never_run(tmp_path, demo):
+    global PWNED
+    PWNED = str(tmp_path / "pwned")
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=2",
+                                    "train.save_every=2"])
+    pretrain(cfg)
+    [(_, ckpt)] = complete_checkpoints(run_dir)
+    for victim in ("optimizer.bin", "random_states_0.pkl"):
+        original = (ckpt / victim).read_bytes()
+        (ckpt / victim).write_bytes(pickle.dumps(Payload()))
+        bigger = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}",
+                                           "train.total_steps=4"])
+        with pytest.raises(ValueError, match=f"checkpoint {ckpt}: refusing a file that is not plain tensors"):
+            pretrain(bigger)
+        assert not Path(PWNED).exists(), f"the payload in {victim} ran"
+        (ckpt / victim).write_bytes(original)
+    (tmp_path / "backbone.pth").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "backbone.json").write_text("{}")
+    with pytest.raises(ValueError, match="backbones load from .safetensors only"):
+        load_backbone(tmp_path / "backbone.pth")
+    assert not Path(PWNED).exists()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A real PNG whose header claims width × height pixels: what a decompression bomb looks like to a reader."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[16:29])  # width, height, depth, colour type, compression, filter, interlace
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(data)
+
+
+def test_bad_members_are_skipped_counted_and_never_unpickled(tmp_path):
+    import io
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    from ssl_vit.config import DataConfig
+    from ssl_vit.data.shards import SKIP_REASONS, train_stream
+    from ssl_vit.data.transforms import eval_transform
+
+    global PWNED
+    PWNED = str(tmp_path / "pwned")
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 90, 200)).save(good, format="JPEG")
+    members = [("ok1.jpg", good.getvalue()), ("ok1.pickle", pickle.dumps(Payload())),  # never decoded
+               ("zero.jpg", b""),  # zero-byte image
+               ("bomb.png", _bomb_png(30_000, 30_000)),  # 900 M pixels > PIL's default limit of ~89 M
+               ("onlypickle.pyd", pickle.dumps(Payload())),  # a sample without an image
+               ("ok2.jpg", good.getvalue())]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loader = iter(train_stream(DataConfig(train=str(shard), batch_size=2, num_workers=0, shuffle_buffer=0),
+                               eval_transform(16, 1.0), rank=0, world_size=1, seed=0))
+    batch = next(loader)  # ok1 + ok2: the three bad samples in between are skipped
+    counts = dict(zip(SKIP_REASONS, batch["skipped"].sum(0).tolist(), strict=True))
+    assert counts == {"read_error": 0, "no_image": 1, "corrupt_image": 1, "too_large": 1, "bad_label": 0}
+    assert batch["image"].shape == (2, 3, 16, 16) and torch.isfinite(batch["image"]).all()
+    assert not Path(PWNED).exists()
+
+
+def test_missing_or_empty_shards_fail_before_training(tmp_path, capsys):
+    from ssl_vit.cli import main
+
+    run = ["--set", f"train.run_dir={tmp_path / 'run'}"]
+    missing = tmp_path / "nope" / "train-000000.tar"
+    assert main(["pretrain", "--no-knn", *run, "--set", f"data.train={missing}"]) == 2
+    assert capsys.readouterr().err.strip() == f"ssl-vit pretrain: error: shard not found: {missing}"
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--no-knn", *run, "--set", f"data.train={tmp_path / 'empty'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"ssl-vit pretrain: error: no *.tar shards in directory "
+                                               f"{tmp_path / 'empty'}")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_pipe_urls_refused_unless_allowed(tmp_path, capsys):
+    from ssl_vit.cli import main
+
+    url = f"pipe:touch {tmp_path}/ran; cat x.tar"
+    assert main(["pretrain", "--no-knn", "--set", f"train.run_dir={tmp_path / 'run'}", "--set",
+                 f"data.train={url}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"ssl-vit pretrain: error: refusing shard URL {url!r}: pipe: runs a "
+                                               "shell command; set data.allow_pipe=true if you trust it")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()

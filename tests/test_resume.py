@@ -1,0 +1,58 @@
+"""Exact resume: N steps straight == N/2 steps, crash, resume to N (fp32, CPU), bit for bit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssl_vit.checkpoint import complete_checkpoints
+from ssl_vit.config import load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.objectives import OBJECTIVES
+from ssl_vit.train import pretrain
+
+TINY_MODEL = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
+              "model.depth=2", "model.num_heads=2"]
+TINY = {
+    "mae": ["objective=mae", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2"],
+    "dino": ["objective=dino", "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
+             "dino.local_crops_number=2", "dino.local_crops_size=16", "dino.warmup_teacher_temp_steps=3",
+             "dino.freeze_last_layer_steps=2", "optim.weight_decay_end=0.4", "model.drop_path_rate=0.1"],
+}
+TRAIN = ["data.batch_size=4", "data.shuffle_buffer=8", "optim.lr=1e-3", "optim.clip_grad=3.0",
+         "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.image_every=0",
+         "train.save_every=3", "train.keep_last=3", "train.export=false"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=48, n_knn_train=10, n_knn_val=10).train
+
+
+def losses(run_dir):
+    return [(r["step"], r["train/loss"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("objective", ["mae", "dino"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_identical(tmp_path, shards, crash_in_step, objective, workers):
+    if objective not in OBJECTIVES:
+        pytest.skip(f"{objective} is not built in")
+    base = TINY_MODEL + TINY[objective] + TRAIN + [f"data.train={shards}", f"data.num_workers={workers}"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(load_config(None, base + [f"train.run_dir={straight}"]))
+
+    cfg = load_config(None, base + [f"train.run_dir={resumed}"])
+    with crash_in_step(OBJECTIVES[objective], 4):
+        pretrain(cfg)
+    assert [s for s, _ in complete_checkpoints(resumed)] == [3]
+    pretrain(cfg)
+
+    a = load_file(straight / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"parameters differ after resume: {different[:5]}"
+    assert losses(straight) == losses(resumed)
+    assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
