@@ -53,6 +53,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from ssl_vit.benchmark import format_report, run_benchmark
+    from ssl_vit.config import load_config
+    from ssl_vit.train import resolve_demo
+
+    cfg = resolve_demo(load_config(_recipe_path(args.recipe), args.set))
+    result = run_benchmark(cfg, steps=args.steps, synthetic=args.synthetic, peak_tflops=args.peak_tflops,
+                           decode_samples=args.decode_samples, encoder_batch=args.encoder_batch,
+                           loader_only=args.loader_only)
+    print(format_report(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -196,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set optim.base_lr=1e-4 (repeatable)")
     p.add_argument("--no-knn", action="store_true", help="skip the k-NN evaluation after training")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("benchmark", help="step time, images/s, memory, data wait, MFU, loader and MAE encoder speed")
+    p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    p.add_argument("--synthetic", action="store_true", help="random on-device batches: the model without the loader")
+    p.add_argument("--loader-only", action="store_true", help="only the loader vs single-core decode+augment rates")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed optimizer steps after one warm-up; loader batches with --loader-only (default: 10)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: table for H100/H200/A100; none on CPU)")
+    p.add_argument("--decode-samples", type=int, default=300,
+                   help="samples timed for the single-core decode+augment rate (default: 300)")
+    p.add_argument("--encoder-batch", type=int, default=None,
+                   help="batch of the masked vs full encoder timing (default: data.batch_size)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe plus overrides, as YAML")
     p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")

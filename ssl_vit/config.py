@@ -75,6 +75,7 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     allow_pipe: bool = False  # allow `pipe:` shard URLs; they run a shell command, so off by default
     max_skip_rate: float = 0.1  # stop the run when more than this share of samples was skipped (after 1000)
+    device_aug: bool = False  # CPU only resizes; crops/flip/colour run batched on the device (turn on for GPU runs)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class TrainConfig:
     run_dir: str = "runs/mae"  # outputs: config.yaml, log.jsonl, tensorboard/, checkpoints/, backbone.*
     total_steps: int = 250_228  # optimizer steps (800 epochs of ImageNet-1k's 1,281,167 images at batch 4096)
     warmup_steps: int = 12_511  # linear warmup steps (40 epochs at batch 4096)
-    precision: str = "no"  # no | fp16 | bf16 (mixed precision through Accelerate)
+    precision: str = "no"  # no | fp16 | bf16 | auto (auto: bf16 on CUDA, no elsewhere)
     seed: int = 0  # base seed; each rank and loader worker derives its own
     log_every: int = 20  # optimizer steps between scalar logs
     image_every: int = 1000  # optimizer steps between reconstruction grids in TensorBoard; 0 = never
@@ -102,6 +103,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept on disk
     export: bool = True  # write backbone.safetensors + backbone.json at the end of the run
     max_nonfinite_steps: int = 20  # consecutive steps skipped for a NaN/inf loss or grad norm before stopping
+    compile: bool = False  # torch.compile the encoder (one static graph per input shape); worth it on GPU
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     choices = {
         "objective": (cfg.objective, ("mae", "dino")),
-        "train.precision": (cfg.train.precision, ("no", "fp16", "bf16")),
+        "train.precision": (cfg.train.precision, ("no", "fp16", "bf16", "auto")),
         "eval.pool": (cfg.eval.pool, ("cls", "avg")),
     }
     for key, (value, allowed) in choices.items():

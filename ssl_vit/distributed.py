@@ -21,4 +21,6 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     of 1, and N runs overwrite one another's files.
     """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if mixed_precision == "auto":  # bf16 autocast where it pays (CUDA), fp32 on CPU
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not _has_accelerator())

@@ -84,7 +84,8 @@ class Trainer:
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
         set_seed(cfg.train.seed)
         objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                                    total_steps=cfg.train.total_steps)
+                                    total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug,
+                                    compile=cfg.train.compile)
         optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: Objective = accelerator.unwrap_model(self.model)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from ssl_vit.backbone import encode
 
 # Learned tokens and embeddings are not weights: decaying them towards zero only hurts (MAE, DINO, timm).
 _NO_DECAY_SUFFIXES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed")
@@ -21,6 +24,13 @@ class Objective(nn.Module):
     """
 
     backbone: VisionTransformer
+    # Every encoder call of an objective goes through this, so `compile_encoder` can swap in a compiled one.
+    encode: Callable[..., Tensor] = staticmethod(encode)
+
+    def compile_encoder(self) -> None:
+        """Run the encoder calls through `torch.compile` (static shapes): one graph per crop resolution and
+        mask ratio, since `keep_idx` has a fixed shape for a given ratio and batch."""
+        self.encode = torch.compile(encode, dynamic=False)
 
     @property
     def views(self) -> Callable[[Any], Any]:

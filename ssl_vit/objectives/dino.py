@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ssl_vit.backbone import encode
 from ssl_vit.config import DINOConfig, TrainConfig
+from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.multicrop import MultiCropViews
 from ssl_vit.data.transforms import denormalize
 from ssl_vit.objectives.base import Objective
@@ -62,11 +63,13 @@ def _is_main_rank() -> bool:
 class DINO(Objective):
     """Student = shared backbone + DINOHead; teacher = their EMA copy, never optimised, always in eval mode.
 
-    `total_steps` (the run's optimizer steps) sets the length of the teacher-momentum cosine.
+    `total_steps` (the run's optimizer steps) sets the length of the teacher-momentum cosine. `device_aug`: the
+    loader only resizes (uint8) and the multi-crop runs batched at the start of `forward`.
     """
 
     def __init__(self, cfg: DINOConfig, backbone: VisionTransformer,
-                 total_steps: int = TrainConfig.total_steps, collapse_window: int = COLLAPSE_WINDOW) -> None:
+                 total_steps: int = TrainConfig.total_steps, collapse_window: int = COLLAPSE_WINDOW,
+                 device_aug: bool = False) -> None:
         super().__init__()
         _validate(cfg)
         if total_steps < 1 or collapse_window < 1:
@@ -83,6 +86,7 @@ class DINO(Objective):
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
         self._collapse: tuple[str, int] | None = None  # (kind, first step) of the current collapsed episode
         self._warned = False
+        self.device_aug = DeviceAugment(device_views(cfg, backbone.patch_embed.img_size[0])) if device_aug else None
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
@@ -92,6 +96,8 @@ class DINO(Objective):
     @property
     def views(self) -> Callable[[Image.Image], list[Tensor]]:
         c = self.cfg
+        if self.device_aug is not None:
+            return cheap_view(cheap_size(self.backbone.patch_embed.img_size[0]))
         return MultiCropViews(self.backbone.patch_embed.img_size[0], c.local_crops_size,
                               c.local_crops_number, c.global_crops_scale, c.local_crops_scale,
                               c.color_jitter_prob, c.grayscale_prob, c.blur_probs, c.solarize_prob)
@@ -99,16 +105,22 @@ class DINO(Objective):
     def export_backbone(self) -> VisionTransformer:
         return self.teacher["backbone"] if self.cfg.export_teacher else self.backbone
 
+    def crops(self, batch: dict[str, Any]) -> list[Tensor]:
+        """The batch's multi-crop views, made here when the loader left them to the device."""
+        images = batch["image"]
+        return images if self.device_aug is None else self.device_aug(images)
+
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        crops = batch["image"]
+        crops = self.crops(batch)
         if not isinstance(crops, (list, tuple)) or len(crops) < N_GLOBAL:
             raise ValueError("DINO needs multi-crop batches: a list of at least 2 crop tensors per batch")
         temp = teacher_temperature(step, self.cfg.warmup_teacher_temp_steps, self.cfg.warmup_teacher_temp,
                                    self.cfg.teacher_temp)
         with torch.no_grad():
-            teacher_out = embed(self.teacher["backbone"], self.teacher["head"], crops[:N_GLOBAL])  # (2B, K)
+            teacher_out = embed(self.teacher["backbone"], self.teacher["head"], crops[:N_GLOBAL],
+                                self.encode)  # (2B, K)
             targets = teacher_targets(teacher_out, self.center, temp)  # (2B, K)
-        student_out = embed(self.backbone, self.head, crops)  # (V·B, K)
+        student_out = embed(self.backbone, self.head, crops, self.encode)  # (V·B, K)
         loss = dino_loss(student_out, targets, len(crops), self.cfg.student_temp)
 
         entropy = mean_entropy(targets)
@@ -158,20 +170,32 @@ class DINO(Objective):
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:
         """The crops of a few images, a row per image: globals, then locals (upscaled to the global size)."""
-        crops = batch["image"]
+        crops = self.crops(batch)
         size = crops[0].shape[-2:]
         upscaled = [F.interpolate(c[:n].float(), size=size, mode="nearest") for c in crops]  # V × (n,3,H,W)
         rows = [torch.cat([c[i] for c in upscaled], dim=-1) for i in range(upscaled[0].shape[0])]
         return {"dino/crops": denormalize(torch.cat(rows, dim=-2))}
 
 
-def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor]) -> Tensor:
-    """Head outputs (V·B, K) of the V crops, in crop order; one backbone pass per run of equal-sized crops."""
+def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor],
+          encoder: Callable[..., Tensor] = encode) -> Tensor:
+    """Head outputs (V·B, K) of the V crops, in crop order; one backbone pass per run of equal-sized crops
+    (through `encoder`, the plain or compiled `encode`)."""
     feats = []
     for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
         x = torch.cat(list(group))  # (n·B, 3, H, W): same-resolution crops share a pass
-        feats.append(encode(backbone, x)[:, 0])  # cls token, (n·B, D)
+        feats.append(encoder(backbone, x)[:, 0])  # cls token, (n·B, D)
     return head(torch.cat(feats))  # one head pass over all crops
+
+
+def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:
+    """The multi-crop of `MultiCropViews` as device-side view specs: 2 global views, then the locals."""
+    colour = {"jitter_prob": cfg.color_jitter_prob, "gray_prob": cfg.grayscale_prob}
+    return [ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[0], **colour),
+            ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[1],
+                     solarize_prob=cfg.solarize_prob, **colour),
+            *[ViewSpec(cfg.local_crops_size, cfg.local_crops_scale, blur_prob=cfg.blur_probs[2], **colour)
+              for _ in range(cfg.local_crops_number)]]
 
 
 def _validate(cfg: DINOConfig) -> None:

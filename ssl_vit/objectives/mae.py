@@ -16,8 +16,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.backbone import encode
 from ssl_vit.config import MAEConfig
+from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.transforms import denormalize, mae_views
 from ssl_vit.objectives.base import Objective
 
@@ -129,9 +129,13 @@ def _init_like_mae(module: nn.Module) -> None:
 
 
 class MAE(Objective):
-    def __init__(self, cfg: MAEConfig, backbone: VisionTransformer) -> None:
+    """`device_aug`: the loader only resizes (uint8); crop and flip run batched at the start of `forward`."""
+
+    def __init__(self, cfg: MAEConfig, backbone: VisionTransformer, device_aug: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        size = backbone.patch_embed.img_size[0]
+        self.device_aug = DeviceAugment([ViewSpec(size, cfg.crop_scale)]) if device_aug else None
         self.backbone = backbone
         self.patch = backbone.patch_embed.patch_size[0]
         self.grid = tuple(backbone.patch_embed.grid_size)
@@ -152,25 +156,32 @@ class MAE(Objective):
 
     @property
     def views(self) -> Callable[[Any], Tensor]:
+        if self.device_aug is not None:
+            return cheap_view(cheap_size(self.backbone.patch_embed.img_size[0]))
         return mae_views(self.backbone.patch_embed.img_size[0], self.cfg.crop_scale)
 
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Prediction (B, L, p·p·3) in target space, target (B, L, p·p·3) and mask (B, L)."""
         keep_idx, mask, restore = random_masking(images.shape[0], self.grid[0] * self.grid[1],
                                                  self.cfg.mask_ratio, images.device)
-        latent = encode(self.backbone, images, keep_idx)  # (B, prefix + K, D)
+        latent = self.encode(self.backbone, images, keep_idx)  # (B, prefix + K, D)
         pred = self.decoder(latent, restore)  # (B, L, p·p·3)
         target = pixel_target(patchify(images, self.patch), self.cfg.norm_pix_loss)
         return pred, target, mask
 
+    def images(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's training view (B, 3, S, S), augmented here when the loader left it to the device."""
+        images = batch["image"]
+        return images if self.device_aug is None else self.device_aug(images)[0]
+
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        pred, target, mask = self.reconstruct(batch["image"])
+        pred, target, mask = self.reconstruct(self.images(batch))
         return {"loss": masked_mse(pred.float(), target.float(), mask)}
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:
         """Grid of original / masked / reconstruction (visible patches pasted back), one column per image."""
-        images = batch["image"][:n]
+        images = self.images({"image": batch["image"][:n]})
         pred, _, mask = self.reconstruct(images)
         return {"mae/reconstruction": reconstruction_grid(images, pred.float(), mask, self.patch,
                                                           self.grid, self.cfg.norm_pix_loss)}

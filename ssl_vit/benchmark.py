@@ -1,0 +1,229 @@
+"""`ssl-vit benchmark`: step time, images/s, memory, data wait, MFU, loader rate and MAE's masked speed-up.
+
+The step is the real one: `build_backbone` → `build_objective` → `build_optimizer`, prepared by the same
+Accelerator the trainer uses, forward/backward/step/after_step. Synthetic mode feeds random tensors shaped
+like the objective's views (a multi-crop list for DINO), already on the device, to time the model alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssl_vit.backbone import build_backbone, encode
+from ssl_vit.bench_data import loader_report
+from ssl_vit.config import Config
+from ssl_vit.data.shards import train_stream
+from ssl_vit.distributed import make_accelerator
+from ssl_vit.objectives import Objective, build_objective
+from ssl_vit.objectives.mae import random_masking
+from ssl_vit.train import _to_device, build_optimizer
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; anything else needs --peak-tflops.
+PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The table's peak for this CUDA device, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(views: Callable[[Image.Image], Any], batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Random tensors with the shapes and dtypes the objective's views produce, batched, on `device`."""
+    rng = np.random.default_rng(0)
+    sample = views(Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)))
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        shape = (batch_size, *t.shape)
+        if t.dtype == torch.uint8:
+            return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        return torch.randn(shape, dtype=t.dtype, device=device)
+
+    image = [like(t) for t in sample] if isinstance(sample, (list, tuple)) else like(sample)
+    return {"image": image, "skipped": torch.zeros(batch_size, 5, dtype=torch.long, device=device)}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything `fn` runs (matmuls, convolutions, attention) by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"  # Linux: KiB
+
+
+def encoder_speedup(vit: VisionTransformer, batch_size: int, mask_ratio: float, device: torch.device,
+                    precision: str = "no", repeats: int = 3) -> dict[str, float]:
+    """Seconds of encoder fwd+bwd with `mask_ratio` of the patches dropped (MAE) vs all tokens, under the
+    run's autocast precision (no | bf16 | fp16)."""
+    vit = vit.to(device).train()
+    size = vit.patch_embed.img_size[0]
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    keep, _, _ = random_masking(batch_size, vit.patch_embed.num_patches, mask_ratio, device)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def fwd_bwd(keep_idx: torch.Tensor | None) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = encode(vit, x, keep_idx)
+        out.float().mean().backward()
+        vit.zero_grad(set_to_none=True)
+
+    def best(keep_idx: torch.Tensor | None) -> float:
+        fwd_bwd(keep_idx)  # warm-up (allocator, kernels)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fwd_bwd(keep_idx)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    masked, full = best(keep), best(None)
+    return {"mask_ratio": mask_ratio, "batch_size": batch_size, "masked_fwd_bwd_s": masked,
+            "full_fwd_bwd_s": full, "masked_speedup": full / masked, "precision": precision}
+
+
+def _views(cfg: Config) -> Callable[[Image.Image], Any]:
+    return build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                           total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug).views
+
+
+def _build(cfg: Config) -> tuple[Objective, Any, Any]:
+    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                                total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug,
+                                compile=cfg.train.compile)
+    acc = make_accelerator(cfg.train.precision)
+    optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
+    model, optimizer = acc.prepare(objective, optimizer)
+    return model, optimizer, acc
+
+
+def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
+    """Train `steps` real optimizer steps (after two warm-up steps, one of them FLOP-counted) and measure them."""
+    torch.manual_seed(cfg.train.seed)
+    model, optimizer, acc = _build(cfg)
+    objective: Objective = acc.unwrap_model(model)
+    device, bs = acc.device, cfg.data.batch_size
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-6  # a tiny real update: the weights move, the numbers stay finite
+    if synthetic:
+        fixed = synthetic_batch(objective.views, bs, device)
+        loader = iter(lambda: fixed, None)
+    else:
+        loader = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
+    model.train()
+
+    def one_step(step: int, batch: dict[str, Any]) -> None:
+        with acc.autocast():
+            out = model(batch, step)
+            acc.backward(out["loss"])
+        objective.after_backward(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.after_step(step)
+
+    first = _to_device(next(loader), device)
+    flops = count_flops(lambda: one_step(0, first))
+    # A plain warm-up step too: torch.compile (train.compile) traces anew outside the FLOP counter's mode, and
+    # that compile time must not land in the timed steps.
+    one_step(1, first)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wait = 0.0
+    _sync(device)
+    t0 = time.perf_counter()
+    for step in range(2, steps + 2):
+        t_wait = time.perf_counter()
+        batch = _to_device(next(loader), device)
+        wait += time.perf_counter() - t_wait
+        one_step(step, batch)
+    _sync(device)  # the last step's kernels belong to the measured time
+    total = time.perf_counter() - t0
+    memory, memory_kind = _peak_memory(device)
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "precision": acc.mixed_precision, "step_time_s": total / steps,
+            "images_per_s": bs * steps / total, "data_wait_share": wait / total, "flops_per_step": flops,
+            "achieved_tflops": flops * steps / total / 1e12, "peak_memory_bytes": memory,
+            "peak_memory_kind": memory_kind}
+
+
+def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak_tflops: float | None = None,
+                  loader_batches: int | None = None, decode_samples: int = 300,
+                  encoder_batch: int | None = None, loader_only: bool = False) -> dict[str, Any]:
+    """Everything `ssl-vit benchmark` reports, as one JSON-able dict (see docs/benchmarks.md); `loader_only`:
+    just the loader and single-core decode+augment rates (no model step, no encoder timing)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if synthetic and loader_only:
+        raise ValueError("--synthetic and --loader-only exclude each other")
+    result: dict[str, Any] = {"objective": cfg.objective, "model": cfg.model.name, "img_size": cfg.model.img_size,
+                              "batch_size": cfg.data.batch_size, "device_aug": cfg.data.device_aug,
+                              "synthetic": synthetic, "steps": steps}
+    if loader_only:
+        result.update(loader_report(cfg.data, _views(cfg), steps, decode_samples))
+        return result
+    result.update(time_steps(cfg, steps, synthetic))
+    device = torch.device(result["device"])
+    source = "flag" if peak_tflops is not None else "table"
+    peak = peak_tflops if peak_tflops is not None else device_peak_tflops(device)
+    result.update({"peak_tflops": peak, "peak_tflops_source": source if peak is not None else None,
+                   "mfu": result["achieved_tflops"] / peak if peak else None})
+    if not synthetic:
+        result.update(loader_report(cfg.data, _views(cfg), loader_batches or steps, decode_samples))
+    ratio = cfg.mae.mask_ratio if cfg.objective == "mae" else 0.75
+    vit = build_backbone(dataclasses.replace(cfg.model, drop_path_rate=0.0))
+    result["encoder"] = encoder_speedup(vit, encoder_batch or cfg.data.batch_size, ratio, device,
+                                        result["precision"])
+    return result
+
+
+def _loader_line(result: dict[str, Any]) -> str:
+    per_image = 1e3 / result["single_core_images_per_s"]
+    return (f"loader {result['loader_images_per_s']:.1f} images/s vs {max(result['num_workers'], 1)} worker(s) × "
+            f"{result['single_core_images_per_s']:.1f} single-core ({per_image:.2f} ms CPU/image) = "
+            f"{result['loader_vs_workers_x_single_core']:.2f}×")
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Human-readable lines of a `run_benchmark` result."""
+    if "step_time_s" not in result:  # loader only
+        return f"{result['objective']} loader, batch {result['batch_size']}: {_loader_line(result)}"
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (give --peak-tflops)"
+    lines = [
+        f"{result['objective']} {result['model']} @{result['img_size']}px, batch {result['batch_size']}, "
+        f"{result['device_name']} ({result['precision']}), {'synthetic' if result['synthetic'] else 'real'} data",
+        f"step {result['step_time_s'] * 1e3:.1f} ms, {result['images_per_s']:.1f} images/s, "
+        f"data wait {result['data_wait_share']:.1%}",
+        f"{result['flops_per_step'] / 1e9:.2f} GFLOP/step, {result['achieved_tflops']:.3f} TFLOP/s, MFU {mfu}",
+        f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB ({result['peak_memory_kind']})",
+    ]
+    if "loader_images_per_s" in result:
+        lines.append(_loader_line(result))
+    enc = result["encoder"]
+    lines.append(f"encoder fwd+bwd (batch {enc['batch_size']}, {enc['precision']}): mask {enc['mask_ratio']} "
+                 f"{enc['masked_fwd_bwd_s'] * 1e3:.1f} ms vs full {enc['full_fwd_bwd_s'] * 1e3:.1f} ms = "
+                 f"{enc['masked_speedup']:.2f}× faster")
+    return "\n".join(lines)

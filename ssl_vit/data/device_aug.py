@@ -1,0 +1,198 @@
+"""Device-side augmentation: the CPU decodes and does one cheap resize, the accelerator does the rest, batched.
+
+    cpu:    image → resize short side to S, centre-crop S×S → uint8 (3, S, S)          (`cheap_view`)
+    device: uint8 (B, 3, S, S) → per view: random resized crop (roi_align), flip, colour jitter, grayscale,
+            Gaussian blur, solarize, normalise → float (B, 3, s, s)                   (`DeviceAugment`)
+
+Every random parameter is drawn per sample, in one batched call per view (`sample_view_params`), so the
+probabilities match the PIL pipeline's per view. Differences from torchvision's PIL transforms, on purpose:
+crops come from the S×S centre square (the borders of non-square images are never seen, and small crops are
+upsampled from S px rather than the full-resolution original); colour jitter runs in a fixed order
+(brightness, contrast, saturation, hue) and hue is a rotation in YIQ space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+
+from ssl_vit.data.multicrop import BLUR_SIGMA, _blur_kernel
+from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+RATIO: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision's default)
+JITTER: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+_TRIALS = 10  # crop draws per sample before falling back to the whole square (as torchvision does)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def cheap_size(img_size: int) -> int:
+    """Side of the CPU-resized square the device crops from: the usual 224 → 256 eval-resize ratio."""
+    return round(img_size / 0.875)
+
+
+def cheap_view(size: int) -> Callable[[Image.Image], Tensor]:
+    """CPU part: resize the short side to `size` (bilinear), centre-crop → uint8 (3, size, size)."""
+    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToPureTensor()])
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view: output side, crop area range and per-sample probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.0
+    gray_prob: float = 0.0
+    blur_prob: float = 0.0
+    solarize_prob: float = 0.0
+
+
+@dataclass
+class ViewParams:
+    """Per-sample random parameters of one view for a batch of B images."""
+
+    boxes: Tensor  # (B, 4) crop x0, y0, x1, y1 as fractions of the source side
+    flip: Tensor  # (B,) bool
+    jitter: Tensor  # (B, 4) brightness, contrast, saturation factors and hue shift; identity where not applied
+    jittered: Tensor  # (B,) bool
+    gray: Tensor  # (B,) bool
+    blur_sigma: Tensor  # (B,) σ in output pixels; 0 = no blur
+    solarize: Tensor  # (B,) bool
+
+
+def _bernoulli(p: float, n: int, device: torch.device, gen: torch.Generator | None) -> Tensor:
+    return torch.rand(n, device=device, generator=gen) < p
+
+
+def _uniform(lo: float, hi: float, shape: tuple[int, ...], device: torch.device,
+             gen: torch.Generator | None) -> Tensor:
+    return lo + (hi - lo) * torch.rand(shape, device=device, generator=gen)
+
+
+def sample_crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = RATIO,
+                      device: torch.device | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(n, 4) RandomResizedCrop boxes on a unit square: area ∈ scale, aspect ∈ ratio (log-uniform), else whole."""
+    device = device or torch.device("cpu")
+    area = _uniform(scale[0], scale[1], (n, _TRIALS), device, generator)
+    log_r = _uniform(math.log(ratio[0]), math.log(ratio[1]), (n, _TRIALS), device, generator)
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    ok = (w <= 1) & (h <= 1)
+    first = ok.float().argmax(dim=1, keepdim=True)  # first trial that fits (0 if none does)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    fallback = ~ok.any(dim=1)
+    w, h = torch.where(fallback, 1.0, w), torch.where(fallback, 1.0, h)
+    x0 = torch.rand(n, device=device, generator=generator) * (1 - w)
+    y0 = torch.rand(n, device=device, generator=generator) * (1 - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def sample_view_params(spec: ViewSpec, n: int, device: torch.device | None = None,
+                       generator: torch.Generator | None = None) -> ViewParams:
+    """Draw every random choice of `spec` for `n` images at once."""
+    device = device or torch.device("cpu")
+    jittered = _bernoulli(spec.jitter_prob, n, device, generator)
+    b, c, s, hue = JITTER
+    factors = torch.stack([_uniform(1 - b, 1 + b, (n,), device, generator),
+                           _uniform(1 - c, 1 + c, (n,), device, generator),
+                           _uniform(1 - s, 1 + s, (n,), device, generator),
+                           _uniform(-hue, hue, (n,), device, generator)], dim=1)
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    blurred = _bernoulli(spec.blur_prob, n, device, generator)
+    sigma = _uniform(*BLUR_SIGMA, (n,), device, generator)
+    return ViewParams(
+        boxes=sample_crop_boxes(n, spec.scale, device=device, generator=generator),
+        flip=_bernoulli(spec.flip_prob, n, device, generator),
+        jitter=torch.where(jittered[:, None], factors, identity),
+        jittered=jittered,
+        gray=_bernoulli(spec.gray_prob, n, device, generator),
+        blur_sigma=torch.where(blurred, sigma, 0.0),
+        solarize=_bernoulli(spec.solarize_prob, n, device, generator),
+    )
+
+
+def _gray(x: Tensor) -> Tensor:
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)  # (N, 1, H, W)
+
+
+def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the chroma plane of YIQ by 2π·shift per sample (shift in [-0.5, 0.5] of a full turn)."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          device=x.device, dtype=x.dtype)
+    theta = 2 * math.pi * shift
+    cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
+    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                       torch.stack([zero, sin, cos], 1)], 1)  # (N, 3, 3)
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (N, 3, 3): RGB → rotated RGB
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+def colour_jitter(x: Tensor, factors: Tensor) -> Tensor:
+    """Per-sample brightness, contrast, saturation (multiplicative) and hue shift on images in [0, 1]."""
+    f = factors[:, :, None, None, None]  # (N, 4, 1, 1, 1)
+    x = (x * f[:, 0]).clamp(0, 1)
+    mean = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
+    gray = _gray(x)
+    x = ((x - gray) * f[:, 2] + gray).clamp(0, 1)
+    return _hue_rotate(x, factors[:, 3]).clamp(0, 1)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+    """Separable Gaussian blur with a per-sample σ (N,), reflect padding, one grouped conv per axis."""
+    n, c, h, w = x.shape
+    r = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N·C, kernel)
+    y = F.pad(x.reshape(1, n * c, h, w), (kernel // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
+    """src float (B, 3, S, S) in [0, 1] → augmented, normalised (B, 3, size, size)."""
+    side = src.shape[-1]
+    idx = torch.arange(src.shape[0], device=src.device, dtype=src.dtype)[:, None]
+    rois = torch.cat([idx, params.boxes.to(src.dtype) * side], dim=1)  # (B, 5) in pixels
+    # sampling_ratio=-1: more samples per output pixel for bigger boxes, an area average (anti-aliasing)
+    x = roi_align(src, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
+    # Every op runs on the whole batch and `where` keeps it per sample: no data-dependent shapes, hence no
+    # host-device sync inside the training step.
+    x = torch.where(params.jittered[:, None, None, None], colour_jitter(x, params.jitter.to(x.dtype)), x)
+    x = torch.where(params.gray[:, None, None, None], _gray(x).expand_as(x), x)
+    blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), _blur_kernel(size))
+    x = torch.where((params.blur_sigma > 0)[:, None, None, None], blurred, x)
+    x = torch.where(params.solarize[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DeviceAugment:
+    """uint8 (B, 3, S, S) on any device → one normalised float (B, 3, s, s) tensor per `ViewSpec`."""
+
+    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+        if not specs:
+            raise ValueError("DeviceAugment needs at least one view")
+        self.specs = list(specs)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"device augmentation takes uint8 (B, 3, S, S) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        # Outside autocast: crops and colour maths in fp32, whatever precision the model then runs in.
+        with torch.autocast(images.device.type, enabled=False):
+            src = images.float() / 255
+            return [augment_view(src, sample_view_params(s, src.shape[0], src.device, generator), s.size)
+                    for s in self.specs]

@@ -1,0 +1,133 @@
+"""The benchmark tool: its JSON on a tiny recipe (synthetic and real data) and its FLOP count."""
+
+import json
+
+import pytest
+import torch
+
+from ssl_vit.backbone import build_backbone, encode
+from ssl_vit.benchmark import count_flops, synthetic_batch
+from ssl_vit.cli import main
+from ssl_vit.config import ModelConfig
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.device_aug import cheap_view
+from ssl_vit.data.transforms import mae_views
+
+TINY = [
+    "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
+    "model.depth=1", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+    "dino.out_dim=32", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=2",
+    "dino.local_crops_size=16", "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=8",
+]
+FIELDS = ("step_time_s", "images_per_s", "peak_memory_bytes", "flops_per_step", "achieved_tflops", "peak_tflops",
+          "mfu")
+LOADER_FIELDS = ("loader_images_per_s", "single_core_images_per_s")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=32, n_knn_train=4, n_knn_val=4)
+
+
+def _check(result: dict, synthetic: bool) -> None:
+    for key in FIELDS:
+        assert result[key] > 0, key
+    assert 0 <= result["data_wait_share"] <= 1
+    assert result["mfu"] <= 1  # a tiny model on a 1 TFLOP/s peak: far below it
+    assert result["peak_tflops_source"] == "flag" and result["synthetic"] is synthetic
+    enc = result["encoder"]
+    assert enc["mask_ratio"] == 0.75 and enc["masked_fwd_bwd_s"] > 0 and enc["full_fwd_bwd_s"] > 0
+    assert enc["masked_speedup"] > 0
+    if synthetic:
+        assert not any(k in result for k in LOADER_FIELDS)
+    else:
+        assert all(result[k] > 0 for k in LOADER_FIELDS) and result["num_workers"] == 1
+        assert result["loader_vs_workers_x_single_core"] > 0
+
+
+@pytest.mark.parametrize("objective,synthetic,extra", [
+    ("mae", True, []), ("dino", True, []), ("mae", False, []), ("dino", False, ["data.device_aug=true"]),
+])
+def test_benchmark_json(tmp_path, demo, capsys, objective, synthetic, extra):
+    out = tmp_path / "bench.json"
+    args = ["benchmark", "--steps", "2", "--peak-tflops", "1", "--decode-samples", "20", "--out", str(out)]
+    args += ["--synthetic"] if synthetic else []
+    for item in [*TINY, f"objective={objective}", f"data.train={demo.train}", *extra]:
+        args += ["--set", item]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    _check(result, synthetic)
+    assert result["objective"] == objective and result["device_aug"] == bool(extra)
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_loader_only(tmp_path, demo):
+    out = tmp_path / "loader.json"
+    args = ["benchmark", "--loader-only", "--steps", "2", "--decode-samples", "20", "--out", str(out)]
+    for item in [*TINY, "objective=dino", f"data.train={demo.train}"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert all(result[k] > 0 for k in LOADER_FIELDS) and "step_time_s" not in result
+    assert main(["benchmark", "--loader-only", "--synthetic"]) == 2  # contradictory flags: one-line error
+
+
+def test_vit_forward_flops_match_hand_formula():
+    cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+    vit = build_backbone(cfg).eval()
+    b, d, p, length = 3, 48, 8, 16
+    n = length + 1  # patches + cls
+    x = torch.randn(b, 3, 32, 32)
+    with torch.no_grad():
+        counted = count_flops(lambda: encode(vit, x))
+    patch_embed = 2 * length * (3 * p * p) * d
+    # qkv (3D²) + proj (D²) + MLP (2 × 4D²) = 12D² multiply-adds per token; QKᵀ and AV: 2 N² D multiply-adds
+    block = 2 * n * 12 * d * d + 4 * n * n * d
+    expected = b * (patch_embed + cfg.depth * block)
+    assert counted == pytest.approx(expected, rel=0.03)
+    # masked encode: only 1 + 4 tokens enter the blocks
+    keep = torch.arange(4).expand(b, 4)
+    with torch.no_grad():
+        masked = count_flops(lambda: encode(vit, x, keep))
+    assert masked == pytest.approx(b * (patch_embed + cfg.depth * (2 * 5 * 12 * d * d + 4 * 25 * d)), rel=0.03)
+
+
+def test_synthetic_batch_mirrors_views():
+    single = synthetic_batch(mae_views(32, (0.2, 1.0)), 5, torch.device("cpu"))["image"]
+    assert single.shape == (5, 3, 32, 32) and single.dtype == torch.float32
+    raw = synthetic_batch(cheap_view(37), 5, torch.device("cpu"))["image"]
+    assert raw.shape == (5, 3, 37, 37) and raw.dtype == torch.uint8
+
+
+def test_compile_runs_a_few_steps(tmp_path, demo):
+    """train.compile=true: the encoder calls go through torch.compile and training still runs (CPU inductor)."""
+    import shutil
+
+    from ssl_vit.config import load_config
+    from ssl_vit.train import pretrain
+
+    if shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("torch.compile's CPU inductor backend needs a C++ compiler; none on PATH")
+    cfg = load_config(None, [*TINY, "data.num_workers=0", f"data.train={demo.train}", "train.compile=true",
+                             "train.precision=auto", "train.total_steps=2", "train.warmup_steps=1",
+                             "train.save_every=0", "train.image_every=0", "train.export=false",
+                             f"train.run_dir={tmp_path / 'run'}"])
+    try:
+        result = pretrain(cfg)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # toolchain present but unusable
+        pytest.skip(f"torch.compile's inductor backend failed here: {str(err).splitlines()[0]}")
+    assert result.step == 2
+
+
+def test_compile_and_auto_precision_wiring():
+    from ssl_vit.backbone import encode as plain
+    from ssl_vit.config import MAEConfig
+    from ssl_vit.distributed import make_accelerator
+    from ssl_vit.objectives import build_objective
+
+    vit = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    assert build_objective("mae", MAEConfig(decoder_dim=32, decoder_depth=1), build_backbone(vit)).encode is plain
+    compiled = build_objective("mae", MAEConfig(decoder_dim=32, decoder_depth=1), build_backbone(vit), compile=True)
+    assert compiled.encode is not plain and callable(compiled.encode)
+    expected = "bf16" if torch.cuda.is_available() else "no"
+    assert make_accelerator("auto").mixed_precision == expected

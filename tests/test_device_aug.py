@@ -1,0 +1,134 @@
+"""Device-side augmentation: parameter ranges and per-view probabilities, what each op does, and short runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vit.config import DINOConfig, load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.device_aug import (
+    DeviceAugment,
+    ViewSpec,
+    augment_view,
+    cheap_view,
+    sample_crop_boxes,
+    sample_view_params,
+)
+from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.objectives.dino import device_views
+from ssl_vit.train import pretrain
+
+N = 20_000  # draws per probability: binomial std ≤ 0.0036, so a tolerance of 0.02 is > 5σ yet catches bugs
+
+
+@pytest.mark.parametrize("scale", [(0.05, 0.4), (0.4, 1.0), (0.2, 1.0)])
+def test_crop_boxes_respect_scale_and_ratio(scale):
+    boxes = sample_crop_boxes(N, scale, generator=torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert boxes.min() >= 0 and boxes.max() <= 1 + 1e-6
+    whole = (w > 1 - 1e-6) & (h > 1 - 1e-6)  # torchvision's fallback when no trial fits
+    area, ratio = (w * h)[~whole], (w / h)[~whole]
+    assert area.min() >= scale[0] - 1e-6 and area.max() <= scale[1] + 1e-6
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    assert whole.float().mean() < 0.01  # the fallback is rare
+    # log-uniform aspect ratio: as many wide crops as tall ones; areas spread over the whole range
+    assert abs((ratio > 1).float().mean() - 0.5) < 0.02
+    assert area.min() < scale[0] + 0.05 * (scale[1] - scale[0]) and area.max() > scale[1] - 0.1
+
+
+def test_per_view_probabilities_match_dino():
+    cfg = DINOConfig(local_crops_number=2)
+    specs = device_views(cfg, 32)
+    g = torch.Generator().manual_seed(1)
+    expected_blur = [cfg.blur_probs[0], cfg.blur_probs[1], cfg.blur_probs[2], cfg.blur_probs[2]]
+    expected_solarize = [0.0, cfg.solarize_prob, 0.0, 0.0]
+    for spec, blur, solarize in zip(specs, expected_blur, expected_solarize, strict=True):
+        p = sample_view_params(spec, N, generator=g)
+        rates = {"flip": p.flip, "jitter": p.jittered, "gray": p.gray, "blur": p.blur_sigma > 0,
+                 "solarize": p.solarize}
+        expected = {"flip": 0.5, "jitter": cfg.color_jitter_prob, "gray": cfg.grayscale_prob, "blur": blur,
+                    "solarize": solarize}
+        for name, mask in rates.items():
+            assert abs(mask.float().mean().item() - expected[name]) < 0.02, (spec, name)
+        sigma = p.blur_sigma[p.blur_sigma > 0]
+        assert sigma.numel() == 0 or (sigma.min() >= 0.1 and sigma.max() <= 2.0)
+        j = p.jitter[p.jittered]
+        assert (j[:, :2] >= 0.6).all() and (j[:, :2] <= 1.4).all()
+        assert (j[:, 2] >= 0.8).all() and (j[:, 2] <= 1.2).all() and (j[:, 3].abs() <= 0.1).all()
+        assert (p.jitter[~p.jittered] == torch.tensor([1.0, 1.0, 1.0, 0.0])).all()
+
+
+def _unnormalize(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x * std + mean
+
+
+def _params(b, **overrides):
+    p = sample_view_params(ViewSpec(16, (1.0, 1.0), flip_prob=0.0), b, generator=torch.Generator().manual_seed(2))
+    p.boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b)
+    for k, v in overrides.items():
+        setattr(p, k, v)
+    return p
+
+
+def test_each_op_does_what_it_says():
+    src = torch.rand(2, 3, 16, 16)
+    same = _unnormalize(augment_view(src, _params(2), 16))
+    torch.testing.assert_close(same, src, atol=1e-4, rtol=0)  # identity box, no op: the input back
+    flipped = _unnormalize(augment_view(src, _params(2, flip=torch.tensor([True, False])), 16))
+    torch.testing.assert_close(flipped[0], src[0].flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flipped[1], src[1], atol=1e-4, rtol=0)
+    gray = _unnormalize(augment_view(src, _params(2, gray=torch.tensor([True, False])), 16))
+    assert torch.allclose(gray[0, 0], gray[0, 1], atol=1e-5) and not torch.allclose(gray[1, 0], gray[1, 1])
+    const = torch.full((1, 3, 16, 16), 200 / 255)
+    sol = _unnormalize(augment_view(const, _params(1, solarize=torch.tensor([True])), 16))
+    torch.testing.assert_close(sol, torch.full_like(sol, 55 / 255), atol=1e-4, rtol=0)
+    blurred = _unnormalize(augment_view(src, _params(2, blur_sigma=torch.tensor([2.0, 0.0])), 16))
+    assert blurred[0].std() < 0.6 * src[0].std()
+    torch.testing.assert_close(blurred[1], src[1], atol=1e-4, rtol=0)
+    dark = _params(1, jittered=torch.tensor([True]), jitter=torch.tensor([[0.6, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(_unnormalize(augment_view(src[:1], dark, 16)), src[:1] * 0.6, atol=1e-4, rtol=0)
+    hue = _params(1, jittered=torch.tensor([True]), jitter=torch.tensor([[1.0, 1.0, 1.0, 0.1]]))
+    shifted = _unnormalize(augment_view(src[:1], hue, 16))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    inside = (shifted > 1e-3).all() and (shifted < 1 - 1e-3).all()
+    if inside:  # a hue rotation keeps the luma (where nothing was clipped)
+        torch.testing.assert_close((shifted * luma).sum(1), (src[:1] * luma).sum(1), atol=1e-4, rtol=0)
+    assert not torch.allclose(shifted, src[:1], atol=1e-3)
+
+
+def test_shapes_dtypes_and_input_check():
+    cfg = DINOConfig(local_crops_number=3, local_crops_size=16)
+    aug = DeviceAugment(device_views(cfg, 32))
+    out = aug(torch.randint(0, 256, (4, 3, 37, 37), dtype=torch.uint8))
+    assert [tuple(o.shape) for o in out] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert all(o.dtype == torch.float32 and torch.isfinite(o).all() for o in out)
+    with pytest.raises(ValueError, match="uint8"):
+        aug(torch.rand(4, 3, 37, 37))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))
+    cheap = cheap_view(37)(img)
+    assert type(cheap) is torch.Tensor and cheap.dtype == torch.uint8 and cheap.shape == (3, 37, 37)
+    assert math.isclose(cheap.float().mean().item(), np.asarray(img).mean(), rel_tol=0.1)
+
+
+TINY_MAE = [
+    "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
+    "model.depth=1", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+    "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3", "train.total_steps=2",
+    "train.warmup_steps=1", "train.log_every=1", "train.image_every=2", "train.save_every=0", "train.export=false",
+]
+TINY_DINO = [*TINY_MAE, "objective=dino", "dino.out_dim=32", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
+             "dino.local_crops_number=2", "dino.local_crops_size=16"]
+
+
+@pytest.mark.parametrize("overrides", [TINY_MAE, TINY_DINO], ids=["mae", "dino"])
+def test_pretrain_with_device_aug(tmp_path, overrides):
+    demo = ensure_demo_data(tmp_path / "demo", n_train=16, n_knn_train=4, n_knn_val=4)
+    cfg = load_config(None, [*overrides, "data.device_aug=true", f"data.train={demo.train}",
+                             f"train.run_dir={tmp_path / 'run'}"])
+    result = pretrain(cfg)
+    assert result.step == 2 and (tmp_path / "run" / "log.jsonl").is_file()
