@@ -99,7 +99,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ssl_vit.cli_eval import add_eval_commands
 
-    parser = argparse.ArgumentParser(prog="ssl-vit", description="Self-supervised ViT pretraining (MAE, DINO), evaluation and export.")
+    parser = argparse.ArgumentParser(prog="ssl-vit",
+                                     description="Self-supervised ViT pretraining (MAE, DINO), evaluation, export.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a ViT from a YAML recipe (no recipe: the built-in demo)")
