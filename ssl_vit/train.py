@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -71,6 +72,16 @@ def build_optimizer(objective: Objective, cfg: Config, use_fused: bool) -> torch
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=use_fused or None)
 
 
+def _share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
+    """On CPU, leave each loader worker a core: torch's default of one thread per core plus busy workers
+    oversubscribes the machine, and spinning OpenMP threads then make steps several times slower.
+    An explicit OMP_NUM_THREADS wins."""
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    per_process = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    torch.set_num_threads(max(1, per_process - num_workers))
+
+
 class Trainer:
     """State of one pretraining run on this rank; `run()` trains to `train.total_steps` or a stop signal."""
 
@@ -81,6 +92,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
+        _share_cpu_cores(accelerator, cfg.data.num_workers)
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
         set_seed(cfg.train.seed)
         objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
