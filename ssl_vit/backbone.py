@@ -48,14 +48,6 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
     return model
 
 
-def num_patches(vit: VisionTransformer) -> int:
-    return vit.patch_embed.num_patches
-
-
-def patch_size(vit: VisionTransformer) -> int:
-    return vit.patch_embed.patch_size[0]
-
-
 def encode(vit: VisionTransformer, images: Tensor, keep_idx: Tensor | None = None) -> Tensor:
     """Tokens after the final norm: (B, prefix + K, D), prefix = cls (+ register) tokens.
 
@@ -76,12 +68,3 @@ def encode(vit: VisionTransformer, images: Tensor, keep_idx: Tensor | None = Non
     else:
         x = vit.blocks(x)
     return vit.norm(x)
-
-
-def pool(vit: VisionTransformer, tokens: Tensor, mode: str) -> Tensor:
-    """Image feature from encoded tokens: the cls token, or the mean of the patch tokens."""
-    if mode == "cls":
-        return tokens[:, 0]
-    if mode == "avg":
-        return tokens[:, vit.num_prefix_tokens:].mean(dim=1)
-    raise ValueError(f"unknown pool {mode!r}; choose from ['avg', 'cls']")
