@@ -199,9 +199,9 @@ class Trainer:
                     self.objective.after_step(self.step)
                 self.step += 1
                 bar.update(1)
-                extra = {k: v.detach().float().item() for k, v in out.items() if k != "loss" and v.numel() == 1}
+                extra = {k: v for k, v in out.items() if k != "loss" and v.numel() == 1}
                 if cfg.optim.clip_grad is not None:
-                    extra["grad_norm"] = float(grad_norm)
+                    extra["grad_norm"] = grad_norm
                 window.add_step(None if skip else loss, wait, time.perf_counter() - t_start, extra)
                 self._after_step(log, bar, window, batch, lr, wd, stop_now)
                 if stop_now:

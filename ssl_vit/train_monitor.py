@@ -51,15 +51,16 @@ class StepWindow:
         self.loss, self.finite_steps, self.steps = 0.0, 0, 0
         self.wait, self.time, self.images = 0.0, 0.0, 0
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
-        self.extra: dict[str, float] = {}
+        self.extra: dict[str, torch.Tensor] = {}
 
     def add_batch(self, batch: dict[str, Any]) -> None:
         images = batch["image"]
         self.images += (images[0] if isinstance(images, (list, tuple)) else images).shape[0]
         self.skipped += batch["skipped"].sum(0)
 
-    def add_step(self, loss: float | None, wait: float, seconds: float, extra: dict[str, float]) -> None:
-        """`loss` None: the update was skipped as non-finite."""
+    def add_step(self, loss: float | None, wait: float, seconds: float, extra: dict[str, torch.Tensor]) -> None:
+        """`loss` None: the update was skipped as non-finite. `extra` stays on the device (summed as tensors, read
+        only in `reduce`), so logging costs no host sync per step."""
         self.steps += 1
         self.wait += wait
         self.time += seconds
@@ -67,14 +68,18 @@ class StepWindow:
             self.loss += loss
             self.finite_steps += 1
             for name, value in extra.items():
-                self.extra[name] = self.extra.get(name, 0.0) + value
+                value = value.detach().float().reshape(())
+                self.extra[name] = self.extra[name] + value if name in self.extra else value
 
     def reduce(self, accelerator: Accelerator, counters: Counters) -> dict[str, float]:
         """Window means over steps and ranks; adds the window's images and skips to `counters`."""
         n = max(self.finite_steps, 1)
         names = sorted(self.extra)
-        local = torch.tensor([self.loss / n, self.wait, self.time, self.images, *(self.extra[k] / n for k in names)],
-                             device=accelerator.device, dtype=torch.float64)
+        local = torch.tensor([self.loss / n, self.wait, self.time, self.images], device=accelerator.device,
+                             dtype=torch.float64)
+        if names:
+            extras = torch.stack([self.extra[k] for k in names]).to(accelerator.device, torch.float64) / n
+            local = torch.cat([local, extras])
         mean = accelerator.reduce(local, reduction="mean")
         skipped = accelerator.reduce(self.skipped.clone(), reduction="sum").tolist()
         counters.images += int(round(float(mean[3]) * accelerator.num_processes))
