@@ -1,7 +1,10 @@
 """Built-in demo data: 32×32 shapes and textures that an SSL method can learn in minutes on a CPU.
 
-Ten classes told apart by structure only: colours, position, scale, rotation and noise are drawn
-independently of the class, so a k-NN on good features beats chance by far while raw colours do not help.
+Ten classes told apart by structure only: brightness, contrast, tint, position, scale, rotation and noise are
+drawn independently of the class, so raw pixel statistics do not give the class away. A light shape on a dark
+ground whose levels and tint vary *less* than the views' colour jitter: a nuisance that augmentation cannot
+cover (v1 drew fully random colours) becomes the shortcut that a joint-embedding method like DINO learns
+instead of shape, and its features then lose to a random backbone (docs/dino.md).
 Every image is a pure function of (split, index), so the shards are identical on every machine run.
 """
 
@@ -25,7 +28,7 @@ from ssl_vit.data.writer import shard_pattern, write_samples
 
 DEMO_CLASSES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "ring", "horizontal_stripes",
                                  "vertical_stripes", "diagonal_stripes", "checkerboard", "dots")
-_VERSION = 1  # bump when the images change, so stale caches are not reused
+_VERSION = 2  # bump when the images change, so stale caches are not reused
 _SIZE = 32
 _S = 2 * _SIZE  # drawn at twice the size, then box-downsampled: cheap anti-aliasing
 _SPLITS = {"train": 0, "knn_train": 1, "knn_val": 2}  # per-split seeds, so the three sets never repeat
@@ -104,10 +107,11 @@ def render(split: str, index: int) -> tuple[bytes, int]:
     label = index % len(DEMO_CLASSES)  # balanced classes; the loaders shuffle
     cls = DEMO_CLASSES[label]
     mask = _shape_mask(cls, rng) if label < 5 else _texture_mask(cls, rng)
-    while True:  # colours independent of the class, but far enough apart to see the structure
-        fg, bg = rng.integers(0, 256, size=(2, 3))
-        if np.abs(fg - bg).sum() >= 150:
-            break
+    # Shape level 170–255 (±20%), ground 0–85, a tint of ±10% per channel: less than DINO's brightness and
+    # contrast jitter (±40%), so two views of one image are no easier to match by colour than two images.
+    fg, bg = rng.uniform(170, 255), rng.uniform(0, 85)
+    tint = rng.uniform(0.9, 1.1, size=3)
+    fg, bg = np.clip(fg * tint, 0, 255), np.clip(bg * tint, 0, 255)
     m = mask.astype(np.float32).reshape(_SIZE, 2, _SIZE, 2).mean(axis=(1, 3))[..., None]  # (32, 32, 1)
     pixels = m * fg + (1 - m) * bg + rng.normal(0.0, rng.uniform(0, 10), size=(_SIZE, _SIZE, 3))
     buf = io.BytesIO()
