@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_vit.backbone import build_backbone, encode
 from ssl_vit.bench_data import loader_report
 from ssl_vit.config import Config
+from ssl_vit.data.device_aug import cheap_size
+from ssl_vit.data.device_decode import DeviceDecoder
 from ssl_vit.data.shards import train_stream
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -106,16 +108,21 @@ def encoder_speedup(vit: VisionTransformer, batch_size: int, mask_ratio: float, 
             "full_fwd_bwd_s": full, "masked_speedup": full / masked, "precision": precision}
 
 
+def _device_aug(cfg: Config) -> bool:
+    """`data.device_aug` as the trainer resolves it on this machine (auto: on for CUDA)."""
+    return cfg.data.use_device_aug("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _views(cfg: Config) -> Callable[[Image.Image], Any]:
     return build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                           total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug).views
+                           total_steps=cfg.train.total_steps, device_aug=_device_aug(cfg)).views
 
 
 def _build(cfg: Config) -> tuple[Objective, Any, Any]:
-    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                                total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug,
-                                compile=cfg.train.compile)
     acc = make_accelerator(cfg.train.precision)
+    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                                total_steps=cfg.train.total_steps, device_aug=cfg.data.use_device_aug(acc.device.type),
+                                compile=cfg.train.compile)
     optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
     model, optimizer = acc.prepare(objective, optimizer)
     return model, optimizer, acc
@@ -133,7 +140,9 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
         fixed = synthetic_batch(objective.views, bs, device)
         loader = iter(lambda: fixed, None)
     else:
-        loader = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
+        stream = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
+        decoder = DeviceDecoder(cheap_size(cfg.model.img_size), device) if cfg.data.device_decode else None
+        loader = stream if decoder is None else (decoder(b) for b in stream)
     model.train()
 
     def one_step(step: int, batch: dict[str, Any]) -> None:
@@ -180,7 +189,8 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
     if synthetic and loader_only:
         raise ValueError("--synthetic and --loader-only exclude each other")
     result: dict[str, Any] = {"objective": cfg.objective, "model": cfg.model.name, "img_size": cfg.model.img_size,
-                              "batch_size": cfg.data.batch_size, "device_aug": cfg.data.device_aug,
+                              "batch_size": cfg.data.batch_size, "device_aug": _device_aug(cfg),
+                              "device_decode": cfg.data.device_decode,
                               "synthetic": synthetic, "steps": steps}
     if loader_only:
         result.update(loader_report(cfg.data, _views(cfg), steps, decode_samples))
@@ -202,9 +212,12 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
 
 def _loader_line(result: dict[str, Any]) -> str:
     per_image = 1e3 / result["single_core_images_per_s"]
-    return (f"loader {result['loader_images_per_s']:.1f} images/s vs {max(result['num_workers'], 1)} worker(s) × "
-            f"{result['single_core_images_per_s']:.1f} single-core ({per_image:.2f} ms CPU/image) = "
-            f"{result['loader_vs_workers_x_single_core']:.2f}×")
+    workers = max(result["num_workers"], 1)
+    return (f"loader {result['loader_images_per_s']:.1f} images/s vs {workers} worker(s) × "
+            f"{result['single_core_images_per_s']:.1f} single-core decode+views ({per_image:.2f} ms CPU/image) = "
+            f"{result['loader_vs_workers_x_single_core']:.2f}×; vs {workers} × "
+            f"{result['pipeline_single_core_images_per_s']:.1f} whole stream in-process = "
+            f"{result['loader_vs_workers_x_pipeline']:.2f}×")
 
 
 def format_report(result: dict[str, Any]) -> str:

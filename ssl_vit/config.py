@@ -75,7 +75,15 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     allow_pipe: bool = False  # allow `pipe:` shard URLs; they run a shell command, so off by default
     max_skip_rate: float = 0.1  # stop the run when more than this share of samples was skipped (after 1000)
-    device_aug: bool = False  # CPU only resizes; crops/flip/colour run batched on the device (turn on for GPU runs)
+    device_aug: bool | None = None  # CPU only resizes; crops/flip/colour run batched on the device; null = on for GPU
+    device_decode: bool = False  # JPEGs decoded on the device (nvJPEG on GPU), workers read headers; needs device_aug
+
+    def use_device_aug(self, device_type: str) -> bool:
+        """`device_aug` resolved for the training device ("cuda", "cpu", ...): null (auto) means on for CUDA,
+        and on wherever `device_decode` is asked for (it needs the device-side views)."""
+        if self.device_aug is not None:
+            return self.device_aug
+        return device_type == "cuda" or self.device_decode
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.img_size {cfg.model.img_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
         )
+    if cfg.data.device_decode and cfg.data.device_aug is False:
+        raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
     for key, value in (("train.total_steps", cfg.train.total_steps), ("data.batch_size", cfg.data.batch_size),
                        ("optim.accum_steps", cfg.optim.accum_steps)):
         if value < 1:

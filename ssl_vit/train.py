@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssl_vit.config import Config, dump_config
+from ssl_vit.data.device_aug import cheap_size
+from ssl_vit.data.device_decode import DeviceDecoder
 from ssl_vit.data.shards import resolve_shards, train_stream
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -96,8 +98,12 @@ class Trainer:
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
         set_seed(cfg.train.seed)
         objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                                    total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug,
+                                    total_steps=cfg.train.total_steps,
+                                    device_aug=cfg.data.use_device_aug(accelerator.device.type),
                                     compile=cfg.train.compile)
+        # data.device_decode: the loader ships JPEG bytes, decoded here into the squares `cheap_view` would make
+        self.decoder = (DeviceDecoder(cheap_size(cfg.model.img_size), accelerator.device)
+                        if cfg.data.device_decode else None)
         optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: Objective = accelerator.unwrap_model(self.model)
@@ -143,7 +149,10 @@ class Trainer:
         accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, 0.0
         for micro in range(accum):
             t_wait = time.perf_counter()
-            batch = _to_device(next(self.loader), self.acc.device)
+            batch = next(self.loader)
+            if self.decoder is not None:  # counted as waiting: decoding is data preparation, partly on the host
+                batch = self.decoder(batch)
+            batch = _to_device(batch, self.acc.device)
             wait += time.perf_counter() - t_wait
             window.add_batch(batch)
             # Gradients are all-reduced on the last micro-batch only.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ssl_vit.data.shards import SKIP_REASONS
+from ssl_vit.data.samples import SKIP_REASONS
 
 SKIP_RATE_MIN_SAMPLES = 1000  # judge the skip rate only once this many samples were read (all ranks)
 

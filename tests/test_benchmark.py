@@ -21,7 +21,7 @@ TINY = [
 ]
 FIELDS = ("step_time_s", "images_per_s", "peak_memory_bytes", "flops_per_step", "achieved_tflops", "peak_tflops",
           "mfu")
-LOADER_FIELDS = ("loader_images_per_s", "single_core_images_per_s")
+LOADER_FIELDS = ("loader_images_per_s", "single_core_images_per_s", "pipeline_single_core_images_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _check(result: dict, synthetic: bool) -> None:
         assert not any(k in result for k in LOADER_FIELDS)
     else:
         assert all(result[k] > 0 for k in LOADER_FIELDS) and result["num_workers"] == 1
-        assert result["loader_vs_workers_x_single_core"] > 0
+        assert result["loader_vs_workers_x_single_core"] > 0 and result["loader_vs_workers_x_pipeline"] > 0
 
 
 @pytest.mark.parametrize("objective,synthetic,extra", [
@@ -94,7 +94,9 @@ def test_vit_forward_flops_match_hand_formula():
 
 def test_synthetic_batch_mirrors_views():
     single = synthetic_batch(mae_views(32, (0.2, 1.0)), 5, torch.device("cpu"))["image"]
-    assert single.shape == (5, 3, 32, 32) and single.dtype == torch.float32
+    assert single.shape == (5, 3, 32, 32) and single.dtype == torch.uint8  # views end in uint8
+    multi = synthetic_batch(lambda img: [torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 5, torch.device("cpu"))["image"]
+    assert [tuple(m.shape) for m in multi] == [(5, 3, 8, 8), (5, 3, 4, 4)] and multi[0].dtype == torch.float32
     raw = synthetic_batch(cheap_view(37), 5, torch.device("cpu"))["image"]
     assert raw.shape == (5, 3, 37, 37) and raw.dtype == torch.uint8
 

@@ -16,15 +16,9 @@ from PIL import Image
 from ssl_vit.config import DataConfig
 from ssl_vit.data import shards
 from ssl_vit.data.demo import DEMO_CLASSES, ensure_demo_data
-from ssl_vit.data.shards import (
-    SKIP_REASONS,
-    SampleError,
-    decode_sample,
-    eval_stream,
-    resolve_shards,
-    train_stream,
-)
-from ssl_vit.data.transforms import denormalize, eval_transform, mae_views
+from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample
+from ssl_vit.data.shards import eval_stream, resolve_shards, train_stream
+from ssl_vit.data.transforms import denormalize, eval_transform, mae_views, normalize
 from ssl_vit.data.writer import write_samples, write_shards
 
 
@@ -203,7 +197,7 @@ def test_train_stream_is_endless_and_batched(tmp_path: Path) -> None:
     loader = train_stream(cfg, mae_views(8, (0.2, 1.0)), rank=1, world_size=2, seed=3)
     batches = list(itertools.islice(loader, 3))
     for batch in batches:
-        assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.float32
+        assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.uint8
         assert batch["skipped"].shape == (4, len(SKIP_REASONS)) and batch["skipped"].dtype == torch.long
         assert "label" not in batch
     cfg = DataConfig(train=str(tmp_path), batch_size=2, num_workers=0)
@@ -297,7 +291,10 @@ def test_demo_data_deterministic_and_cached(tmp_path: Path) -> None:
 def test_views_and_transforms() -> None:
     img = Image.new("RGB", (50, 37), (255, 0, 128))
     view = mae_views(16, (0.2, 1.0))(img)
-    assert type(view) is torch.Tensor and view.shape == (3, 16, 16) and view.dtype == torch.float32
+    assert type(view) is torch.Tensor and view.shape == (3, 16, 16) and view.dtype == torch.uint8
+    assert torch.equal(view[:, 8, 8], torch.tensor([255, 0, 128], dtype=torch.uint8))  # a flat image stays flat
+    assert torch.allclose(denormalize(normalize(view))[:, 8, 8], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-6)
+    assert normalize(ev := eval_transform(8, 1.0)(img)) is ev  # float input: already normalised
     ev = eval_transform(32, 0.875)(img)
     assert ev.shape == (3, 32, 32)
     assert eval_transform(32, 1.0)(Image.new("RGB", (64, 64))).shape == (3, 32, 32)

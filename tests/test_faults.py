@@ -237,7 +237,8 @@ def test_bad_members_are_skipped_counted_and_never_unpickled(tmp_path):
     from PIL import Image
 
     from ssl_vit.config import DataConfig
-    from ssl_vit.data.shards import SKIP_REASONS, train_stream
+    from ssl_vit.data.samples import SKIP_REASONS
+    from ssl_vit.data.shards import train_stream
     from ssl_vit.data.transforms import eval_transform
 
     global PWNED

@@ -1,14 +1,8 @@
 """Data layer: WebDataset shards in (train and eval streams), image folders out (shard writer), demo data."""
 
 from ssl_vit.data.demo import DEMO_CLASSES, DemoData, ensure_demo_data
-from ssl_vit.data.shards import (
-    SKIP_REASONS,
-    SampleError,
-    decode_sample,
-    eval_stream,
-    resolve_shards,
-    train_stream,
-)
+from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample
+from ssl_vit.data.shards import eval_stream, resolve_shards, train_stream
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_transform, mae_views
 from ssl_vit.data.writer import ShardSummary, write_samples, write_shards
 

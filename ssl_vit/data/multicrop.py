@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ssl_vit.data.transforms import _to_normalized_tensor
+from ssl_vit.data.transforms import to_uint8_tensor
 
 BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of the resized crop, drawn uniformly
 
@@ -36,7 +36,7 @@ def _blur_kernel(size: int) -> int:
 
 def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, grayscale_prob: float,
               blur_prob: float, solarize_prob: float = 0.0) -> v2.Compose:
-    """One view: PIL image → normalised (3, size, size) tensor."""
+    """One view: PIL image → uint8 (3, size, size) tensor (normalised on the device)."""
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -47,11 +47,11 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
     ]
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey
-    return v2.Compose(steps + _to_normalized_tensor())
+    return v2.Compose(steps + to_uint8_tensor())
 
 
 class MultiCropViews:
-    """PIL image → [global 1, global 2, local 1, ..., local N] normalised tensors (globals first)."""
+    """PIL image → [global 1, global 2, local 1, ..., local N] uint8 tensors (globals first)."""
 
     def __init__(self, global_size: int = 224, local_size: int = 96, local_number: int = 10,
                  global_scale: tuple[float, float] = (0.4, 1.0),

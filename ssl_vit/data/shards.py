@@ -6,11 +6,9 @@ are ever decoded; nothing is unpickled. Bad samples are skipped and counted per 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,27 +19,16 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ssl_vit.config import DataConfig
+from ssl_vit.data.device_decode import jpeg_payload, pack_payloads
+from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS: tuple[str, ...] = ("read_error", "no_image", "corrupt_image", "too_large", "bad_label")
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-_FORMATS = ("JPEG", "PNG", "WEBP")  # never let PIL try other (riskier) decoders, whatever the extension
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; choose from {SKIP_REASONS}")
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def resolve_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
@@ -96,55 +83,7 @@ def _resolve_local(entry: str, allow_pipe: bool, base: Path | None) -> list[str]
     return urls
 
 
-def decode_sample(sample: dict, max_image_pixels: int,
-                  with_label: bool = True) -> tuple[Image.Image, int | None]:
-    """(RGB image, label or None) from a raw WebDataset sample; raises SampleError(reason) if unusable.
-
-    Images above `max_image_pixels` are refused from their header, before decoding. PIL's own bomb check
-    (2 × Image.MAX_IMAGE_PIXELS) still applies on top; raise that too to admit even larger images.
-    """
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or not isinstance(sample[ext], (bytes, bytearray, memoryview)):
-        raise SampleError("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
-    label = _read_label(sample.get("cls")) if with_label else None
-    try:
-        with warnings.catch_warnings():
-            # our own pixel limit below decides; PIL's warning threshold would silently override a larger one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(sample[ext]), formats=_FORMATS)
-            if img.width * img.height > max_image_pixels:
-                raise SampleError("too_large", f"{img.width}x{img.height} > {max_image_pixels} pixels")
-            rgb = to_rgb(img)  # forces the full decode: truncated data fails here, not in a transform
-    except SampleError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise SampleError("too_large", str(err)) from None
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken data
-        raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
-    return rgb, label
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit greyscale (medical, satellite PNGs) is rescaled, where PIL's convert would clip."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        scaled = (np.asarray(img, dtype=np.float32) / 257.0).round().clip(0, 255)
-        img = Image.fromarray(scaled.astype(np.uint8))
-    return img.convert("RGB")
-
-
-def _read_label(data: Any) -> int | None:
-    if data is None:
-        return None
-    try:
-        text = bytes(data).decode("ascii").strip()
-    except (TypeError, UnicodeDecodeError):
-        raise SampleError("bad_label", "cls member is not ASCII text") from None
-    if not text.isdigit():
-        raise SampleError("bad_label", f"cls {text[:20]!r} is not a non-negative integer")
-    return int(text)
-
-
-class _SkipCounter:
+class SkipCounter:
     """Per-worker skip counts; each yielded sample takes the increments since the worker's previous yield, so
     the main process sums `batch["skipped"]` to exact totals without any inter-process channel."""
 
@@ -164,8 +103,9 @@ class _SkipCounter:
             raise ValueError(f"no usable sample in the last {self.give_up_after} tries (skips since the last "
                              f"good one: {counts}); the shards look unreadable")
 
-    def take(self) -> torch.Tensor:
-        out = torch.tensor(self.pending, dtype=torch.long)
+    def take(self) -> list[int]:
+        # a plain list: one tensor per batch in `collate`, not one per sample (a measurable share of cheap views)
+        out = self.pending
         self.pending = [0] * len(SKIP_REASONS)
         self.fruitless = 0
         return out
@@ -181,7 +121,7 @@ class _TarSamples:
     """Shard dicts → raw samples, one shard at a time: a shard that breaks off mid-way then counts as one
     read error and its last sample is never merged with the next shard's first (as a shared stream would)."""
 
-    def __init__(self, counter: _SkipCounter) -> None:
+    def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
@@ -204,27 +144,42 @@ class _SeededShuffle:
         return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), seed=self.seed_fn())(src)
 
 
-class _Decode:
-    """Raw samples → {"image", "skipped"[, "label", "key"]}, holding each good sample back until the next one
-    (or the end of the stream) so that skips after a worker's last good sample are still reported."""
+class DecodeStage:
+    """Raw samples → {"image", "skipped"[, "label", "key"][, "jpeg"]}, holding each good sample back until the
+    next one (or the end of the stream) so that skips after a worker's last good sample are still reported.
 
-    def __init__(self, counter: _SkipCounter, transform: Callable, max_pixels: int, with_label: bool) -> None:
+    `pass_jpeg` (data.device_decode): JPEGs the device can decode leave as encoded bytes ("jpeg", with "image"
+    None) after a header check; everything else is decoded here and has "jpeg" None.
+    """
+
+    def __init__(self, counter: SkipCounter, transform: Callable, max_pixels: int, with_label: bool,
+                 pass_jpeg: bool = False) -> None:
         self.counter, self.transform = counter, transform
-        self.max_pixels, self.with_label = max_pixels, with_label
+        self.max_pixels, self.with_label, self.pass_jpeg = max_pixels, with_label, pass_jpeg
+
+    def convert(self, sample: dict) -> dict[str, Any]:
+        """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
+        payload = jpeg_payload(sample, self.max_pixels) if self.pass_jpeg else None
+        if payload is not None:
+            label = read_label(sample.get("cls")) if self.with_label else None
+            out: dict[str, Any] = {"image": None, "jpeg": payload}
+        else:
+            img, label = decode_sample(sample, self.max_pixels, with_label=self.with_label)
+            out = {"image": self.transform(img), **({"jpeg": None} if self.pass_jpeg else {})}
+        if self.with_label:
+            out["label"] = -1 if label is None else label
+            out["key"] = sample["__key__"]
+        return out
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         held = None
         for sample in src:
             try:
-                img, label = decode_sample(sample, self.max_pixels, with_label=self.with_label)
+                out = self.convert(sample)
             except SampleError as err:
                 log.debug("skipping sample %s: %s", sample.get("__key__"), err)
                 self.counter.add(err.reason)
                 continue
-            out: dict[str, Any] = {"image": self.transform(img)}
-            if self.with_label:
-                out["label"] = -1 if label is None else label
-                out["key"] = sample["__key__"]
             if held is not None:
                 held["skipped"] = self.counter.take()
                 yield held
@@ -234,14 +189,26 @@ class _Decode:
             yield held
 
 
-def _collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list."""
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # default_collate stacks straight into shared memory inside a loader worker: one copy of the batch fewer
+    # than torch.stack, whose result would be copied again to cross the process boundary.
+    return default_collate(tensors)
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list. With
+    JPEG pass-through, "image" stays a per-sample list (None where the JPEG went through) and the payloads are
+    packed into one "jpeg" tensor with per-sample "jpeg_sizes" (see `pack_payloads`)."""
     first = samples[0]["image"]
-    if isinstance(first, (list, tuple)):
-        images: Any = [torch.stack([s["image"][i] for s in samples]) for i in range(len(first))]
+    if "jpeg" in samples[0]:
+        images: Any = [s["image"] for s in samples]
+    elif isinstance(first, (list, tuple)):
+        images: Any = [_stack([s["image"][i] for s in samples]) for i in range(len(first))]
     else:
-        images = torch.stack([s["image"] for s in samples])
-    batch = {"image": images, "skipped": torch.stack([s["skipped"] for s in samples])}
+        images = _stack([s["image"] for s in samples])
+    batch = {"image": images, "skipped": torch.tensor([s["skipped"] for s in samples], dtype=torch.long)}
+    if "jpeg" in samples[0]:
+        batch["jpeg"], batch["jpeg_sizes"] = pack_payloads([s["jpeg"] for s in samples])
     if "label" in samples[0]:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         batch["key"] = [s["key"] for s in samples]
@@ -310,18 +277,18 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     if cfg.shuffle_buffer < 0:
         raise ValueError(f"data.shuffle_buffer must be ≥ 0, got {cfg.shuffle_buffer}")
     urls = resolve_shards(cfg.train, cfg.allow_pipe)
-    counter = _SkipCounter(give_up_after=_MAX_FRUITLESS)
+    counter = SkipCounter(give_up_after=_MAX_FRUITLESS)
     shard_seed = partial(_stream_seed, seed, rank, start_step, 0)
     pipeline = wds.DataPipeline(
         _ResampledShares(urls, rank, world_size, shard_seed),
         _TarSamples(counter),
         _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
         if cfg.shuffle_buffer > 1 else None,
-        _Decode(counter, views, cfg.max_image_pixels, with_label=with_label),
+        DecodeStage(counter, views, cfg.max_image_pixels, with_label=with_label, pass_jpeg=cfg.device_decode),
     )
     # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))
-    return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True, collate_fn=_collate,
+    return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=generator)
 
@@ -338,12 +305,12 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
     """
     _check_loader_args(rank, world_size, batch_size, num_workers)
     urls = resolve_shards(shards, allow_pipe)
-    counter = _SkipCounter()
+    counter = SkipCounter()
     pipeline = wds.DataPipeline(
         partial(_shard_dicts, urls[rank::world_size]),  # not a list: DataPipeline splices lists in
         wds.split_by_worker,
         _TarSamples(counter),
-        _Decode(counter, transform, max_pixels=max_image_pixels, with_label=True),
+        DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True),
     )
-    return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=_collate,
+    return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -1,4 +1,9 @@
-"""Image views for pretraining and evaluation (torchvision.transforms.v2, PIL in → float Tensor out)."""
+"""Image views for pretraining and evaluation (torchvision.transforms.v2 on PIL images).
+
+Pretraining views end in uint8 tensors and are normalised on the training device (`normalize`), as timm's
+prefetch loader does: a uint8 batch is a quarter of a float32 one to stack into shared memory, hand between
+processes and copy to the GPU. Evaluation transforms end in normalised float tensors.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,21 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+def to_uint8_tensor() -> list[v2.Transform]:
+    """The last steps of a pretraining view: PIL → plain uint8 (3, H, W) Tensor (not a tv_tensors.Image)."""
+    return [v2.ToImage(), v2.ToPureTensor()]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (…, 3, H, W) → float32 with the ImageNet normalisation; floating images are taken as
+    already normalised and returned unchanged. Runs in fp32 whatever autocast says."""
+    if images.is_floating_point():
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 def _to_normalized_tensor() -> list[v2.Transform]:
     # ToPureTensor: callers (collate, models) get a plain Tensor, not a tv_tensors.Image subclass
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -21,7 +41,7 @@ def _to_normalized_tensor() -> list[v2.Transform]:
 
 
 def mae_views(img_size: int, crop_scale: tuple[float, float]) -> Callable[[Image.Image], torch.Tensor]:
-    """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip, normalise → (3, S, S)."""
+    """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip → uint8 (3, S, S)."""
     lo, hi = crop_scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"crop_scale must satisfy 0 < min ≤ max ≤ 1, got {crop_scale}")
@@ -29,7 +49,7 @@ def mae_views(img_size: int, crop_scale: tuple[float, float]) -> Callable[[Image
         # crop on the PIL image, like the MAE reference, so only the crop is ever resized
         v2.RandomResizedCrop(img_size, scale=(lo, hi), interpolation=_BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        *_to_normalized_tensor(),
+        *to_uint8_tensor(),
     ])
 
 

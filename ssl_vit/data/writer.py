@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ssl_vit.data.shards import to_rgb
+from ssl_vit.data.samples import to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.shards import IMAGE_EXTS, resolve_shards, train_stream
+from ssl_vit.data.samples import IMAGE_EXTS
+from ssl_vit.data.shards import resolve_shards, train_stream
 
 _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream with the same seed
 

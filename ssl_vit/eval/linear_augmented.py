@@ -11,7 +11,7 @@ from accelerate.utils import broadcast_object_list
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from ssl_vit.data.transforms import mae_views
+from ssl_vit.data.transforms import mae_views, normalize
 from ssl_vit.eval.features import Features, image_features
 from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
 from ssl_vit.run_log import RunLog
@@ -58,8 +58,8 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
             if (labels < 0).any() or (labels >= num_classes).any():
                 raise ValueError(f"the linear probe needs labels in [0, {num_classes}) on every train sample")
             with torch.no_grad(), accelerator.autocast():
-                feats = image_features(vit, batch["image"].to(accelerator.device, non_blocking=True),
-                                       proto.features).float()
+                images = normalize(batch["image"].to(accelerator.device, non_blocking=True))
+                feats = image_features(vit, images, proto.features).float()
             losses.append(trainer.step(model, feats, labels, step, accelerator.backward))
             step += 1
             bar.update(1)

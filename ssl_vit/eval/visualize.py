@@ -14,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from ssl_vit.data.shards import eval_stream, to_rgb
+from ssl_vit.data.samples import to_rgb
+from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import denormalize, eval_transform
 from ssl_vit.eval.attention import attention_maps, attention_rollout, cls_to_patches, mass_mask
 from ssl_vit.objectives import Objective

@@ -27,7 +27,7 @@ from ssl_vit.backbone import encode
 from ssl_vit.config import DINOConfig, TrainConfig
 from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.multicrop import MultiCropViews
-from ssl_vit.data.transforms import denormalize
+from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.objectives.base import Objective
 from ssl_vit.objectives.dino_head import DINOHead, dino_loss, mean_entropy, teacher_targets, update_center
 from ssl_vit.schedules import cosine
@@ -108,7 +108,9 @@ class DINO(Objective):
     def crops(self, batch: dict[str, Any]) -> list[Tensor]:
         """The batch's multi-crop views, made here when the loader left them to the device."""
         images = batch["image"]
-        return images if self.device_aug is None else self.device_aug(images)
+        if self.device_aug is not None:
+            return self.device_aug(images)
+        return [normalize(crop) for crop in images] if isinstance(images, (list, tuple)) else images
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         crops = self.crops(batch)

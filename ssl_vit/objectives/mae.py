@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ssl_vit.config import MAEConfig
 from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
-from ssl_vit.data.transforms import denormalize, mae_views
+from ssl_vit.data.transforms import denormalize, mae_views, normalize
 from ssl_vit.objectives.base import Objective
 
 
@@ -172,7 +172,7 @@ class MAE(Objective):
     def images(self, batch: dict[str, Any]) -> Tensor:
         """The batch's training view (B, 3, S, S), augmented here when the loader left it to the device."""
         images = batch["image"]
-        return images if self.device_aug is None else self.device_aug(images)[0]
+        return normalize(images) if self.device_aug is None else self.device_aug(images)[0]
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         pred, target, mask = self.reconstruct(self.images(batch))

@@ -1,0 +1,126 @@
+"""JPEG decode on the training device (`data.device_decode`): nvJPEG on CUDA, libjpeg-turbo on CPU.
+
+    worker: JPEG sample → header check only (format, mode, size) → the encoded bytes        (`jpeg_payload`)
+            a batch's payloads → one flat uint8 tensor + sizes: one shared-memory block to hand over, not
+            one per image                                                                  (`pack_payloads`)
+    device: encoded bytes → `torchvision.io.decode_jpeg(batch, device=...)` → resize short side to S,
+            centre-crop → uint8 (B, 3, S, S), the same squares `cheap_view` makes on the CPU   (`DeviceDecoder`)
+
+Only with `data.device_aug`, whose loader output is exactly that square. Anything the device decoder may not
+take (PNG, WebP, CMYK or 16-bit JPEG, a header PIL cannot read) is decoded by the worker as usual, so skip
+reasons stay the same; a JPEG whose header parses but whose data is broken fails on the device, is dropped
+from its batch and counted as `corrupt_image` (the batch is then one image smaller).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from ssl_vit.data.samples import SKIP_REASONS
+
+log = logging.getLogger(__name__)
+
+_JPEG_EXTS = ("jpg", "jpeg")
+_DEVICE_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) turns into RGB on every backend; CMYK stays on the CPU
+_CORRUPT = SKIP_REASONS.index("corrupt_image")
+
+
+def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
+    """The encoded bytes of `sample`'s JPEG when the device can decode it, else None.
+
+    Reads the header only (a few hundred bytes): the format, colour mode and size are checked here so that the
+    CPU path keeps handling, and counting, everything unusual.
+    """
+    ext = next((e for e in _JPEG_EXTS if e in sample), None)
+    if ext is None or any(e in sample for e in ("png", "webp")):
+        return None
+    data = sample[ext]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            head = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if head.mode not in _DEVICE_MODES or head.width * head.height > max_image_pixels:
+            return None
+    except Exception:  # not a readable JPEG header: the CPU path names the reason
+        return None
+    return bytes(data)
+
+
+def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
+    """Per-sample payloads (None: decoded on the CPU) → (flat uint8 tensor, LongTensor of sizes, 0 for None)."""
+    flat = bytearray().join(p for p in payloads if p is not None)  # one copy; a bytearray is writable
+    data = torch.frombuffer(flat, dtype=torch.uint8) if flat else torch.empty(0, dtype=torch.uint8)
+    return data, torch.tensor([0 if p is None else len(p) for p in payloads], dtype=torch.long)
+
+
+def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
+    """Inverse of `pack_payloads`: a uint8 (N,) view per sample, None where the size is 0."""
+    parts = iter(torch.split(data, [int(n) for n in sizes if n > 0]))
+    return [next(parts) if n > 0 else None for n in sizes.tolist()]
+
+
+def square(image: Tensor, size: int) -> Tensor:
+    """uint8 (3, H, W) → short side resized to `size` (bilinear, antialiased), centre crop (3, size, size)."""
+    image = TF.resize(image, [size], antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+class DeviceDecoder:
+    """Completes a loader batch of `data.device_decode`, still on the host (decode_jpeg reads its input from host
+    memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B', 3, size, size)
+    "image" tensor on `device`, B' = B minus the JPEGs that failed to decode."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+
+    def _decode(self, payloads: list[Tensor]) -> list[Tensor | None]:
+        if not payloads:
+            return []
+        try:  # one batched call: nvJPEG decodes the whole list at once on CUDA
+            return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            pass
+        decoded: list[Tensor | None] = []
+        for data in payloads:  # find the broken one(s)
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError as err:
+                log.debug("device JPEG decode failed: %s", err)
+                decoded.append(None)
+        return decoded
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = dict(batch)
+        payloads = unpack_payloads(batch.pop("jpeg"), batch.pop("jpeg_sizes"))
+        images: list[Tensor | None] = list(batch["image"])
+        todo = [i for i, p in enumerate(payloads) if p is not None]
+        for i, image in zip(todo, self._decode([payloads[i] for i in todo]), strict=True):
+            images[i] = None if image is None else square(image, self.size)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:
+            raise RuntimeError(f"none of the {len(images)} JPEGs of a batch could be decoded on {self.device}")
+        skipped = batch["skipped"]
+        if len(keep) < len(images):  # dropped rows: their skip counts, plus one each, ride on a kept row
+            dropped = torch.ones(len(images), dtype=torch.bool, device=skipped.device)
+            dropped[keep] = False
+            carry = skipped[dropped].sum(dim=0)
+            carry[_CORRUPT] += int(dropped.sum())
+            skipped = skipped[keep].clone()
+            skipped[0] += carry
+        out = {**batch, "image": torch.stack([images[i].to(self.device, non_blocking=True) for i in keep]),
+               "skipped": skipped}
+        for key in ("label", "key"):
+            if key in batch:
+                out[key] = batch[key][keep] if isinstance(batch[key], Tensor) else [batch[key][i] for i in keep]
+        return out

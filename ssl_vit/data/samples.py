@@ -1,0 +1,76 @@
+"""One WebDataset sample → (RGB image, label), or a SampleError naming why it cannot be used.
+
+Only image members (jpg/jpeg/png/webp, restricted to the JPEG/PNG/WEBP decoders) and the integer `cls` member
+are ever decoded; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SKIP_REASONS: tuple[str, ...] = ("read_error", "no_image", "corrupt_image", "too_large", "bad_label")
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+_FORMATS = ("JPEG", "PNG", "WEBP")  # never let PIL try other (riskier) decoders, whatever the extension
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; choose from {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_sample(sample: dict, max_image_pixels: int,
+                  with_label: bool = True) -> tuple[Image.Image, int | None]:
+    """(RGB image, label or None) from a raw WebDataset sample; raises SampleError(reason) if unusable.
+
+    Images above `max_image_pixels` are refused from their header, before decoding. PIL's own bomb check
+    (2 × Image.MAX_IMAGE_PIXELS) still applies on top; raise that too to admit even larger images.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or not isinstance(sample[ext], (bytes, bytearray, memoryview)):
+        raise SampleError("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+    label = read_label(sample.get("cls")) if with_label else None
+    try:
+        with warnings.catch_warnings():
+            # our own pixel limit below decides; PIL's warning threshold would silently override a larger one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(sample[ext]), formats=_FORMATS)
+            if img.width * img.height > max_image_pixels:
+                raise SampleError("too_large", f"{img.width}x{img.height} > {max_image_pixels} pixels")
+            rgb = to_rgb(img)  # forces the full decode: truncated data fails here, not in a transform
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise SampleError("too_large", str(err)) from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken data
+        raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
+    return rgb, label
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale (medical, satellite PNGs) is rescaled, where PIL's convert would clip."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        scaled = (np.asarray(img, dtype=np.float32) / 257.0).round().clip(0, 255)
+        img = Image.fromarray(scaled.astype(np.uint8))
+    return img.convert("RGB")
+
+
+def read_label(data: Any) -> int | None:
+    if data is None:
+        return None
+    try:
+        text = bytes(data).decode("ascii").strip()
+    except (TypeError, UnicodeDecodeError):
+        raise SampleError("bad_label", "cls member is not ASCII text") from None
+    if not text.isdigit():
+        raise SampleError("bad_label", f"cls {text[:20]!r} is not a non-negative integer")
+    return int(text)

@@ -1,0 +1,141 @@
+"""Device-side JPEG decode (data.device_decode), run on CPU tensors: the same squares as the CPU path, exact skip
+counts for what fails, and a short pretraining run through the trainer."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vit.config import ConfigError, DataConfig, load_config
+from ssl_vit.data.device_aug import cheap_view
+from ssl_vit.data.device_decode import DeviceDecoder, jpeg_payload, pack_payloads, unpack_payloads
+from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.shards import collate, train_stream
+from ssl_vit.data.writer import write_samples
+from ssl_vit.train import pretrain
+
+SIZE = 36
+BIG = 10**8
+CORRUPT = SKIP_REASONS.index("corrupt_image")
+
+
+def encode(h: int, w: int, fmt: str = "JPEG", mode: str = "RGB", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    # smooth colour field plus noise: photo-like enough for a lossy codec
+    img = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def cpu_square(data: bytes) -> torch.Tensor:
+    return cheap_view(SIZE)(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_payload_only_for_what_the_device_can_decode():
+    rgb = encode(50, 70)
+    assert jpeg_payload({"jpg": rgb}, BIG) == rgb
+    assert jpeg_payload({"jpeg": encode(30, 40, mode="L")}, BIG) is not None  # greyscale: decoded as RGB
+    assert jpeg_payload({"jpg": encode(30, 40, mode="CMYK")}, BIG) is None  # CMYK stays on the CPU path
+    assert jpeg_payload({"png": encode(30, 40, "PNG")}, BIG) is None
+    assert jpeg_payload({"jpg": encode(30, 40, "PNG")}, BIG) is None  # a PNG misnamed .jpg
+    assert jpeg_payload({"jpg": b"not an image"}, BIG) is None  # the CPU path names and counts it
+    assert jpeg_payload({"jpg": rgb}, 50 * 70 - 1) is None  # too large: the CPU path counts it
+    assert jpeg_payload({"cls": b"3"}, BIG) is None
+
+
+def _batch(items: list[tuple[bytes, str]], extra: list[dict] | None = None) -> dict:
+    """A loader batch as `collate` makes it: JPEGs the device takes go through, the rest decoded here."""
+    samples = []
+    for data, ext in items:
+        payload = jpeg_payload({ext: data}, BIG)
+        image = None if payload is not None else cpu_square(data)
+        samples.append({"image": image, "jpeg": payload, "skipped": [0] * len(SKIP_REASONS)})
+    for sample, more in zip(samples, extra or [{}] * len(samples), strict=True):
+        sample.update(more)
+    return collate(samples)
+
+
+def test_pack_and_unpack_payloads():
+    data, sizes = pack_payloads([b"abc", None, b"de"])
+    assert data.dtype == torch.uint8 and bytes(data.numpy()) == b"abcde" and sizes.tolist() == [3, 0, 2]
+    assert [None if t is None else bytes(t.numpy()) for t in unpack_payloads(data, sizes)] == [b"abc", None, b"de"]
+    empty, none_sizes = pack_payloads([None, None])
+    assert empty.numel() == 0 and unpack_payloads(empty, none_sizes) == [None, None]
+
+
+def test_decoder_matches_cpu_path_and_counts_failures():
+    images = [encode(50, 70, seed=1), encode(80, 40, seed=2), encode(36, 36, mode="L", seed=3)]
+    truncated = images[0][: len(images[0]) // 2]
+    assert jpeg_payload({"jpg": truncated}, BIG) is not None  # the header is fine: only the device can tell
+    png = encode(45, 60, "PNG", seed=4)
+    skips = [{"skipped": [0] * len(SKIP_REASONS)} for _ in range(5)]
+    skips[1]["skipped"][0], skips[3]["skipped"][3] = 2, 1  # skips the loader attached to samples 1 and 3
+    extra = [{**skip, "label": i, "key": k} for i, (skip, k) in enumerate(zip(skips, "abcde", strict=True))]
+    batch = _batch([(images[0], "jpg"), (truncated, "jpg"), (images[1], "jpg"), (png, "png"), (images[2], "jpg")],
+                   extra)
+    assert batch["jpeg_sizes"].tolist()[3] == 0 and batch["image"][3] is not None
+    out = DeviceDecoder(SIZE, torch.device("cpu"))(batch)
+    expected = torch.stack([cpu_square(images[0]), cpu_square(images[1]), cpu_square(png), cpu_square(images[2])])
+    assert out["image"].dtype == torch.uint8 and out["image"].shape == (4, 3, SIZE, SIZE)
+    assert torch.equal(out["image"], expected)  # same libjpeg-turbo decode, same antialiased resize
+    assert out["label"].tolist() == [0, 2, 3, 4] and out["key"] == ["a", "c", "d", "e"]
+    assert "jpeg" not in out and "jpeg_sizes" not in out
+    totals = out["skipped"].sum(dim=0)
+    assert totals[CORRUPT] == 1 and totals[0] == 2 and totals[3] == 1 and int(totals.sum()) == 4
+
+
+def test_decoder_refuses_a_batch_with_nothing_decodable():
+    data = encode(50, 70)
+    batch = _batch([(data[: len(data) // 2], "jpg")])
+    with pytest.raises(RuntimeError, match="none of the 1 JPEGs of a batch could be decoded"):
+        DeviceDecoder(SIZE, torch.device("cpu"))(batch)
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("jpeg_shards")
+    samples = []
+    for i in range(24):
+        fmt, mode = ("PNG", "RGB") if i % 6 == 5 else ("JPEG", "L" if i % 6 == 4 else "RGB")
+        ext = "png" if fmt == "PNG" else "jpg"
+        samples.append({"__key__": f"s{i:03d}", ext: encode(40 + i, 60 - i, fmt, mode, seed=i)})
+    write_samples(samples, out, "train", max_count=8)
+    return str(out / "train-{000000..000002}.tar")
+
+
+def test_stream_with_device_decode_equals_cpu_decode(jpeg_shards):
+    def first_batches(device_decode: bool) -> list[torch.Tensor]:
+        cfg = DataConfig(train=jpeg_shards, batch_size=6, num_workers=0, shuffle_buffer=10,
+                         device_decode=device_decode)
+        stream = iter(train_stream(cfg, cheap_view(SIZE), rank=0, world_size=1, seed=3))
+        decoder = DeviceDecoder(SIZE, torch.device("cpu"))
+        return [(decoder(next(stream)) if device_decode else next(stream))["image"] for _ in range(4)]
+
+    for on, off in zip(first_batches(True), first_batches(False), strict=True):
+        assert torch.equal(on, off)
+
+
+def test_config_rules():
+    assert DataConfig().use_device_aug("cuda") and not DataConfig().use_device_aug("cpu")
+    assert DataConfig(device_decode=True).use_device_aug("cpu")  # decode on the device needs its views
+    assert not DataConfig(device_aug=False).use_device_aug("cuda")
+    with pytest.raises(ConfigError, match="data.device_decode: needs data.device_aug"):
+        load_config(None, ["data.device_decode=true", "data.device_aug=false"])
+
+
+def test_pretrain_with_device_decode(tmp_path, jpeg_shards):
+    cfg = load_config(None, [
+        "model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "data.batch_size=4",
+        "data.num_workers=1", "data.shuffle_buffer=8", "optim.lr=1e-3", "train.total_steps=3", "train.warmup_steps=1",
+        "train.log_every=1", "train.save_every=0", "train.export=false", "data.device_decode=true",
+        f"data.train={jpeg_shards}", f"train.run_dir={tmp_path / 'run'}"])
+    result = pretrain(cfg)
+    assert result.step == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
