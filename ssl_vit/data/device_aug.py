@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,12 +26,14 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from ssl_vit.data.multicrop import BLUR_SIGMA, _blur_kernel
-from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, device_constant
 
 RATIO: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision's default)
 JITTER: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 _TRIALS = 10  # crop draws per sample before falling back to the whole square (as torchvision does)
 _LUMA = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_FROM_YIQ = tuple(tuple(row) for row in np.linalg.inv(np.array(_TO_YIQ)).tolist())
 
 
 def cheap_size(img_size: int) -> int:
@@ -105,7 +108,7 @@ def sample_view_params(spec: ViewSpec, n: int, device: torch.device | None = Non
                            _uniform(1 - c, 1 + c, (n,), device, generator),
                            _uniform(1 - s, 1 + s, (n,), device, generator),
                            _uniform(-hue, hue, (n,), device, generator)], dim=1)
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    identity = device_constant((1.0, 1.0, 1.0, 0.0), device)
     blurred = _bernoulli(spec.blur_prob, n, device, generator)
     sigma = _uniform(*BLUR_SIGMA, (n,), device, generator)
     return ViewParams(
@@ -120,19 +123,18 @@ def sample_view_params(spec: ViewSpec, n: int, device: torch.device | None = Non
 
 
 def _gray(x: Tensor) -> Tensor:
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = device_constant(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)  # (N, 1, H, W)
 
 
 def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
     """Rotate the chroma plane of YIQ by 2π·shift per sample (shift in [-0.5, 0.5] of a full turn)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=x.device, dtype=x.dtype)
+    to_yiq, from_yiq = device_constant(_TO_YIQ, x.device, x.dtype), device_constant(_FROM_YIQ, x.device, x.dtype)
     theta = 2 * math.pi * shift
     cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
     rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                        torch.stack([zero, sin, cos], 1)], 1)  # (N, 3, 3)
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (N, 3, 3): RGB → rotated RGB
+    m = from_yiq @ rot @ to_yiq  # (N, 3, 3): RGB → rotated RGB
     return torch.einsum("nij,njhw->nihw", m, x)
 
 
@@ -174,8 +176,8 @@ def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
     blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), _blur_kernel(size))
     x = torch.where((params.blur_sigma > 0)[:, None, None, None], blurred, x)
     x = torch.where(params.solarize[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = device_constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

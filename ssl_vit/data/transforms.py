@@ -7,6 +7,7 @@ processes and copy to the GPU. Evaluation transforms end in normalised float ten
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,13 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`, made once per (values, device, dtype): building it per call would be a
+    blocking host-to-device copy inside every training step. Read-only: never modify the result in place."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def to_uint8_tensor() -> list[v2.Transform]:
     """The last steps of a pretraining view: PIL → plain uint8 (3, H, W) Tensor (not a tv_tensors.Image)."""
     return [v2.ToImage(), v2.ToPureTensor()]
@@ -29,8 +37,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     already normalised and returned unchanged. Runs in fp32 whatever autocast says."""
     if images.is_floating_point():
         return images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    mean = device_constant(tuple(255 * m for m in IMAGENET_MEAN), images.device).view(3, 1, 1)
+    std = device_constant(tuple(255 * s for s in IMAGENET_STD), images.device).view(3, 1, 1)
     return (images.float() - mean) / std
 
 

@@ -129,7 +129,6 @@ class DINO(Objective):
         if self.training:
             update_center(self.center, teacher_out, self.cfg.center_momentum)
             self._watch_collapse(float(entropy), step)
-        device = loss.device
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
             "loss": loss,
@@ -137,8 +136,9 @@ class DINO(Objective):
             # Each teacher view enters the same number of pairs, so the mean KL is the loss minus the entropy.
             "kl": loss.detach() - entropy,
             "center_norm": self.center.norm(),
-            "teacher_temp": torch.tensor(temp, device=device),
-            "teacher_momentum": torch.tensor(momentum, device=device),
+            # torch.full launches a fill kernel; torch.tensor(x, device=...) would be a blocking copy every step
+            "teacher_temp": torch.full((), temp, device=loss.device),
+            "teacher_momentum": torch.full((), momentum, device=loss.device),
         }
 
     def after_backward(self, step: int) -> None:
