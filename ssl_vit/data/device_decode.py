@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
+from ssl_vit.data.device_aug import cheap_view
 from ssl_vit.data.samples import SKIP_REASONS
 
 log = logging.getLogger(__name__)
@@ -70,19 +70,14 @@ def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
     return [next(parts) if n > 0 else None for n in sizes.tolist()]
 
 
-def square(image: Tensor, size: int) -> Tensor:
-    """uint8 (3, H, W) → short side resized to `size` (bilinear, antialiased), centre crop (3, size, size)."""
-    image = TF.resize(image, [size], antialias=True)
-    return TF.center_crop(image, [size, size])
-
-
 class DeviceDecoder:
     """Completes a loader batch of `data.device_decode`, still on the host (decode_jpeg reads its input from host
     memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B', 3, size, size)
     "image" tensor on `device`, B' = B minus the JPEGs that failed to decode."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        self.size, self.device = size, device
+        # the very transform the CPU path applies to PIL images; on a (3, H, W) tensor it runs where the tensor is
+        self.size, self.device, self.square = size, device, cheap_view(size)
 
     def _decode(self, payloads: list[Tensor]) -> list[Tensor | None]:
         if not payloads:
@@ -106,7 +101,7 @@ class DeviceDecoder:
         images: list[Tensor | None] = list(batch["image"])
         todo = [i for i, p in enumerate(payloads) if p is not None]
         for i, image in zip(todo, self._decode([payloads[i] for i in todo]), strict=True):
-            images[i] = None if image is None else square(image, self.size)
+            images[i] = None if image is None else self.square(image)
         keep = [i for i, image in enumerate(images) if image is not None]
         if not keep:
             raise RuntimeError(f"none of the {len(images)} JPEGs of a batch could be decoded on {self.device}")
