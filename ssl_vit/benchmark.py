@@ -142,7 +142,7 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
     else:
         stream = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
         decoder = DeviceDecoder(cheap_size(cfg.model.img_size), device) if cfg.data.device_decode else None
-        loader = stream if decoder is None else (decoder(b) for b in stream)
+        loader = stream if decoder is None else (b for b in map(decoder, stream) if b is not None)
     model.train()
 
     def one_step(step: int, batch: dict[str, Any]) -> None:

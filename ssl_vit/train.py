@@ -150,8 +150,11 @@ class Trainer:
         for micro in range(accum):
             t_wait = time.perf_counter()
             batch = next(self.loader)
-            if self.decoder is not None:  # counted as waiting: decoding is data preparation, partly on the host
+            while self.decoder is not None:  # counted as waiting: decoding is data preparation, partly on the host
                 batch = self.decoder(batch)
+                if batch is not None:
+                    break
+                batch = next(self.loader)  # not one image of it decoded; its skip counts ride on the next
             batch = _to_device(batch, self.acc.device)
             wait += time.perf_counter() - t_wait
             window.add_batch(batch)

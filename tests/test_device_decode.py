@@ -68,7 +68,7 @@ def test_pack_and_unpack_payloads():
     assert empty.numel() == 0 and unpack_payloads(empty, none_sizes) == [None, None]
 
 
-def test_decoder_matches_cpu_path_and_counts_failures():
+def test_decoder_matches_cpu_path_and_counts_failures(caplog):
     images = [encode(50, 70, seed=1), encode(80, 40, seed=2), encode(36, 36, mode="L", seed=3)]
     truncated = images[0][: len(images[0]) // 2]
     assert jpeg_payload({"jpg": truncated}, BIG) is not None  # the header is fine: only the device can tell
@@ -78,22 +78,30 @@ def test_decoder_matches_cpu_path_and_counts_failures():
     extra = [{**skip, "label": i, "key": k} for i, (skip, k) in enumerate(zip(skips, "abcde", strict=True))]
     batch = _batch([(images[0], "jpg"), (truncated, "jpg"), (images[1], "jpg"), (png, "png"), (images[2], "jpg")],
                    extra)
-    assert batch["jpeg_sizes"].tolist()[3] == 0 and batch["image"][3] is not None
+    assert batch["jpeg_sizes"].tolist()[3] == 0 and batch["image"].shape == (1, 3, SIZE, SIZE)  # the PNG only
     out = DeviceDecoder(SIZE, torch.device("cpu"))(batch)
-    expected = torch.stack([cpu_square(images[0]), cpu_square(images[1]), cpu_square(png), cpu_square(images[2])])
-    assert out["image"].dtype == torch.uint8 and out["image"].shape == (4, 3, SIZE, SIZE)
+    # the broken row takes a copy of the first good one: the batch keeps its size
+    expected = torch.stack([cpu_square(images[0]), cpu_square(images[0]), cpu_square(images[1]), cpu_square(png),
+                            cpu_square(images[2])])
+    assert out["image"].dtype == torch.uint8 and out["image"].shape == (5, 3, SIZE, SIZE)
     assert torch.equal(out["image"], expected)  # same libjpeg-turbo decode, same antialiased resize
-    assert out["label"].tolist() == [0, 2, 3, 4] and out["key"] == ["a", "c", "d", "e"]
+    assert out["label"].tolist() == [0, 0, 2, 3, 4] and out["key"] == ["a", "a", "c", "d", "e"]
     assert "jpeg" not in out and "jpeg_sizes" not in out
     totals = out["skipped"].sum(dim=0)
     assert totals[CORRUPT] == 1 and totals[0] == 2 and totals[3] == 1 and int(totals.sum()) == 4
+    assert "counted as corrupt_image" in caplog.text
 
 
-def test_decoder_refuses_a_batch_with_nothing_decodable():
+def test_a_batch_with_nothing_decodable_passes_its_counts_on():
     data = encode(50, 70)
-    batch = _batch([(data[: len(data) // 2], "jpg")])
-    with pytest.raises(RuntimeError, match="none of the 1 JPEGs of a batch could be decoded"):
-        DeviceDecoder(SIZE, torch.device("cpu"))(batch)
+    decoder = DeviceDecoder(SIZE, torch.device("cpu"))
+    broken = _batch([(data[: len(data) // 2], "jpg")] * 2, [{"skipped": [0, 1, 0, 0, 0]}, {"skipped": [0] * 5}])
+    assert decoder(broken) is None
+    out = decoder(_batch([(data, "jpg")]))
+    assert out["image"].shape == (1, 3, SIZE, SIZE)
+    assert out["skipped"].sum(dim=0).tolist() == [0, 1, 2, 0, 0]  # 1 carried no_image + 2 corrupt, exact
+    again = decoder(_batch([(data, "jpg")]))
+    assert int(again["skipped"].sum()) == 0  # carried once, not twice
 
 
 @pytest.fixture(scope="module")

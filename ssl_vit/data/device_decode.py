@@ -8,8 +8,9 @@
 
 Only with `data.device_aug`, whose loader output is exactly that square. Anything the device decoder may not
 take (PNG, WebP, CMYK or 16-bit JPEG, a header PIL cannot read) is decoded by the worker as usual, so skip
-reasons stay the same; a JPEG whose header parses but whose data is broken fails on the device, is dropped
-from its batch and counted as `corrupt_image` (the batch is then one image smaller).
+reasons stay the same. A JPEG whose header parses but whose data is broken fails on the device: it is counted
+as `corrupt_image` and its row refilled with a copy of another image of the batch, so that batches keep one
+shape (compiled graphs, DDP).
 """
 
 from __future__ import annotations
@@ -70,52 +71,67 @@ def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
     return [next(parts) if n > 0 else None for n in sizes.tolist()]
 
 
+def _out_of_memory(err: RuntimeError) -> bool:
+    return "out of memory" in str(err).lower()
+
+
 class DeviceDecoder:
     """Completes a loader batch of `data.device_decode`, still on the host (decode_jpeg reads its input from host
-    memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B', 3, size, size)
-    "image" tensor on `device`, B' = B minus the JPEGs that failed to decode."""
+    memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B, 3, size, size)
+    "image" tensor on `device`. Returns None when no image of the batch decodes; that batch's skip counts
+    then ride on the next one."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         # the very transform the CPU path applies to PIL images; on a (3, H, W) tensor it runs where the tensor is
         self.size, self.device, self.square = size, device, cheap_view(size)
+        self._carry: Tensor | None = None  # skip counts of a batch returned as None
 
     def _decode(self, payloads: list[Tensor]) -> list[Tensor | None]:
         if not payloads:
             return []
+        if self.device.type == "cuda":
+            # nvJPEG writes its outputs from a stream of its own without waiting for ours, into memory the caching
+            # allocator may just have recycled (last step's gradients) while queued kernels still read it.
+            torch.cuda.current_stream(self.device).synchronize()
         try:  # one batched call: nvJPEG decodes the whole list at once on CUDA
             return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:
-            pass
+        except RuntimeError as err:
+            if _out_of_memory(err):
+                raise
         decoded: list[Tensor | None] = []
         for data in payloads:  # find the broken one(s)
             try:
                 decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
             except RuntimeError as err:
-                log.debug("device JPEG decode failed: %s", err)
+                if _out_of_memory(err):
+                    raise
+                log.warning("a JPEG failed to decode on %s; counted as corrupt_image: %s", self.device, err)
                 decoded.append(None)
         return decoded
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         batch = dict(batch)
         payloads = unpack_payloads(batch.pop("jpeg"), batch.pop("jpeg_sizes"))
-        images: list[Tensor | None] = list(batch["image"])
-        todo = [i for i, p in enumerate(payloads) if p is not None]
-        for i, image in zip(todo, self._decode([payloads[i] for i in todo]), strict=True):
-            images[i] = None if image is None else self.square(image)
+        on_host = iter(batch["image"])  # the squares the worker decoded itself, in batch order
+        decoded = iter(self._decode([p for p in payloads if p is not None]))
+        images = [next(on_host) if p is None else next(decoded) for p in payloads]
+        skipped = batch["skipped"].clone()
+        if self._carry is not None:
+            skipped[0] += self._carry
+            self._carry = None
         keep = [i for i, image in enumerate(images) if image is not None]
+        skipped[0, _CORRUPT] += len(images) - len(keep)
         if not keep:
-            raise RuntimeError(f"none of the {len(images)} JPEGs of a batch could be decoded on {self.device}")
-        skipped = batch["skipped"]
-        if len(keep) < len(images):  # dropped rows: their skip counts, plus one each, ride on a kept row
-            dropped = torch.ones(len(images), dtype=torch.bool, device=skipped.device)
-            dropped[keep] = False
-            carry = skipped[dropped].sum(dim=0)
-            carry[_CORRUPT] += int(dropped.sum())
-            skipped = skipped[keep].clone()
-            skipped[0] += carry
-        out = {**batch, "image": torch.stack([images[i].to(self.device, non_blocking=True) for i in keep]),
-               "skipped": skipped}
+            self._carry = skipped.sum(dim=0)
+            return None
+        # a failed row takes a copy of a good one (cycling through them): the batch keeps its shape
+        refill = iter(keep * len(images))
+        rows = [i if images[i] is not None else next(refill) for i in range(len(images))]
+        squares = {i: (self.square(images[i]) if payloads[i] is not None else images[i]).to(self.device,
+                                                                                             non_blocking=True)
+                   for i in keep}
+        out = {**batch, "skipped": skipped, "image": torch.stack([squares[i] for i in rows])}
         for key in ("label", "key"):
             if key in batch:
-                out[key] = batch[key][keep] if isinstance(batch[key], Tensor) else [batch[key][i] for i in keep]
+                out[key] = batch[key][rows] if isinstance(batch[key], Tensor) else [batch[key][i] for i in rows]
         return out

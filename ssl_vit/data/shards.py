@@ -197,11 +197,13 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def collate(samples: list[dict]) -> dict[str, Any]:
     """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list. With
-    JPEG pass-through, "image" stays a per-sample list (None where the JPEG went through) and the payloads are
-    packed into one "jpeg" tensor with per-sample "jpeg_sizes" (see `pack_payloads`)."""
+    JPEG pass-through, "image" stacks only the samples decoded here (in batch order) and the JPEG payloads are
+    packed into one "jpeg" tensor with per-sample "jpeg_sizes", 0 for the others (see `pack_payloads`): two
+    shared-memory blocks a batch, not one per image."""
     first = samples[0]["image"]
     if "jpeg" in samples[0]:
-        images: Any = [s["image"] for s in samples]
+        decoded = [s["image"] for s in samples if s["image"] is not None]
+        images: Any = _stack(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
     elif isinstance(first, (list, tuple)):
         images: Any = [_stack([s["image"][i] for s in samples]) for i in range(len(first))]
     else:
