@@ -23,7 +23,7 @@ from ssl_vit.backbone import build_backbone, encode
 from ssl_vit.bench_data import loader_report
 from ssl_vit.config import Config
 from ssl_vit.data.device_aug import cheap_size
-from ssl_vit.data.device_decode import DeviceDecoder
+from ssl_vit.data.device_decode import decoded_batches
 from ssl_vit.data.shards import train_stream
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -140,9 +140,9 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
         fixed = synthetic_batch(objective.views, bs, device)
         loader = iter(lambda: fixed, None)
     else:
-        stream = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
-        decoder = DeviceDecoder(cheap_size(cfg.model.img_size), device) if cfg.data.device_decode else None
-        loader = stream if decoder is None else (b for b in map(decoder, stream) if b is not None)
+        loader = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
+        if cfg.data.device_decode:
+            loader = decoded_batches(loader, cheap_size(cfg.model.img_size), device)
     model.train()
 
     def one_step(step: int, batch: dict[str, Any]) -> None:

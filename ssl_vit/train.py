@@ -30,7 +30,7 @@ from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssl_vit.config import Config, dump_config
 from ssl_vit.data.device_aug import cheap_size
-from ssl_vit.data.device_decode import DeviceDecoder
+from ssl_vit.data.device_decode import decoded_batches
 from ssl_vit.data.shards import resolve_shards, train_stream
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -101,9 +101,6 @@ class Trainer:
                                     total_steps=cfg.train.total_steps,
                                     device_aug=cfg.data.use_device_aug(accelerator.device.type),
                                     compile=cfg.train.compile)
-        # data.device_decode: the loader ships JPEG bytes, decoded here into the squares `cheap_view` would make
-        self.decoder = (DeviceDecoder(cheap_size(cfg.model.img_size), accelerator.device)
-                        if cfg.data.device_decode else None)
         optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: Objective = accelerator.unwrap_model(self.model)
@@ -123,9 +120,13 @@ class Trainer:
 
     def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
-        return iter(train_stream(self.cfg.data, self.objective.views, rank=self.acc.process_index,
-                                 world_size=self.acc.num_processes, seed=self.cfg.train.seed,
-                                 start_step=start_step))
+        stream = iter(train_stream(self.cfg.data, self.objective.views, rank=self.acc.process_index,
+                                   world_size=self.acc.num_processes, seed=self.cfg.train.seed,
+                                   start_step=start_step))
+        if not self.cfg.data.device_decode:
+            return stream
+        # The loader ships JPEG bytes; decoding them here counts as data wait (it is data preparation).
+        return decoded_batches(stream, cheap_size(self.cfg.model.img_size), self.acc.device)
 
     def _fast_forward(self, batches: int) -> None:
         """Skip what the interrupted run already read since the last grid point (resume after a stop signal)."""
@@ -149,13 +150,7 @@ class Trainer:
         accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, 0.0
         for micro in range(accum):
             t_wait = time.perf_counter()
-            batch = next(self.loader)
-            while self.decoder is not None:  # counted as waiting: decoding is data preparation, partly on the host
-                batch = self.decoder(batch)
-                if batch is not None:
-                    break
-                batch = next(self.loader)  # not one image of it decoded; its skip counts ride on the next
-            batch = _to_device(batch, self.acc.device)
+            batch = _to_device(next(self.loader), self.acc.device)
             wait += time.perf_counter() - t_wait
             window.add_batch(batch)
             # Gradients are all-reduced on the last micro-batch only.

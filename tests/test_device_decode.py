@@ -11,7 +11,7 @@ from PIL import Image
 
 from ssl_vit.config import ConfigError, DataConfig, load_config
 from ssl_vit.data.device_aug import cheap_view
-from ssl_vit.data.device_decode import DeviceDecoder, jpeg_payload, pack_payloads, unpack_payloads
+from ssl_vit.data.device_decode import DeviceDecoder, decoded_batches, jpeg_payload, pack_payloads, unpack_payloads
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import collate, train_stream
 from ssl_vit.data.writer import write_samples
@@ -102,6 +102,9 @@ def test_a_batch_with_nothing_decodable_passes_its_counts_on():
     assert out["skipped"].sum(dim=0).tolist() == [0, 1, 2, 0, 0]  # 1 carried no_image + 2 corrupt, exact
     again = decoder(_batch([(data, "jpg")]))
     assert int(again["skipped"].sum()) == 0  # carried once, not twice
+    stream = [_batch([(data[: len(data) // 2], "jpg")]), _batch([(data, "jpg")])]
+    out = list(decoded_batches(stream, SIZE, torch.device("cpu")))  # the trainer's stream: the empty one left out
+    assert len(out) == 1 and out[0]["skipped"].sum(dim=0)[CORRUPT] == 1
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -135,3 +136,10 @@ class DeviceDecoder:
             if key in batch:
                 out[key] = batch[key][rows] if isinstance(batch[key], Tensor) else [batch[key][i] for i in rows]
         return out
+
+
+def decoded_batches(stream: Iterable[dict[str, Any]], size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """A `data.device_decode` loader stream with its JPEGs decoded on `device`, batches of which nothing decoded
+    left out (their skip counts ride on the next)."""
+    decoder = DeviceDecoder(size, device)
+    return (batch for batch in map(decoder, stream) if batch is not None)
