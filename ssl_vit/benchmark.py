@@ -22,9 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_vit.backbone import build_backbone, encode
 from ssl_vit.bench_data import loader_report
 from ssl_vit.config import Config
-from ssl_vit.data.device_aug import cheap_size
-from ssl_vit.data.device_decode import decoded_batches
-from ssl_vit.data.shards import train_stream
+from ssl_vit.data.batches import training_batches
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.objectives.mae import random_masking
@@ -140,9 +138,8 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
         fixed = synthetic_batch(objective.views, bs, device)
         loader = iter(lambda: fixed, None)
     else:
-        loader = iter(train_stream(cfg.data, objective.views, rank=0, world_size=1, seed=cfg.train.seed))
-        if cfg.data.device_decode:
-            loader = decoded_batches(loader, cheap_size(cfg.model.img_size), device)
+        loader = training_batches(cfg.data, objective.views, device, img_size=cfg.model.img_size, rank=0,
+                                  world_size=1, seed=cfg.train.seed)
     model.train()
 
     def one_step(step: int, batch: dict[str, Any]) -> None:
@@ -181,9 +178,11 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
 
 def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak_tflops: float | None = None,
                   loader_batches: int | None = None, decode_samples: int = 300,
-                  encoder_batch: int | None = None, loader_only: bool = False) -> dict[str, Any]:
+                  encoder_batch: int | None = None, loader_only: bool = False,
+                  loader_rounds: int = 3) -> dict[str, Any]:
     """Everything `ssl-vit benchmark` reports, as one JSON-able dict (see docs/benchmarks.md); `loader_only`:
-    just the loader and single-core decode+augment rates (no model step, no encoder timing)."""
+    just the loader and single-core decode+augment rates (no model step, no encoder timing), each the best of
+    `loader_rounds` rounds."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if synthetic and loader_only:
@@ -193,7 +192,7 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
                               "device_decode": cfg.data.device_decode,
                               "synthetic": synthetic, "steps": steps}
     if loader_only:
-        result.update(loader_report(cfg.data, _views(cfg), steps, decode_samples))
+        result.update(loader_report(cfg.data, _views(cfg), steps, decode_samples, loader_rounds))
         return result
     result.update(time_steps(cfg, steps, synthetic))
     device = torch.device(result["device"])
@@ -202,7 +201,7 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
     result.update({"peak_tflops": peak, "peak_tflops_source": source if peak is not None else None,
                    "mfu": result["achieved_tflops"] / peak if peak else None})
     if not synthetic:
-        result.update(loader_report(cfg.data, _views(cfg), loader_batches or steps, decode_samples))
+        result.update(loader_report(cfg.data, _views(cfg), loader_batches or steps, decode_samples, loader_rounds))
     ratio = cfg.mae.mask_ratio if cfg.objective == "mae" else 0.75
     vit = build_backbone(dataclasses.replace(cfg.model, drop_path_rate=0.0))
     result["encoder"] = encoder_speedup(vit, encoder_batch or cfg.data.batch_size, ratio, device,

@@ -60,7 +60,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = resolve_demo(load_config(recipe_path(args.recipe), args.set))
     result = run_benchmark(cfg, steps=args.steps, synthetic=args.synthetic, peak_tflops=args.peak_tflops,
                            decode_samples=args.decode_samples, encoder_batch=args.encoder_batch,
-                           loader_only=args.loader_only)
+                           loader_only=args.loader_only, loader_rounds=args.loader_rounds)
     print(format_report(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device peak for MFU (default: table for H100/H200/A100; none on CPU)")
     p.add_argument("--decode-samples", type=int, default=300,
                    help="samples timed for the single-core decode+augment rate (default: 300)")
+    p.add_argument("--loader-rounds", type=int, default=3,
+                   help="each loader rate is the best of this many timed rounds (default: 3)")
     p.add_argument("--encoder-batch", type=int, default=None,
                    help="batch of the masked vs full encoder timing (default: data.batch_size)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

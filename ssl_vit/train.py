@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssl_vit.config import Config, dump_config
-from ssl_vit.data.device_aug import cheap_size
-from ssl_vit.data.device_decode import decoded_batches
-from ssl_vit.data.shards import resolve_shards, train_stream
+from ssl_vit.data.batches import training_batches
+from ssl_vit.data.shards import resolve_shards
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.run_log import RunLog
@@ -120,13 +119,11 @@ class Trainer:
 
     def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
-        stream = iter(train_stream(self.cfg.data, self.objective.views, rank=self.acc.process_index,
-                                   world_size=self.acc.num_processes, seed=self.cfg.train.seed,
-                                   start_step=start_step))
-        if not self.cfg.data.device_decode:
-            return stream
-        # The loader ships JPEG bytes; decoding them here counts as data wait (it is data preparation).
-        return decoded_batches(stream, cheap_size(self.cfg.model.img_size), self.acc.device)
+        # A batch is read in full (moved, trained on, logged) before the next is asked for, as the stream needs.
+        cfg = self.cfg
+        return training_batches(cfg.data, self.objective.views, self.acc.device, img_size=cfg.model.img_size,
+                                rank=self.acc.process_index, world_size=self.acc.num_processes,
+                                seed=cfg.train.seed, start_step=start_step)
 
     def _fast_forward(self, batches: int) -> None:
         """Skip what the interrupted run already read since the last grid point (resume after a stop signal)."""

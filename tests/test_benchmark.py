@@ -63,12 +63,15 @@ def test_benchmark_json(tmp_path, demo, capsys, objective, synthetic, extra):
 
 def test_loader_only(tmp_path, demo):
     out = tmp_path / "loader.json"
-    args = ["benchmark", "--loader-only", "--steps", "2", "--decode-samples", "20", "--out", str(out)]
+    args = ["benchmark", "--loader-only", "--steps", "2", "--decode-samples", "20", "--loader-rounds", "2",
+            "--out", str(out)]
     for item in [*TINY, "objective=dino", f"data.train={demo.train}"]:
         args += ["--set", item]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert all(result[k] > 0 for k in LOADER_FIELDS) and "step_time_s" not in result
+    # timed after the one worker's 8-sample shuffle buffer has filled: 2 batches of 4
+    assert result["loader_rounds"] == 2 and result["loader_warmup_batches"] == 2
     assert main(["benchmark", "--loader-only", "--synthetic"]) == 2  # contradictory flags: one-line error
 
 

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from ssl_vit.config import ConfigError, DataConfig, load_config
+from ssl_vit.data.collate import collate
 from ssl_vit.data.device_aug import cheap_view
 from ssl_vit.data.device_decode import DeviceDecoder, decoded_batches, jpeg_payload, pack_payloads, unpack_payloads
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.shards import collate, train_stream
+from ssl_vit.data.shards import train_stream
 from ssl_vit.data.writer import write_samples
 from ssl_vit.train import pretrain
 

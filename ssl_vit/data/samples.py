@@ -61,6 +61,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
         scaled = (np.asarray(img, dtype=np.float32) / 257.0).round().clip(0, 255)
         img = Image.fromarray(scaled.astype(np.uint8))
+    if img.mode == "RGB":  # convert() would copy the whole image; load() decodes it (and fails on bad data)
+        img.load()
+        return img
     return img.convert("RGB")
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.device_decode import jpeg_payload, pack_payloads
+from ssl_vit.data.collate import PooledCollate, collate
+from ssl_vit.data.device_decode import jpeg_payload
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
 
 log = logging.getLogger(__name__)
@@ -189,34 +190,6 @@ class DecodeStage:
             yield held
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # default_collate stacks straight into shared memory inside a loader worker: one copy of the batch fewer
-    # than torch.stack, whose result would be copied again to cross the process boundary.
-    return default_collate(tensors)
-
-
-def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list. With
-    JPEG pass-through, "image" stacks only the samples decoded here (in batch order) and the JPEG payloads are
-    packed into one "jpeg" tensor with per-sample "jpeg_sizes", 0 for the others (see `pack_payloads`): two
-    shared-memory blocks a batch, not one per image."""
-    first = samples[0]["image"]
-    if "jpeg" in samples[0]:
-        decoded = [s["image"] for s in samples if s["image"] is not None]
-        images: Any = _stack(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
-    elif isinstance(first, (list, tuple)):
-        images: Any = [_stack([s["image"][i] for s in samples]) for i in range(len(first))]
-    else:
-        images = _stack([s["image"] for s in samples])
-    batch = {"image": images, "skipped": torch.tensor([s["skipped"] for s in samples], dtype=torch.long)}
-    if "jpeg" in samples[0]:
-        batch["jpeg"], batch["jpeg_sizes"] = pack_payloads([s["jpeg"] for s in samples])
-    if "label" in samples[0]:
-        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-        batch["key"] = [s["key"] for s in samples]
-    return batch
-
-
 def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
     """Seed from (seed, rank, loader worker, start_step, salt); evaluated inside the worker process."""
     info = torch.utils.data.get_worker_info()
@@ -265,7 +238,7 @@ def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers:
 
 
 def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,
-                 seed: int, start_step: int = 0, with_label: bool = False) -> DataLoader:
+                 seed: int, start_step: int = 0, with_label: bool = False, reuse_memory: bool = False) -> DataLoader:
     """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)},
     plus "label" (-1 if none) and "key" with `with_label` (supervised training on labelled shards).
 
@@ -274,6 +247,9 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     steps whatever their shard counts. Resuming with `start_step` starts a fresh stream: statistically the same as the
     interrupted one, not the same samples. Shard order and shuffling are reproducible for a given start_step;
     augmentations too when num_workers > 0 (with 0 they draw from the caller's global torch RNG).
+
+    `reuse_memory`: loader workers stack images into a few reusable shared-memory buffers each, and a batch
+    carries a "lease" that the consumer releases when done with it (`released_after_use`); see `batch_pool`.
     """
     _check_loader_args(rank, world_size, cfg.batch_size, cfg.num_workers)
     if cfg.shuffle_buffer < 0:
@@ -290,7 +266,8 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     )
     # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))
-    return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
+    return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True,
+                      collate_fn=PooledCollate() if reuse_memory else collate,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=generator)
 

@@ -1,0 +1,88 @@
+"""Reusable shared-memory batches for loader workers (`train_stream(..., reuse_memory=True)`).
+
+A DataLoader worker normally stacks every batch into fresh shared memory, and the kernel allocates and zeroes
+each of its pages on first touch: about 5 ms per 32 uint8 images at 224 px on a 2-core test machine, a
+measurable share of a cheap-view worker's time (docs/benchmarks.md). Here each worker keeps a few batch
+buffers in shared memory and stacks into one that the consumer has handed back:
+
+    worker:    stack into a free slot, flags[slot] = 1, batch["lease"] = BatchLease(flags, slot)
+    consumer:  trains on the batch, then lease.release(), which sets flags[slot] = 0
+
+A slot is written again only after its release. A consumer that never releases, or keeps its batches, still
+gets correct data: once every slot is taken, batches go into fresh shared memory as before.
+`released_after_use` releases each batch when the next one is asked for, which fits a training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Slots a worker needs when its consumer releases on the next request: the batch the consumer holds, the
+# DataLoader's prefetched ones (prefetch_factor, 2 by default) and one in the making. One more is slack.
+DEFAULT_SLOTS = 4
+
+
+class BatchLease:
+    """The consumer's handle on one pooled batch's shared memory; `release()` lets the worker reuse it.
+
+    The flag tensor lives in shared memory, so it crosses to the consumer's process with the batch and the
+    write in `release` is seen by the worker."""
+
+    def __init__(self, flags: Tensor, slot: int) -> None:
+        self.flags, self.slot = flags, slot
+
+    def release(self) -> None:
+        self.flags[self.slot] = 0
+
+
+class BatchPool:
+    """One loader worker's shared-memory batch buffers: `slots` batches, each a list of stacks (one per crop
+    resolution for multi-crop views). Made inside the worker process."""
+
+    def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
+        if slots < 1:
+            raise ValueError(f"a batch pool needs at least one slot, got {slots}")
+        self.flags = torch.zeros(slots, dtype=torch.uint8).share_memory_()  # 1: handed out, not yet released
+        self.buffers: list[list[Tensor]] = []
+
+    def stack(self, groups: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], BatchLease] | None:
+        """Each group of equally shaped tensors stacked into a free slot's shared buffers, with the lease that
+        frees the slot again; None when every slot is still held (the caller then stacks as usual)."""
+        layout = [((len(group), *group[0].shape), group[0].dtype) for group in groups]
+        taken = self.flags.tolist()
+        slot = next((i for i, flag in enumerate(taken) if not flag), None)
+        if slot is None:
+            return None
+        if slot == len(self.buffers):
+            self.buffers.append([])
+        if [(tuple(b.shape), b.dtype) for b in self.buffers[slot]] != layout:  # new slot, or new shapes
+            self.buffers[slot] = [torch.empty(shape, dtype=dtype).share_memory_() for shape, dtype in layout]
+        stacks = [torch.stack(list(group), out=buffer) for group, buffer in zip(groups, self.buffers[slot],
+                                                                                 strict=True)]
+        self.flags[slot] = 1
+        return stacks, BatchLease(self.flags, slot)
+
+
+def release_batch(batch: dict[str, Any]) -> None:
+    """Hand a batch's pooled shared memory back to its worker; the batch's CPU tensors must not be used after."""
+    lease = batch.pop("lease", None)
+    if lease is not None:
+        lease.release()
+
+
+def released_after_use(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches of `stream` without their "lease", each released when the next one is asked for.
+
+    The consumer must be done with a batch's CPU tensors by then. The trainer is: it copies a batch to the
+    device (on CUDA the pin-memory thread has already copied it out of the pool), trains and logs on it
+    before reading the next. On CPU the step itself is synchronous.
+    """
+    for batch in stream:
+        lease = batch.pop("lease", None)
+        yield batch
+        if lease is not None:
+            lease.release()

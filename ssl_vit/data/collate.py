@@ -1,0 +1,67 @@
+"""Samples → one batch: image stacks (a list of them for multi-crop views), labels, keys and skip counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate, get_worker_info
+
+from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool
+from ssl_vit.data.device_decode import pack_payloads
+
+
+def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch: dict[str, Any]) -> list[Tensor]:
+    if pool is not None:
+        pooled = pool.stack(groups)
+        if pooled is not None:
+            stacks, batch["lease"] = pooled
+            return stacks
+    # default_collate stacks straight into shared memory inside a loader worker: one copy of the batch fewer
+    # than torch.stack, whose result would be copied again to cross the process boundary.
+    return [default_collate(group) for group in groups]
+
+
+def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any]:
+    """Stack images (a list of stacks for multi-crop views), labels and skip counts; keys stay a list.
+
+    With JPEG pass-through, "image" stacks only the samples decoded here (in batch order) and the JPEG payloads
+    are packed into one "jpeg" tensor with per-sample "jpeg_sizes", 0 for the others (see `pack_payloads`): two
+    shared-memory blocks a batch, not one per image. With a `pool` the image stacks go into its reusable
+    buffers when a slot is free, and the batch carries the slot's "lease" (see `batch_pool`).
+    """
+    batch: dict[str, Any] = {}
+    first = samples[0]["image"]
+    if "jpeg" in samples[0]:  # its stacks vary in length from batch to batch: never pooled
+        decoded = [s["image"] for s in samples if s["image"] is not None]
+        images: Any = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
+    elif isinstance(first, (list, tuple)):
+        images = _stack_groups([[s["image"][i] for s in samples] for i in range(len(first))], pool, batch)
+    else:
+        images = _stack_groups([[s["image"] for s in samples]], pool, batch)[0]
+    batch["image"] = images
+    batch["skipped"] = torch.tensor([s["skipped"] for s in samples], dtype=torch.long)
+    if "jpeg" in samples[0]:
+        batch["jpeg"], batch["jpeg_sizes"] = pack_payloads([s["jpeg"] for s in samples])
+    if "label" in samples[0]:
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+class PooledCollate:
+    """`collate` for a DataLoader whose loader workers each stack into their own `BatchPool` (made on first
+    use inside the worker, after the fork); in the main process (num_workers=0) nothing is shared, so plain."""
+
+    def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
+        self.slots = slots
+        self.pool: BatchPool | None = None
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        if get_worker_info() is None:
+            return collate(samples)
+        if self.pool is None:
+            self.pool = BatchPool(self.slots)
+        return collate(samples, self.pool)

@@ -1,0 +1,117 @@
+"""Reusable shared-memory batches (train_stream(reuse_memory=True)): a slot is reused only after its release,
+and a pooled stream yields exactly the batches of an unpooled one, whether the consumer releases or not."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vit.config import DataConfig
+from ssl_vit.data.batch_pool import BatchPool, released_after_use
+from ssl_vit.data.collate import collate
+from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.shards import train_stream
+from ssl_vit.data.transforms import mae_views
+from ssl_vit.data.writer import write_samples
+
+
+def _group(value: int, n: int = 3, shape: tuple[int, ...] = (2, 4)) -> list[torch.Tensor]:
+    return [torch.full(shape, value + i, dtype=torch.uint8) for i in range(n)]
+
+
+def test_slot_is_reused_only_after_release():
+    pool = BatchPool(slots=2)
+    (a,), lease_a = pool.stack([_group(10)])
+    (b,), lease_b = pool.stack([_group(20)])
+    assert a.is_shared() and b.is_shared()
+    assert pool.stack([_group(30)]) is None  # both held: the caller falls back to fresh memory
+    assert torch.equal(a[:, 0, 0], torch.tensor([10, 11, 12], dtype=torch.uint8))  # untouched
+
+    lease_a.release()
+    (c,), lease_c = pool.stack([_group(40)])
+    assert lease_c.slot == lease_a.slot and c.data_ptr() == a.data_ptr()  # the released buffer, reused
+    assert torch.equal(c[:, 0, 0], torch.tensor([40, 41, 42], dtype=torch.uint8))
+    assert torch.equal(b[:, 0, 0], torch.tensor([20, 21, 22], dtype=torch.uint8))  # still held: untouched
+
+    lease_b.release()
+    lease_b.release()  # idempotent
+    (d, e), _ = pool.stack([_group(50, shape=(3, 3)), _group(60, n=3, shape=(1,))])  # new layout: new buffers
+    assert d.shape == (3, 3, 3) and e.shape == (3, 1) and d.is_shared()
+    assert torch.equal(e[:, 0], torch.tensor([60, 61, 62], dtype=torch.uint8))
+
+
+def test_collate_pools_every_stack_of_multi_crop_views():
+    skipped = [0] * len(SKIP_REASONS)
+    samples = [{"image": [torch.full((3, 4, 4), i), torch.full((3, 2, 2), 10 + i)], "skipped": skipped}
+               for i in range(3)]
+    pool = BatchPool(slots=1)
+    batch = collate(samples, pool)
+    plain = collate(samples)
+    assert "lease" in batch and "lease" not in plain
+    for pooled, fresh in zip(batch["image"], plain["image"], strict=True):
+        assert torch.equal(pooled, fresh) and pooled.is_shared()
+    assert "lease" not in collate(samples, pool)  # the one slot is held: fresh memory, no lease
+    batch["lease"].release()
+    assert "lease" in collate(samples, pool)
+
+
+def test_with_zero_slots_a_pool_is_refused():
+    with pytest.raises(ValueError, match="at least one slot"):
+        BatchPool(slots=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool_shards")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(40):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+        samples.append({"__key__": f"s{i:03d}", "png": buf.getvalue()})
+    write_samples(samples, out, "train", max_count=10)
+    return str(out)
+
+
+def _batches(shards: str, reuse: bool, release: bool, n: int = 12) -> list[tuple[torch.Tensor, int | None]]:
+    """The first `n` image batches and the pool slot each came in; cloned before release when releasing, kept as
+    they are otherwise (so that an overwrite of a held batch would show)."""
+    cfg = DataConfig(train=shards, batch_size=4, num_workers=1, shuffle_buffer=16)
+    stream = iter(train_stream(cfg, mae_views(16, (0.3, 1.0)), rank=0, world_size=1, seed=5, reuse_memory=reuse))
+    out = []
+    for _ in range(n):
+        batch = next(stream)
+        lease = batch.get("lease")
+        out.append((batch["image"].clone() if release else batch["image"], lease.slot if lease is not None else None))
+        if release and lease is not None:
+            lease.release()
+    return out
+
+
+def test_pooled_stream_equals_plain_stream_with_and_without_release(shards):
+    plain = _batches(shards, reuse=False, release=False)
+    released = _batches(shards, reuse=True, release=True)
+    held = _batches(shards, reuse=True, release=False)
+    assert {slot for _, slot in plain} == {None}
+    for (want, _), (got, _), (kept, _) in zip(plain, released, held, strict=True):
+        assert torch.equal(got, want) and torch.equal(kept, want)
+    slots = [slot for _, slot in released]
+    assert None not in slots and len(set(slots)) < len(slots)  # every batch pooled, buffers reused
+    held_slots = [slot for _, slot in held]
+    assert held_slots[:4] == [0, 1, 2, 3] and set(held_slots[4:]) == {None}  # pool full: fresh memory after
+
+
+def test_released_after_use_releases_the_previous_batch_on_next():
+    pool = BatchPool(slots=1)
+
+    def stream():
+        for value in range(3):
+            pooled = pool.stack([_group(value)])
+            assert pooled is not None, "the previous batch was not released before the next was made"
+            (stack,), lease = pooled
+            yield {"image": stack, "lease": lease}
+
+    seen = [int(batch["image"][0, 0, 0]) for batch in released_after_use(stream()) if "lease" not in batch]
+    assert seen == [0, 1, 2]
