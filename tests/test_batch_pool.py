@@ -97,6 +97,8 @@ def test_pooled_stream_equals_plain_stream_with_and_without_release(shards):
     assert {slot for _, slot in plain} == {None}
     for (want, _), (got, _), (kept, _) in zip(plain, released, held, strict=True):
         assert torch.equal(got, want) and torch.equal(kept, want)
+    # PIL views are (C, H, W) views of (H, W, C) memory: pooled batches keep that layout (a copy, not a transpose)
+    assert released[0][0].is_contiguous(memory_format=torch.channels_last) and plain[0][0].is_contiguous()
     slots = [slot for _, slot in released]
     assert None not in slots and len(set(slots)) < len(slots)  # every batch pooled, buffers reused
     held_slots = [slot for _, slot in held]

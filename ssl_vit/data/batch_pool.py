@@ -52,19 +52,50 @@ class BatchPool:
     def stack(self, groups: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], BatchLease] | None:
         """Each group of equally shaped tensors stacked into a free slot's shared buffers, with the lease that
         frees the slot again; None when every slot is still held (the caller then stacks as usual)."""
-        layout = [((len(group), *group[0].shape), group[0].dtype) for group in groups]
+        layout = [_layout(group) for group in groups]
         taken = self.flags.tolist()
         slot = next((i for i, flag in enumerate(taken) if not flag), None)
         if slot is None:
             return None
         if slot == len(self.buffers):
             self.buffers.append([])
-        if [(tuple(b.shape), b.dtype) for b in self.buffers[slot]] != layout:  # new slot, or new shapes
-            self.buffers[slot] = [torch.empty(shape, dtype=dtype).share_memory_() for shape, dtype in layout]
-        stacks = [torch.stack(list(group), out=buffer) for group, buffer in zip(groups, self.buffers[slot],
-                                                                                 strict=True)]
+        if [_layout_of(buffer) for buffer in self.buffers[slot]] != layout:  # a new slot, or new shapes
+            self.buffers[slot] = [_shared_empty(*spec) for spec in layout]
+        stacks = [_stack_into(group, buffer) for group, buffer in zip(groups, self.buffers[slot], strict=True)]
         self.flags[slot] = 1
         return stacks, BatchLease(self.flags, slot)
+
+
+# A PIL image becomes a (C, H, W) view of (H, W, C) memory. Stacking such views into (B, C, H, W) memory is a
+# transpose, about 1.3 ms for 32 images at 224 px; into (B, H, W, C) memory it is a plain copy (0.13 ms). The
+# batch then reaches the model as a channels-last (B, C, H, W) tensor, which every consumer here takes as is.
+Layout = tuple[tuple[int, ...], torch.dtype, bool]  # batch shape (B, C, H, W …), dtype, channels last
+
+
+def _layout(group: Sequence[Tensor]) -> Layout:
+    first = group[0]
+    channels_last = first.dim() == 3 and first.permute(1, 2, 0).is_contiguous() and not first.is_contiguous()
+    return (len(group), *first.shape), first.dtype, channels_last
+
+
+def _layout_of(buffer: Tensor) -> Layout:
+    channels_last = buffer.dim() == 4 and buffer.is_contiguous(memory_format=torch.channels_last) \
+        and not buffer.is_contiguous()
+    return tuple(buffer.shape), buffer.dtype, channels_last
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> Tensor:
+    if channels_last:
+        b, c, h, w = shape
+        return torch.empty(b, h, w, c, dtype=dtype).share_memory_().permute(0, 3, 1, 2)
+    return torch.empty(shape, dtype=dtype).share_memory_()
+
+
+def _stack_into(group: Sequence[Tensor], buffer: Tensor) -> Tensor:
+    if buffer.dim() == 4 and not buffer.is_contiguous():  # channels last: stack the (H, W, C) views
+        torch.stack([t.permute(1, 2, 0) for t in group], out=buffer.permute(0, 2, 3, 1))
+        return buffer
+    return torch.stack(list(group), out=buffer)
 
 
 def release_batch(batch: dict[str, Any]) -> None:

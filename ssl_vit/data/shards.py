@@ -25,6 +25,7 @@ from ssl_vit.config import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
 from ssl_vit.data.device_decode import jpeg_payload
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
+from ssl_vit.data.tar_reader import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class _TarSamples:
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
             n = 0
-            for sample in wds.tarfile_to_samples(handler=self.counter.read_error)([dict(shard)]):
+            for sample in tar_samples([dict(shard)], self.counter.read_error):
                 n += 1
                 yield sample
             if n == 0:

@@ -1,0 +1,110 @@
+"""The tar reader against webdataset's own (Python's tarfile): the same samples and the same errors, for every
+tar format tarfile writes, long names, odd members, compression, and shards cut off or damaged anywhere."""
+
+import io
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from ssl_vit.data.tar_reader import tar_samples
+
+LONG_DIR = "d" * 60 + "/" + "e" * 70  # a path over 100 characters: ustar prefix, GNU long name or pax path
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime = kind, 1_700_000_000
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "elsewhere"
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _tar(fmt: int, mode: str = "w", pax_headers: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode, format=fmt, pax_headers=pax_headers or {}) as tar:
+        _add(tar, "s000.jpg", bytes(range(256)) * 3)
+        _add(tar, "s000.cls", b"7")
+        _add(tar, "a_dir", kind=tarfile.DIRTYPE)
+        _add(tar, "a_link", kind=tarfile.SYMTYPE)
+        _add(tar, "__meta__", b"not a sample")
+        _add(tar, f"{LONG_DIR}/s001.jpg", b"x" * 1000)
+        _add(tar, f"{LONG_DIR}/s001.CLS", b"3")  # extensions are lower-cased
+        _add(tar, "no_extension", b"skipped by the key rule")
+        _add(tar, "s002.png", b"")  # an empty member
+        _add(tar, "s002.txt", "ünïcode".encode())
+        _add(tar, "s003.jpg", b"y" * 511)
+        _add(tar, "s003.jpg", b"z")  # a duplicate name: webdataset raises, the handler sees it
+        _add(tar, "s004.jpg", b"after the duplicate")
+    return buf.getvalue()
+
+
+def _read(path: Path, reader: str) -> tuple[list[dict], list[str]]:
+    errors: list[str] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(type(exn).__name__)
+        return False
+
+    shards = [{"url": str(path)}]
+    if reader == "webdataset":
+        samples = list(wds.tarfile_to_samples(handler=handler)(shards))
+    else:
+        samples = list(tar_samples(shards, handler))
+    return samples, errors
+
+
+def _same(path: Path) -> list[dict]:
+    ours, reference = _read(path, "ours"), _read(path, "webdataset")
+    assert ours == reference
+    return ours[0]
+
+
+FORMATS = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_whole_shards_read_the_same(tmp_path, fmt):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(_tar(FORMATS[fmt]))
+    samples = _same(path)
+    assert [s["__key__"] for s in samples][:3] == ["s000", f"{LONG_DIR}/s001", "s002"]
+    assert samples[1]["cls"] == b"3" and samples[0]["jpg"] == bytes(range(256)) * 3
+
+
+def test_pax_global_header_and_compressed_shards(tmp_path):
+    for name, data in {"global.tar": _tar(tarfile.PAX_FORMAT, pax_headers={"comment": "made by a test"}),
+                       "zipped.tar.gz": _tar(tarfile.PAX_FORMAT, mode="w:gz")}.items():
+        (tmp_path / name).write_bytes(data)
+        assert len(_same(tmp_path / name)) >= 4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cut_anywhere_reads_the_same(tmp_path, fmt):
+    data = _tar(FORMATS[fmt])
+    path = tmp_path / "cut.tar"
+    cuts = sorted({*range(0, len(data), 97), *range(0, len(data), 512), *range(1, len(data), 512),
+                   *range(511, len(data), 512)})
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        _same(path)
+
+
+def test_damaged_blocks_read_the_same(tmp_path):
+    data = _tar(tarfile.PAX_FORMAT)
+    rng = random.Random(0)
+    path = tmp_path / "damaged.tar"
+    for block in range(len(data) // 512):
+        for garbage in (bytes(512), bytes(rng.randrange(256) for _ in range(512))):
+            path.write_bytes(data[:block * 512] + garbage + data[(block + 1) * 512:])
+            _same(path)
+
+
+def test_empty_and_non_tar_files_fail_the_same(tmp_path):
+    for name, data in {"empty.tar": b"", "zeros.tar": bytes(2048), "text.tar": b"not a tar file\n" * 50}.items():
+        (tmp_path / name).write_bytes(data)
+        _same(tmp_path / name)
+    assert _read(tmp_path / "empty.tar", "ours") == ([], ["ReadError"])
