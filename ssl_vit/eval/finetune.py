@@ -175,7 +175,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
                                         num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                                         rank=accelerator.process_index,
                                         world_size=accelerator.num_processes, seed=cfg.train.seed,
-                                        allow_pipe=d.allow_pipe))
+                                        allow_pipe=d.allow_pipe, device=accelerator.device))
     eval_kwargs = dict(img_size=img_size, batch_size=d.batch_size, num_workers=min(d.num_workers, 4),
                        crop_ratio=d.crop_ratio, allow_pipe=d.allow_pipe)
     log = RunLog(run_dir, enabled=accelerator.is_main_process)
