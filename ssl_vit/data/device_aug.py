@@ -195,6 +195,6 @@ class DeviceAugment:
                              f"{tuple(images.shape)}")
         # Outside autocast: crops and colour maths in fp32, whatever precision the model then runs in.
         with torch.autocast(images.device.type, enabled=False):
-            src = images.float() / 255
+            src = images.to(torch.float32, memory_format=torch.contiguous_format) / 255  # see transforms.normalize
             return [augment_view(src, sample_view_params(s, src.shape[0], src.device, generator), s.size)
                     for s in self.specs]
