@@ -99,13 +99,6 @@ def _stack_into(group: Sequence[Tensor], buffer: Tensor) -> Tensor:
     return torch.stack(list(group), out=buffer)
 
 
-def release_batch(batch: dict[str, Any]) -> None:
-    """Hand a batch's pooled shared memory back to its worker; the batch's CPU tensors must not be used after."""
-    lease = batch.pop("lease", None)
-    if lease is not None:
-        lease.release()
-
-
 def released_after_use(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The batches of `stream` without their "lease", each released when the next one is asked for.
 
