@@ -15,16 +15,13 @@ from itertools import islice
 from typing import Any
 
 from PIL import Image
+from webdataset.handlers import reraise_exception
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.samples import SampleError
 from ssl_vit.data.shards import DecodeStage, SkipCounter, resolve_shards, train_stream
 from ssl_vit.data.tar_reader import tar_samples
-
-
-def reraise(exn: Exception) -> bool:
-    raise exn
 
 
 class SingleCore:
@@ -36,7 +33,8 @@ class SingleCore:
         self.raw: list[dict] = []
         while len(self.raw) < samples:  # a small demo set is cycled until `samples` are held in memory
             before = len(self.raw)
-            self.raw += list(islice(tar_samples([dict(url=u) for u in urls], reraise), samples - len(self.raw)))
+            shards = tar_samples([dict(url=u) for u in urls], reraise_exception)
+            self.raw += list(islice(shards, samples - len(self.raw)))
             if len(self.raw) == before:
                 raise ValueError(f"no samples in {cfg.train!r}")
         # The worker's own per-sample step: decode + views, or only a header check for device-decoded JPEGs.
