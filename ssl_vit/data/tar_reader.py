@@ -34,6 +34,8 @@ _PAX_LOCAL, _PAX_GLOBAL = (b"x", b"X"), b"g"
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: any size field is not data
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _ENCODING = sys.getfilesystemencoding()  # what tarfile decodes names with
+# webdataset's rule: top-level "__...__" files (and paths under "__...__/") are metadata, never samples
+_META = re.compile(r"__[^/]*__($|/)")
 
 
 def _text(field: bytes) -> str:
@@ -165,8 +167,7 @@ class _Replay:
 
 
 def _is_meta(name: str) -> bool:
-    # webdataset's rule: top-level "__...__" files (and paths under "__...__/") are metadata, never samples
-    return re.match(r"__[^/]*__($|/)", name) is not None
+    return _META.match(name) is not None
 
 
 def tar_file_expander(sources: Iterable[dict[str, Any]],
