@@ -47,6 +47,7 @@ class BatchPool:
         if slots < 1:
             raise ValueError(f"a batch pool needs at least one slot, got {slots}")
         self.flags = torch.zeros(slots, dtype=torch.uint8).share_memory_()  # 1: handed out, not yet released
+        self.layouts: list[list[Layout]] = []  # per slot: what its buffers were made for
         self.buffers: list[list[Tensor]] = []
 
     def stack(self, groups: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], BatchLease] | None:
@@ -58,10 +59,12 @@ class BatchPool:
         if slot is None:
             return None
         if slot == len(self.buffers):
+            self.layouts.append([])
             self.buffers.append([])
-        if [_layout_of(buffer) for buffer in self.buffers[slot]] != layout:  # a new slot, or new shapes
-            self.buffers[slot] = [_shared_empty(*spec) for spec in layout]
-        stacks = [_stack_into(group, buffer) for group, buffer in zip(groups, self.buffers[slot], strict=True)]
+        if self.layouts[slot] != layout:  # a new slot, or new shapes
+            self.layouts[slot], self.buffers[slot] = layout, [_shared_empty(*spec) for spec in layout]
+        stacks = [_stack_into(group, buffer, channels_last)
+                  for group, buffer, (_, _, channels_last) in zip(groups, self.buffers[slot], layout, strict=True)]
         self.flags[slot] = 1
         return stacks, BatchLease(self.flags, slot)
 
@@ -79,12 +82,6 @@ def _layout(group: Sequence[Tensor]) -> Layout:
     return (len(group), *first.shape), first.dtype, channels_last
 
 
-def _layout_of(buffer: Tensor) -> Layout:
-    channels_last = buffer.dim() == 4 and buffer.is_contiguous(memory_format=torch.channels_last) \
-        and not buffer.is_contiguous()
-    return tuple(buffer.shape), buffer.dtype, channels_last
-
-
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> Tensor:
     if channels_last:
         b, c, h, w = shape
@@ -92,8 +89,8 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, channels_last: boo
     return torch.empty(shape, dtype=dtype).share_memory_()
 
 
-def _stack_into(group: Sequence[Tensor], buffer: Tensor) -> Tensor:
-    if buffer.dim() == 4 and not buffer.is_contiguous():  # channels last: stack the (H, W, C) views
+def _stack_into(group: Sequence[Tensor], buffer: Tensor, channels_last: bool) -> Tensor:
+    if channels_last:  # stack the (H, W, C) views into the buffer's (B, H, W, C) memory
         torch.stack([t.permute(1, 2, 0) for t in group], out=buffer.permute(0, 2, 3, 1))
         return buffer
     return torch.stack(list(group), out=buffer)

@@ -20,7 +20,7 @@ def reuses_memory(device: torch.device) -> bool:
     """Whether a batch's pooled shared memory may be released once the next batch is read: on CPU the step is
     synchronous; on CUDA the pin-memory thread has copied the batch out of the pool before the step sees it.
     Elsewhere a non-blocking copy could still be reading the pool, so batches keep fresh memory."""
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    return device.type in ("cpu", "cuda")
 
 
 def training_batches(cfg: DataConfig, views: Callable[[Image.Image], Any], device: torch.device, *, img_size: int,
