@@ -108,3 +108,32 @@ def test_empty_and_non_tar_files_fail_the_same(tmp_path):
         (tmp_path / name).write_bytes(data)
         _same(tmp_path / name)
     assert _read(tmp_path / "empty.tar", "ours") == ([], ["ReadError"])
+
+
+def _resum_signed(data: bytes) -> bytes:
+    """Rewrite the checksum of every block with a byte ≥ 128 (only headers here: the data is ASCII) as old tars
+    did, summing bytes as signed chars; tarfile accepts both sums."""
+    out = bytearray(data)
+    for start in range(0, len(out), 512):
+        head = bytes(out[start:start + 512])
+        if max(head) > 127:
+            out[start + 148:start + 156] = b"%06o\x00 " % tarfile.calc_chksums(head)[1]
+    return bytes(out)
+
+
+def test_signed_checksums_and_non_ascii_names_read_the_same(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("ünï/çödé.jpg", "ünï/çödé.cls", "plain.jpg"):
+            _add(tar, name, b"ascii data")
+    signed = _resum_signed(buf.getvalue())
+    assert signed != buf.getvalue()  # the non-ASCII headers now carry a sum only the signed rule accepts
+    for name, data in {"unsigned.tar": buf.getvalue(), "signed.tar": signed}.items():
+        (tmp_path / name).write_bytes(data)
+        samples = _same(tmp_path / name)
+        assert [s["__key__"] for s in samples] == ["ünï/çödé", "plain"]
+    # the second header (at 1024) with a sum that is neither: the archive ends there, quietly
+    broken = bytearray(signed)
+    broken[1024 + 148:1024 + 156] = b"%06o\x00 " % 1
+    (tmp_path / "broken.tar").write_bytes(bytes(broken))
+    assert [s["__key__"] for s in _same(tmp_path / "broken.tar")] == ["ünï/çödé"]

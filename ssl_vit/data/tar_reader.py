@@ -1,8 +1,9 @@
 """Tar shards → samples, reading the 512-byte headers directly instead of through Python's `tarfile`.
 
 webdataset reads a shard with `tarfile` in stream mode, which builds a TarInfo, a file object and a buffered
-reader for every member: about 65 µs a sample on the test machine, 5–10% of a loader worker's time once its
-images are cheap to process (device augmentation, device decode; docs/benchmarks.md). This reader takes 12 µs.
+reader for every member: about 63 µs a sample (a 73 KB JPEG and its label) on the test machine, 5–10% of a
+loader worker's time once its images are cheap to process (device augmentation, device decode;
+docs/benchmarks.md). This reader takes 21 µs.
 It returns what webdataset's `tar_file_expander` returns, so webdataset's own `group_by_keys` still forms the
 samples, and it keeps `tarfile`'s rules for damaged shards:
 
@@ -32,6 +33,7 @@ _SPARSE = b"S"
 _LONG_NAME, _LONG_LINK = b"L", b"K"
 _PAX_LOCAL, _PAX_GLOBAL = (b"x", b"X"), b"g"
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: any size field is not data
+_HIGH_BYTES = bytes(range(128, 256))
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _ENCODING = sys.getfilesystemencoding()  # what tarfile decodes names with
 # webdataset's rule: top-level "__...__" files (and paths under "__...__/") are metadata, never samples
@@ -54,10 +56,16 @@ def _number(field: bytes) -> int:
 
 
 def _checksum_ok(head: bytes) -> bool:
+    """`tarfile`'s rule: the stored sum matches the header's bytes (checksum field counted as 8 spaces) summed
+    as unsigned or, as some old tars did, as signed chars. Whole-buffer C operations: a per-byte Python loop
+    was half this reader's time."""
     stored = _number(head[148:156])
-    unsigned = 256 + sum(head[:148]) + sum(head[156:])
-    signed = 256 + sum(b - 256 if b > 127 else b for b in head[:148] + head[156:])
-    return stored in (unsigned, signed)
+    unsigned = sum(head) - sum(head[148:156]) + 8 * 0x20
+    if stored == unsigned:
+        return True
+    rest = head[:148] + head[156:]
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))  # bytes ≥ 128 count 256 less when signed
+    return stored == unsigned - 256 * high
 
 
 def _check(head: bytes) -> str | None:
