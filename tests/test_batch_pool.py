@@ -42,6 +42,17 @@ def test_slot_is_reused_only_after_release():
     assert torch.equal(e[:, 0], torch.tensor([60, 61, 62], dtype=torch.uint8))
 
 
+def test_crops_of_channels_last_images_stack_channels_last():
+    # device augmentation's square: a crop of an (H, W, C) image, its rows W·C apart; stacked as a transpose it
+    # cost 75 µs an image at 256 px, as a row-by-row copy into (B, H, W, C) memory 5 µs
+    hwc = [torch.randint(0, 256, (12, 15, 3), dtype=torch.uint8) for _ in range(4)]
+    crops = [x.permute(2, 0, 1)[:, 1:11, 2:12] for x in hwc]
+    (stack,), _ = BatchPool(slots=1).stack([crops])
+    assert stack.is_contiguous(memory_format=torch.channels_last) and torch.equal(stack, torch.stack(crops))
+    (plain,), _ = BatchPool(slots=1).stack([[c.contiguous() for c in crops]])
+    assert plain.is_contiguous() and torch.equal(plain, stack)
+
+
 def test_collate_pools_every_stack_of_multi_crop_views():
     skipped = [0] * len(SKIP_REASONS)
     samples = [{"image": [torch.full((3, 4, 4), i), torch.full((3, 2, 2), 10 + i)], "skipped": skipped}

@@ -78,7 +78,9 @@ Layout = tuple[tuple[int, ...], torch.dtype, bool]  # batch shape (B, C, H, W â€
 
 def _layout(group: Sequence[Tensor]) -> Layout:
     first = group[0]
-    channels_last = first.dim() == 3 and first.permute(1, 2, 0).is_contiguous() and not first.is_contiguous()
+    # channels innermost in memory: a PIL view, and crops of one (device augmentation's square is cut from a
+    # resized (H, W', C) image, so its rows are W' apart: not contiguous, yet each row copies in one piece)
+    channels_last = first.dim() == 3 and first.stride(0) < first.stride(2)
     return (len(group), *first.shape), first.dtype, channels_last
 
 
