@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from ssl_vit.eval.features import FeatureSpec
 from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True)
 
 # Run by both processes: every evaluation that trains something, through the library entry points.
@@ -50,7 +47,7 @@ if acc.is_main_process:
 """
 
 
-def test_two_process_probe_equals_one_and_training_runs(tmp_path):
+def test_two_process_probe_equals_one_and_training_runs(tmp_path, accelerate_launch):
     demo = ensure_demo_data(tmp_path / "demo", n_train=8, n_knn_train=40, n_knn_val=20)
     torch.manual_seed(0)
     export_backbone(timm.create_model("vit_tiny_patch16_224", **KW), tmp_path / "bb", "vit_tiny_patch16_224", KW)
@@ -59,9 +56,8 @@ def test_two_process_probe_equals_one_and_training_runs(tmp_path):
     script = tmp_path / "both.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(LAUNCH + [str(script), str(tmp_path / "bb"), demo.knn_train, demo.knn_val, str(tmp_path),
-                                   json.dumps(asdict(proto))], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=env)
+    args = [str(script), str(tmp_path / "bb"), demo.knn_train, demo.knn_val, str(tmp_path), json.dumps(asdict(proto))]
+    out = subprocess.run(accelerate_launch() + args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     two = json.loads((tmp_path / "fast" / "linear_probe.json").read_text())

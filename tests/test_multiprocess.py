@@ -11,8 +11,6 @@ import pytest
 from ssl_vit.data.demo import ensure_demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
         "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
         "data.batch_size=8", "data.num_workers=1", "data.shuffle_buffer=16", "train.total_steps=4",
@@ -32,12 +30,12 @@ def demo(tmp_path_factory):
     return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=64, n_knn_train=60, n_knn_val=30)
 
 
-def test_two_process_pretrain_and_knn(tmp_path, demo):
+def test_two_process_pretrain_and_knn(tmp_path, demo, accelerate_launch):
     run_dir = tmp_path / "run"
     sets = [a for kv in TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}",
                                 f"eval.knn_train={demo.knn_train}", f"eval.knn_val={demo.knn_val}"]
             for a in ("--set", kv)]
-    out = run(LAUNCH + ["tools/pretrain.py", *sets])
+    out = run(accelerate_launch() + ["tools/pretrain.py", *sets])
     assert "top-1: pretrained" in out.stdout
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]  # one log, written by the main process only
@@ -45,7 +43,7 @@ def test_two_process_pretrain_and_knn(tmp_path, demo):
 
     knn = ["--backbone", str(run_dir), "--train", demo.knn_train, "--val", demo.knn_val, "--k", "5", "20",
            "--pool", "avg", "--crop-ratio", "1.0", "--num-workers", "1", "--batch-size", "16"]
-    run(LAUNCH + ["tools/knn.py", *knn, "--out", str(tmp_path / "two.json")])
+    run(accelerate_launch() + ["tools/knn.py", *knn, "--out", str(tmp_path / "two.json")])
     run([sys.executable, "-m", "ssl_vit", "knn", *knn, "--out", str(tmp_path / "one.json")])
     two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert two == one and set(one) == {"5", "20"}
