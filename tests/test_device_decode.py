@@ -10,11 +10,19 @@ import torch
 from PIL import Image
 
 from ssl_vit.config import ConfigError, DataConfig, load_config
+from ssl_vit.data import shards
 from ssl_vit.data.collate import collate
 from ssl_vit.data.device_aug import cheap_view
-from ssl_vit.data.device_decode import DeviceDecoder, decoded_batches, jpeg_payload, pack_payloads, unpack_payloads
-from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.shards import train_stream
+from ssl_vit.data.device_decode import (
+    DeviceDecoder,
+    decode_on_host,
+    decoded_batches,
+    jpeg_payload,
+    pack_payloads,
+    unpack_payloads,
+)
+from ssl_vit.data.samples import SKIP_REASONS, SampleError
+from ssl_vit.data.shards import DecodeStage, SkipCounter, train_stream
 from ssl_vit.data.writer import write_samples
 from ssl_vit.train import pretrain
 
@@ -151,3 +159,41 @@ def test_pretrain_with_device_decode(tmp_path, jpeg_shards):
     assert result.step == 3
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+def test_host_tensor_decode_gives_pil_pixels_and_the_same_skips(monkeypatch):
+    """Device augmentation's CPU square takes tensors, so the loader decodes its JPEGs with torchvision into one
+    (`decode_on_host`). It must change nothing but the cost: the same pixels and the same skip reasons."""
+    rgb, grey = encode(50, 70, seed=1), encode(30, 40, mode="L", seed=2)
+    truncated = rgb[: len(rgb) // 2]
+    cases = [({"jpg": rgb}, b"1"), ({"jpeg": grey}, b"2"), ({"jpg": encode(30, 40, mode="CMYK", seed=3)}, b"3"),
+             ({"png": encode(45, 60, "PNG", seed=4)}, b"4"), ({"jpg": truncated}, b"5"), ({"jpg": b"junk"}, b"6"),
+             ({"jpg": rgb}, b"x"), ({"jpg": truncated}, b"x"), ({"jpg": encode(90, 90, seed=5)}, b"7")]
+    calls: list[bool] = []
+
+    def spy(payload):
+        out = decode_on_host(payload)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(shards, "decode_on_host", spy)
+    max_pixels = 80 * 80  # the 90×90 JPEG is too large for both paths
+    fast = DecodeStage(SkipCounter(), cheap_view(SIZE), max_pixels, with_label=True)
+    pil = DecodeStage(SkipCounter(), lambda img: cheap_view(SIZE)(img), max_pixels, with_label=True)
+    assert fast.to_tensor and not pil.to_tensor
+
+    def outcome(stage: DecodeStage, sample: dict):
+        try:
+            return stage.convert(sample)["image"]
+        except SampleError as err:
+            return err.reason
+
+    for i, (members, label) in enumerate(cases):
+        sample = {"__key__": f"s{i}", "cls": label, **members}
+        got, want = outcome(fast, sample), outcome(pil, sample)
+        assert type(got) is type(want) and (got == want if isinstance(want, str) else torch.equal(got, want)), i
+    reasons = [outcome(pil, {"__key__": "k", "cls": label, **members}) for members, label in cases]
+    assert [r if isinstance(r, str) else "ok" for r in reasons] == [
+        "ok", "ok", "ok", "ok", "corrupt_image", "corrupt_image", "bad_label", "bad_label", "too_large"]
+    # torchvision decoded the RGB and greyscale JPEGs; the truncated one failed there and went to PIL
+    assert calls == [True, True, False]

@@ -8,6 +8,7 @@ blur and solarization differ per view so that the two global views are asymmetri
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -37,7 +38,7 @@ def _blur_kernel(size: int) -> int:
 def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, grayscale_prob: float,
               blur_prob: float, solarize_prob: float = 0.0) -> v2.Compose:
     """One view: PIL image → uint8 (3, size, size) tensor (normalised on the device)."""
-    steps: list[v2.Transform] = [
+    steps: list[Callable] = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
@@ -47,7 +48,7 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
     ]
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey
-    return v2.Compose(steps + to_uint8_tensor())
+    return v2.Compose([*steps, to_uint8_tensor])
 
 
 class MultiCropViews:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
-from ssl_vit.data.device_decode import jpeg_payload
+from ssl_vit.data.device_decode import decode_on_host, jpeg_payload
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
 from ssl_vit.data.tar_reader import tar_samples
 
@@ -151,22 +151,28 @@ class DecodeStage:
     next one (or the end of the stream) so that skips after a worker's last good sample are still reported.
 
     `pass_jpeg` (data.device_decode): JPEGs the device can decode leave as encoded bytes ("jpeg", with "image"
-    None) after a header check; everything else is decoded here and has "jpeg" None.
+    None) after a header check; everything else is decoded here and has "jpeg" None. Otherwise, for a
+    transform that `takes_tensors` (device augmentation's square), those JPEGs are decoded straight into a
+    tensor (`decode_on_host`: PIL's pixels, for less CPU); the rest, and any that fails there, through PIL.
     """
 
     def __init__(self, counter: SkipCounter, transform: Callable, max_pixels: int, with_label: bool,
                  pass_jpeg: bool = False) -> None:
         self.counter, self.transform = counter, transform
         self.max_pixels, self.with_label, self.pass_jpeg = max_pixels, with_label, pass_jpeg
+        self.to_tensor = not pass_jpeg and getattr(transform, "takes_tensors", False)
 
     def convert(self, sample: dict) -> dict[str, Any]:
         """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
-        payload = jpeg_payload(sample, self.max_pixels) if self.pass_jpeg else None
-        if payload is not None:
+        payload = jpeg_payload(sample, self.max_pixels) if self.pass_jpeg or self.to_tensor else None
+        if payload is not None and self.pass_jpeg:
             label = read_label(sample.get("cls")) if self.with_label else None
             out: dict[str, Any] = {"image": None, "jpeg": payload}
         else:
-            img, label = decode_sample(sample, self.max_pixels, with_label=self.with_label)
+            label = read_label(sample.get("cls")) if self.with_label else None  # first: bad_label wins
+            img = decode_on_host(payload) if payload is not None else None
+            if img is None:
+                img, _ = decode_sample(sample, self.max_pixels, with_label=False)
             out = {"image": self.transform(img), **({"jpeg": None} if self.pass_jpeg else {})}
         if self.with_label:
             out["label"] = -1 if label is None else label
