@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
-from itertools import islice
+from itertools import cycle, islice
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -41,16 +43,32 @@ class SingleCore:
         self.convert = DecodeStage(SkipCounter(), views, cfg.max_image_pixels, with_label=False,
                                    pass_jpeg=cfg.device_decode).convert
 
-    def rate(self) -> float:
-        """Images/s of one pass over the samples."""
-        done, t0 = 0, time.perf_counter()
-        for sample in self.raw:
+    def rate(self, images: int) -> tuple[float, float]:
+        """(images/s, CPU seconds an image) over `images` samples (the held ones, cycled)."""
+        done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+        for sample in islice(cycle(self.raw), images):
             try:
                 self.convert(sample)
             except SampleError:
                 continue
             done += 1
-        return done / (time.perf_counter() - t0)
+        return done / (time.perf_counter() - t0), (time.process_time() - cpu0) / max(done, 1)
+
+
+def children_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by this process's live child processes — the loader workers —
+    read from /proc; None where there is no /proc (not Linux) or a child exits while being read."""
+    me = os.getpid()
+    try:
+        pids = [pid for task in os.listdir(f"/proc/{me}/task")
+                for pid in Path(f"/proc/{me}/task/{task}/children").read_text().split()]
+        ticks = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def warmup_batches(cfg: DataConfig) -> int:
@@ -75,14 +93,19 @@ class LoaderWindows:
         for _ in range(1 + warmup_batches(cfg)):
             next(self.stream)
 
-    def rate(self, batches: int) -> float:
-        """Images/s over the next `batches` batches."""
+    def rate(self, batches: int) -> tuple[float, float | None]:
+        """(images/s, the workers' CPU seconds an image) over the next `batches` batches; the CPU figure is None
+        without workers or /proc. It is immune to the waits and slow spells that swing the rate on a shared
+        machine, and exact within a clock tick (10 ms) and the one or two batches in flight at either end."""
         for _ in range(self.drain):
             next(self.stream)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), children_cpu_seconds()
         for _ in range(batches):
             next(self.stream)
-        return batches * self.batch_size / (time.perf_counter() - t0)
+        elapsed, cpu1 = time.perf_counter() - t0, children_cpu_seconds()
+        images = batches * self.batch_size
+        cpu = (cpu1 - cpu0) / images if cpu0 is not None and cpu1 is not None and cpu1 > cpu0 else None
+        return images / elapsed, cpu
 
 
 def loader_report(cfg: DataConfig, views: Callable[[Image.Image], Any], batches: int,
@@ -96,12 +119,19 @@ def loader_report(cfg: DataConfig, views: Callable[[Image.Image], Any], batches:
     in_process = LoaderWindows(dataclasses.replace(cfg, num_workers=0), views)
     workers_stream = LoaderWindows(cfg, views)
     best = {"core": 0.0, "pipeline": 0.0, "loader": 0.0}
+    cpu: dict[str, list[float]] = {"core": [], "loader": []}
     for _ in range(rounds):
-        best["core"] = max(best["core"], core.rate())
-        best["pipeline"] = max(best["pipeline"], in_process.rate(batches))
-        best["loader"] = max(best["loader"], workers_stream.rate(batches))
+        # every round of each rate covers the same images: a shorter round would swing further on this shared
+        # machine, and the best of several would then favour it
+        core_rate, core_cpu = core.rate(batches * cfg.batch_size)
+        loader_rate, loader_cpu = workers_stream.rate(batches)
+        best["core"], best["loader"] = max(best["core"], core_rate), max(best["loader"], loader_rate)
+        best["pipeline"] = max(best["pipeline"], in_process.rate(batches)[0])
+        cpu["core"].append(core_cpu)
+        cpu["loader"] += [loader_cpu] if loader_cpu is not None else []
     del workers_stream  # stops the workers
     workers = max(cfg.num_workers, 1)  # num_workers=0 decodes in the main process: one core
+    core_cpu, loader_cpu = min(cpu["core"]), min(cpu["loader"], default=None)
     return {
         "loader_images_per_s": best["loader"],
         "single_core_images_per_s": best["core"],
@@ -111,4 +141,7 @@ def loader_report(cfg: DataConfig, views: Callable[[Image.Image], Any], batches:
         "loader_rounds": rounds,
         "loader_vs_workers_x_single_core": best["loader"] / (workers * best["core"]),
         "loader_vs_workers_x_pipeline": best["loader"] / (workers * best["pipeline"]),
+        "single_core_cpu_ms_per_image": core_cpu * 1e3,
+        "loader_cpu_ms_per_image": None if loader_cpu is None else loader_cpu * 1e3,
+        "single_core_vs_loader_cpu": None if loader_cpu is None else core_cpu / loader_cpu,
     }

@@ -210,13 +210,17 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
 
 
 def _loader_line(result: dict[str, Any]) -> str:
-    per_image = 1e3 / result["single_core_images_per_s"]
     workers = max(result["num_workers"], 1)
-    return (f"loader {result['loader_images_per_s']:.1f} images/s vs {workers} worker(s) × "
-            f"{result['single_core_images_per_s']:.1f} single-core decode+views ({per_image:.2f} ms CPU/image) = "
+    line = (f"loader {result['loader_images_per_s']:.1f} images/s vs {workers} worker(s) × "
+            f"{result['single_core_images_per_s']:.1f} single-core decode+views = "
             f"{result['loader_vs_workers_x_single_core']:.2f}×; vs {workers} × "
             f"{result['pipeline_single_core_images_per_s']:.1f} whole stream in-process = "
-            f"{result['loader_vs_workers_x_pipeline']:.2f}×")
+            f"{result['loader_vs_workers_x_pipeline']:.2f}×; CPU/image: decode+views "
+            f"{result['single_core_cpu_ms_per_image']:.2f} ms")
+    if result["loader_cpu_ms_per_image"] is None:
+        return line
+    return (f"{line}, a worker {result['loader_cpu_ms_per_image']:.2f} ms "
+            f"({result['single_core_vs_loader_cpu']:.0%} of it decode+views)")
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -1,11 +1,14 @@
 """The benchmark tool: its JSON on a tiny recipe (synthetic and real data) and its FLOP count."""
 
 import json
+import multiprocessing
+import time
 
 import pytest
 import torch
 
 from ssl_vit.backbone import build_backbone, encode
+from ssl_vit.bench_data import children_cpu_seconds
 from ssl_vit.benchmark import count_flops, synthetic_batch
 from ssl_vit.cli import main
 from ssl_vit.config import ModelConfig
@@ -43,6 +46,9 @@ def _check(result: dict, synthetic: bool) -> None:
     else:
         assert all(result[k] > 0 for k in LOADER_FIELDS) and result["num_workers"] == 1
         assert result["loader_vs_workers_x_single_core"] > 0 and result["loader_vs_workers_x_pipeline"] > 0
+        assert result["single_core_cpu_ms_per_image"] > 0
+        # a 2-batch window of tiny images may fall within one clock tick of worker CPU: then None, not 0
+        assert result["loader_cpu_ms_per_image"] is None or result["loader_cpu_ms_per_image"] > 0
 
 
 @pytest.mark.parametrize("objective,synthetic,extra", [
@@ -136,3 +142,28 @@ def test_compile_and_auto_precision_wiring():
     assert compiled.encode is not plain and callable(compiled.encode)
     expected = "bf16" if torch.cuda.is_available() else "no"
     assert make_accelerator("auto").mixed_precision == expected
+
+
+def _spin(seconds: float, spun, go_on) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    spun.set()
+    go_on.wait(30)
+
+
+def test_children_cpu_seconds_counts_a_live_childs_cpu():
+    if children_cpu_seconds() is None:
+        pytest.skip("no /proc: the loader's CPU figures are None here")
+    ctx = multiprocessing.get_context("fork")
+    spun, go_on = ctx.Event(), ctx.Event()
+    before = children_cpu_seconds()
+    child = ctx.Process(target=_spin, args=(0.5, spun, go_on))
+    child.start()
+    try:
+        assert spun.wait(30)
+        used = children_cpu_seconds() - before
+    finally:
+        go_on.set()
+        child.join(30)
+    assert 0.45 <= used <= 0.9, used  # 0.5 s of spinning, read within clock ticks, plus the child's start
