@@ -164,12 +164,11 @@ class DecodeStage:
 
     def convert(self, sample: dict) -> dict[str, Any]:
         """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
+        label = read_label(sample.get("cls")) if self.with_label else None  # first: bad_label wins over the image
         payload = jpeg_payload(sample, self.max_pixels) if self.pass_jpeg or self.to_tensor else None
         if payload is not None and self.pass_jpeg:
-            label = read_label(sample.get("cls")) if self.with_label else None
             out: dict[str, Any] = {"image": None, "jpeg": payload}
         else:
-            label = read_label(sample.get("cls")) if self.with_label else None  # first: bad_label wins
             img = decode_on_host(payload) if payload is not None else None
             if img is None:
                 img, _ = decode_sample(sample, self.max_pixels, with_label=False)
