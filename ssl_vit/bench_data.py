@@ -95,8 +95,8 @@ class LoaderWindows:
 
     def rate(self, batches: int) -> tuple[float, float | None]:
         """(images/s, the workers' CPU seconds an image) over the next `batches` batches; the CPU figure is None
-        without workers or /proc. It is immune to the waits and slow spells that swing the rate on a shared
-        machine, and exact within a clock tick (10 ms) and the one or two batches in flight at either end."""
+        without workers or /proc. Waits and time the machine gives to others do not count in it (contention in
+        shared caches still does); exact within a clock tick (10 ms) and the batch or two in flight at either end."""
         for _ in range(self.drain):
             next(self.stream)
         t0, cpu0 = time.perf_counter(), children_cpu_seconds()

@@ -14,8 +14,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ssl_vit.data.transforms import to_uint8_tensor
-
 BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of the resized crop, drawn uniformly
 
 
@@ -48,7 +46,7 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
     ]
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey
-    return v2.Compose([*steps, to_uint8_tensor])
+    return v2.Compose([*steps, v2.functional.pil_to_tensor])  # a plain uint8 tensor, one call (see mae_views)
 
 
 class MultiCropViews:

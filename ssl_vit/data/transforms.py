@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 _BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -26,14 +25,6 @@ def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = to
     """`torch.tensor(values)` on `device`, made once per (values, device, dtype): building it per call would be a
     blocking host-to-device copy inside every training step. Read-only: never modify the result in place."""
     return torch.tensor(values, device=device, dtype=dtype)
-
-
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """The last step of a pretraining view: PIL → plain uint8 (3, H, W) Tensor (not a tv_tensors.Image).
-
-    One function call where `v2.ToImage()` + `v2.ToPureTensor()` were two transform dispatches of 20–30 µs each,
-    per view (12 views an image for DINO's multi-crop)."""
-    return F.pil_to_tensor(img)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -63,7 +54,9 @@ def mae_views(img_size: int, crop_scale: tuple[float, float]) -> Callable[[Image
         # crop on the PIL image, like the MAE reference, so only the crop is ever resized
         v2.RandomResizedCrop(img_size, scale=(lo, hi), interpolation=_BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        to_uint8_tensor,
+        # PIL → plain uint8 (3, H, W) tensor in one call: v2.ToImage + v2.ToPureTensor were two dispatches of
+        # 20–30 µs each, per view
+        v2.functional.pil_to_tensor,
     ])
 
 
