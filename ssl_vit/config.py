@@ -301,6 +301,12 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.device_decode and cfg.data.device_aug is False:
         raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
+    if cfg.data.device_decode:
+        from ssl_vit.data.device_decode import torchvision_decodes_jpeg  # the data package imports torch and PIL
+
+        if not torchvision_decodes_jpeg():
+            raise ConfigError("data.device_decode: this torchvision has no torchvision.io.decode_jpeg (its image "
+                              "codecs moved to TorchCodec); use a torchvision that has it, or turn this off")
     for key, value in (("train.total_steps", cfg.train.total_steps), ("data.batch_size", cfg.data.batch_size),
                        ("optim.accum_steps", cfg.optim.accum_steps)):
         if value < 1:

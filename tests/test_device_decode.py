@@ -3,6 +3,7 @@ counts for what fails, and a short pretraining run through the trainer."""
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from ssl_vit.config import ConfigError, DataConfig, load_config
-from ssl_vit.data import shards
+from ssl_vit.data import device_decode, shards
 from ssl_vit.data.collate import collate
 from ssl_vit.data.device_aug import cheap_view
 from ssl_vit.data.device_decode import (
@@ -197,3 +198,27 @@ def test_host_tensor_decode_gives_pil_pixels_and_the_same_skips(monkeypatch):
         "ok", "ok", "ok", "ok", "corrupt_image", "corrupt_image", "bad_label", "bad_label", "too_large"]
     # torchvision decoded the RGB and greyscale JPEGs; the truncated one failed there and went to PIL
     assert calls == [True, True, False]
+
+
+def test_no_deprecation_warning_per_image():
+    """torchvision ≥ 0.29 warns on every decode_jpeg call that its codecs move to TorchCodec; a loader must not
+    repeat that once per image."""
+    rgb = encode(50, 70, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_on_host(rgb) is not None
+        assert DeviceDecoder(SIZE, torch.device("cpu"))._decode([torch.frombuffer(bytearray(rgb), dtype=torch.uint8)])
+
+
+def test_without_torchvision_jpeg_decode(monkeypatch):
+    """A torchvision without decode_jpeg (its codecs are deprecated since 0.29): the loader's squares come from PIL,
+    pixel for pixel the same, and data.device_decode is refused with the reason, not an ImportError."""
+    monkeypatch.setattr(device_decode, "decode_jpeg", None)
+    rgb = encode(50, 70, seed=1)
+    stage = DecodeStage(SkipCounter(), cheap_view(SIZE), BIG, with_label=False)
+    assert not stage.to_tensor and decode_on_host(rgb) is None
+    assert torch.equal(stage.convert({"__key__": "k", "jpg": rgb})["image"], cpu_square(rgb))
+    with pytest.raises(ConfigError, match="data.device_decode: this torchvision has no torchvision.io.decode_jpeg"):
+        load_config(None, ["data.device_decode=true"])
+    with pytest.raises(RuntimeError, match="data.device_decode needs torchvision.io.decode_jpeg"):
+        DeviceDecoder(SIZE, torch.device("cpu"))

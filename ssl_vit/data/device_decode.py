@@ -24,7 +24,11 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:  # torchvision 0.29 deprecated its image codecs in favour of TorchCodec; a later release removes them
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
 
 from ssl_vit.data.device_aug import cheap_view
 from ssl_vit.data.samples import SKIP_REASONS
@@ -34,6 +38,12 @@ log = logging.getLogger(__name__)
 _JPEG_EXTS = ("jpg", "jpeg")
 _DEVICE_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) turns into RGB on every backend; CMYK stays on the CPU
 _CORRUPT = SKIP_REASONS.index("corrupt_image")
+
+
+def torchvision_decodes_jpeg() -> bool:
+    """Whether this torchvision still has `decode_jpeg`. Without it the loader decodes through PIL (the same
+    pixels, at more CPU), and `data.device_decode` is refused when the config is checked."""
+    return decode_jpeg is not None
 
 
 def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
@@ -61,18 +71,23 @@ def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
 
 def decode_on_host(payload: bytes) -> Tensor | None:
     """A `jpeg_payload` decoded in this process by libjpeg-turbo through torchvision: uint8 (3, H, W), None if
-    it fails (the caller then lets the PIL path decide, and count, what is wrong).
+    it fails or this torchvision has no `decode_jpeg` (the caller then lets the PIL path decide, and count,
+    what is wrong).
 
     The pixels are PIL's exactly (the same library and settings), at about 75% of PIL's cost into a tensor,
     which stores RGB as 4 bytes a pixel and copies the image twice on its way out (docs/benchmarks.md).
     """
+    if decode_jpeg is None:
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only bytes: decode_jpeg only reads
+        # torchvision ≥ 0.29 warns on every call that its codecs move to TorchCodec: known, and handled above
+        warnings.simplefilter("ignore", DeprecationWarning)
         data = torch.frombuffer(payload, dtype=torch.uint8)
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return None
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return None
 
 
 def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
@@ -99,6 +114,8 @@ class DeviceDecoder:
     then ride on the next one."""
 
     def __init__(self, size: int, device: torch.device) -> None:
+        if decode_jpeg is None:
+            raise RuntimeError("data.device_decode needs torchvision.io.decode_jpeg, which this torchvision lacks")
         # the very transform the CPU path applies to PIL images; on a (3, H, W) tensor it runs where the tensor is
         self.size, self.device, self.square = size, device, cheap_view(size)
         self._carry: Tensor | None = None  # skip counts of a batch returned as None
@@ -111,14 +128,18 @@ class DeviceDecoder:
             # allocator may just have recycled (last step's gradients) while queued kernels still read it.
             torch.cuda.current_stream(self.device).synchronize()
         try:  # one batched call: nvJPEG decodes the whole list at once on CUDA
-            return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # see decode_on_host
+                return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError as err:
             if _out_of_memory(err):
                 raise
         decoded: list[Tensor | None] = []
         for data in payloads:  # find the broken one(s)
             try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
             except RuntimeError as err:
                 if _out_of_memory(err):
                     raise

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
-from ssl_vit.data.device_decode import decode_on_host, jpeg_payload
+from ssl_vit.data.device_decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
 from ssl_vit.data.tar_reader import tar_samples
 
@@ -160,7 +160,7 @@ class DecodeStage:
                  pass_jpeg: bool = False) -> None:
         self.counter, self.transform = counter, transform
         self.max_pixels, self.with_label, self.pass_jpeg = max_pixels, with_label, pass_jpeg
-        self.to_tensor = not pass_jpeg and getattr(transform, "takes_tensors", False)
+        self.to_tensor = not pass_jpeg and getattr(transform, "takes_tensors", False) and torchvision_decodes_jpeg()
 
     def convert(self, sample: dict) -> dict[str, Any]:
         """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
