@@ -2,6 +2,8 @@
 and a pooled stream yields exactly the batches of an unpooled one, whether the consumer releases or not."""
 
 import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import torch
 from PIL import Image
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.batch_pool import BatchPool, released_after_use
+from ssl_vit.data import batch_pool
+from ssl_vit.data.batch_pool import BatchPool, PooledBatch, released_after_use
 from ssl_vit.data.collate import collate
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import train_stream
@@ -128,3 +131,32 @@ def test_released_after_use_releases_the_previous_batch_on_next():
 
     seen = [int(batch["image"][0, 0, 0]) for batch in released_after_use(stream()) if "lease" not in batch]
     assert seen == [0, 1, 2]
+
+
+def test_a_pooled_batch_crosses_with_its_buffers_only_the_first_time():
+    """Each tensor a worker hands over costs a file-descriptor handshake on both sides: a slot's buffers cross
+    once, later batches in that slot name it, and labels and skip counts travel as numbers."""
+    pool = BatchPool(slots=2)
+
+    def batch(value: int) -> dict:
+        samples = [{"image": torch.full((3, 4, 4), value + i, dtype=torch.uint8), "label": value + i,
+                    "key": f"k{value + i}", "skipped": [value + i] * len(SKIP_REASONS)} for i in range(3)]
+        return collate(samples, pool)
+
+    sent = [bytes(ForkingPickler.dumps(PooledBatch(batch(value), pool))) for value in (10, 20)]  # slots 0 and 1
+    received = [pickle.loads(data) for data in sent]
+    received[0]["lease"].release()
+    again = bytes(ForkingPickler.dumps(PooledBatch(batch(30), pool)))  # slot 0 once more
+    assert all(b"rebuild_storage" in data for data in sent) and b"rebuild_storage" not in again
+    assert pool.name in batch_pool._RECEIVED
+    third = pickle.loads(again)
+    assert third["image"].data_ptr() == received[0]["image"].data_ptr()  # the slot's buffer, kept from before
+    for got, value in [(received[1], 20), (third, 30)]:
+        assert torch.equal(got["image"][:, 0, 0, 0], torch.tensor([value, value + 1, value + 2], dtype=torch.uint8))
+        assert got["label"].tolist() == [value, value + 1, value + 2] and got["key"][0] == f"k{value}"
+        assert got["skipped"].dtype == torch.long and got["skipped"][:, 0].tolist() == got["label"].tolist()
+    assert third["lease"].slot == 0 and third["lease"].flags.is_shared()
+    third["lease"].release()
+    assert pool.flags.tolist() == [0, 1]  # the worker sees the release through the flags that crossed
+    assert [b["label"][0].item() for b in released_after_use(iter(received[1:]))] == [20]
+    assert pool.name not in batch_pool._RECEIVED  # the stream is over: its pools' memory is let go

@@ -11,10 +11,16 @@ buffers in shared memory and stacks into one that the consumer has handed back:
 A slot is written again only after its release. A consumer that never releases, or keeps its batches, still
 gets correct data: once every slot is taken, batches go into fresh shared memory as before.
 `released_after_use` releases each batch when the next one is asked for, which fits a training loop.
+
+Handing a tensor from a worker to the main process passes a file descriptor through a socket handshake: about
+0.2 ms of CPU on each side, per tensor and batch (docs/benchmarks.md). A pooled batch therefore travels as a
+`PooledBatch`: a slot's tensors (and the flags) cross once, the consumer's process keeps them under the pool's
+name (`_RECEIVED`), and later batches in that slot name the slot only; labels and skip counts travel as numbers.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,8 +38,9 @@ class BatchLease:
     The flag tensor lives in shared memory, so it crosses to the consumer's process with the batch and the
     write in `release` is seen by the worker."""
 
-    def __init__(self, flags: Tensor, slot: int) -> None:
-        self.flags, self.slot = flags, slot
+    def __init__(self, flags: Tensor, slot: int, pool: str = "", generation: int = 0) -> None:
+        # pool: the pool's name; generation: which buffers of the slot (a slot remade for new shapes counts up)
+        self.flags, self.slot, self.pool, self.generation = flags, slot, pool, generation
 
     def release(self) -> None:
         self.flags[self.slot] = 0
@@ -46,9 +53,12 @@ class BatchPool:
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
         if slots < 1:
             raise ValueError(f"a batch pool needs at least one slot, got {slots}")
+        self.name = secrets.token_hex(8)  # unique across workers and loaders: the consumer's cache key
         self.flags = torch.zeros(slots, dtype=torch.uint8).share_memory_()  # 1: handed out, not yet released
         self.layouts: list[list[Layout]] = []  # per slot: what its buffers were made for
         self.buffers: list[list[Tensor]] = []
+        self.generations: list[int] = []  # per slot: counts up each time its buffers are remade
+        self.sent: set[tuple[int, int]] = set()  # (slot, generation) whose buffers went to the consumer
 
     def stack(self, groups: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], BatchLease] | None:
         """Each group of equally shaped tensors stacked into a free slot's shared buffers, with the lease that
@@ -61,12 +71,14 @@ class BatchPool:
         if slot == len(self.buffers):
             self.layouts.append([])
             self.buffers.append([])
+            self.generations.append(-1)
         if self.layouts[slot] != layout:  # a new slot, or new shapes
             self.layouts[slot], self.buffers[slot] = layout, [_shared_empty(*spec) for spec in layout]
+            self.generations[slot] += 1
         stacks = [_stack_into(group, buffer, channels_last)
                   for group, buffer, (_, _, channels_last) in zip(groups, self.buffers[slot], layout, strict=True)]
         self.flags[slot] = 1
-        return stacks, BatchLease(self.flags, slot)
+        return stacks, BatchLease(self.flags, slot, self.name, self.generations[slot])
 
 
 # A PIL image becomes a (C, H, W) view of (H, W, C) memory. Stacking such views into (B, C, H, W) memory is a
@@ -105,8 +117,51 @@ def released_after_use(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, A
     device (on CUDA the pin-memory thread has already copied it out of the pool), trains and logs on it
     before reading the next. On CPU the step itself is synchronous.
     """
-    for batch in stream:
-        lease = batch.pop("lease", None)
-        yield batch
-        if lease is not None:
-            lease.release()
+    pools: set[str] = set()
+    try:
+        for batch in stream:
+            lease = batch.pop("lease", None)
+            if lease is not None:
+                pools.add(lease.pool)
+            yield batch
+            if lease is not None:
+                lease.release()
+    finally:  # the stream is done with: let go of its pools' memory
+        for name in pools:
+            _RECEIVED.pop(name, None)
+
+
+class PooledBatch:
+    """A pooled batch on its way out of a loader worker (`PooledCollate` returns it there). Pickled, it carries
+    its slot's tensors and the pool's flags only the first time that slot's buffers go out; after that the
+    slot's name and number. Unpickled in the consumer's process, it is the batch dict again, lease included."""
+
+    def __init__(self, batch: dict[str, Any], pool: BatchPool) -> None:
+        self.batch, self.pool = batch, pool
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        fields = dict(self.batch)
+        lease, images = fields.pop("lease"), fields.pop("image")
+        first = (lease.slot, lease.generation) not in self.pool.sent
+        self.pool.sent.add((lease.slot, lease.generation))
+        stacks = (images if isinstance(images, list) else [images]) if first else None
+        numbers = {key: (value.tolist(), value.dtype) for key, value in fields.items() if isinstance(value, Tensor)}
+        others = {key: value for key, value in fields.items() if key not in numbers}
+        return _received_batch, (lease.pool, lease.slot, lease.generation, stacks, lease.flags if first else None,
+                                 isinstance(images, list), numbers, others)
+
+
+# In the consumer's process: pool name → {"flags": Tensor, slot: (generation, stacks)}.
+_RECEIVED: dict[str, dict[Any, Any]] = {}
+
+
+def _received_batch(pool: str, slot: int, generation: int, stacks: list[Tensor] | None, flags: Tensor | None,
+                    multi: bool, numbers: dict[str, tuple[list, torch.dtype]], others: dict[str, Any]) -> dict:
+    held = _RECEIVED.setdefault(pool, {})
+    if stacks is not None:
+        held["flags"], held[slot] = flags, (generation, stacks)
+    if held.get(slot, (None,))[0] != generation:  # cannot happen while one process reads a worker's batches in order
+        raise RuntimeError(f"pooled batch of slot {slot} (generation {generation}) arrived before its buffers")
+    images = held[slot][1]
+    return {**others, **{key: torch.tensor(values, dtype=dtype) for key, (values, dtype) in numbers.items()},
+            "image": list(images) if multi else images[0], "lease": BatchLease(held["flags"], slot, pool, generation)}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
-from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool
+from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool, PooledBatch
 from ssl_vit.data.device_decode import pack_payloads
 
 
@@ -53,15 +53,18 @@ def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any
 
 class PooledCollate:
     """`collate` for a DataLoader whose loader workers each stack into their own `BatchPool` (made on first
-    use inside the worker, after the fork); in the main process (num_workers=0) nothing is shared, so plain."""
+    use inside the worker, after the fork) and hand pooled batches over as `PooledBatch`; in the main process
+    (num_workers=0) nothing is shared, so plain."""
 
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
         self.slots = slots
         self.pool: BatchPool | None = None
 
-    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict]) -> dict[str, Any] | PooledBatch:
         if get_worker_info() is None:
             return collate(samples)
         if self.pool is None:
             self.pool = BatchPool(self.slots)
-        return collate(samples, self.pool)
+        batch = collate(samples, self.pool)
+        # a pooled batch crosses to the main process without its buffers once they are there (see PooledBatch)
+        return PooledBatch(batch, self.pool) if "lease" in batch else batch
