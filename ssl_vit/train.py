@@ -188,6 +188,9 @@ class Trainer:
                 stop_now, skip = self._agree(stop, finite)
                 if skip:
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.objective.after_skipped_step(self.step)
+                    if acc.scaler is not None:  # fp16: _grad_norm unscaled the gradients; end the scaler's step
+                        acc.scaler.update()  # too (the next unscale_ raises otherwise), lowering its scale on inf
                     self.counters.nonfinite_steps += 1
                     consecutive_nonfinite += 1
                     if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:

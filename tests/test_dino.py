@@ -23,7 +23,7 @@ from ssl_vit.config import Config, DataConfig, DINOConfig, ModelConfig, OptimCon
 from ssl_vit.data.multicrop import MultiCropViews
 from ssl_vit.objectives import build_objective
 from ssl_vit.objectives.dino import DINO, CollapseWarning, teacher_momentum, teacher_temperature
-from ssl_vit.objectives.dino_head import DINOHead, dino_loss, teacher_targets, update_center
+from ssl_vit.objectives.dino_head import DINOHead, center_stats, dino_loss, teacher_targets, update_center
 
 TINY_VIT = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
                        num_heads=2, drop_path_rate=0.1)
@@ -91,7 +91,8 @@ def test_center_update_math():
     center = torch.randn(1, 16, generator=g)
     teacher_out = torch.randn(10, 16, generator=g)
     expected = 0.9 * center + 0.1 * teacher_out.mean(dim=0, keepdim=True)
-    update_center(center, teacher_out, 0.9)
+    # two micro-batches of one step: their sums add up to the step's mean
+    update_center(center, center_stats(teacher_out[:4]) + center_stats(teacher_out[4:]), 0.9)
     torch.testing.assert_close(center, expected)
 
 
@@ -99,7 +100,7 @@ def _center_worker(rank: int, world: int, init_file: str, queue) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     center = torch.ones(1, 4)
     teacher_out = torch.full((2 + rank, 4), float(rank + 1))  # rank 0: 2 rows of 1, rank 1: 3 rows of 2
-    update_center(center, teacher_out, 0.5)
+    update_center(center, center_stats(teacher_out), 0.5)
     queue.put((rank, center[0].tolist()))  # plain lists: no tensor sharing between processes
     torch.distributed.destroy_process_group()
 
@@ -169,6 +170,20 @@ def test_teacher_starts_equal_has_no_grads_and_stays_in_eval():
     assert student.export_backbone() is student.backbone
 
 
+def test_a_skipped_step_leaves_the_center_alone():
+    """The trainer skips an update whose loss or gradient norm is NaN/inf on any rank. The center must skip it too:
+    one overflowing teacher output would otherwise turn the center, and every later target, into NaN."""
+    dino, batch = _dino(), _batch()
+    dino.train()
+    dino({"image": [crop * float("nan") for crop in batch["image"]]}, step=0)  # a step that gets skipped
+    dino.after_skipped_step(0)
+    dino(batch, step=0)
+    dino.after_step(0)
+    with torch.no_grad():
+        teacher_out = torch.cat([dino.teacher["head"](dino.teacher["backbone"](crop)) for crop in batch["image"][:2]])
+    torch.testing.assert_close(dino.center, 0.1 * teacher_out.mean(dim=0, keepdim=True))  # one update, from zero
+
+
 def test_ema_update_math():
     dino = _dino(total_steps=100)
     with torch.no_grad():  # make student and teacher differ
@@ -228,6 +243,8 @@ def test_forward_one_backbone_pass_per_resolution_and_monitors():
     assert 0 <= out["teacher_entropy"] <= math.log(64) + 1e-5
     assert out["kl"] >= -1e-5
     assert out["teacher_temp"].item() == pytest.approx(0.04)
+    assert dino.center.abs().sum() == 0  # the center moves after the step, not during its forward
+    dino.after_step(0)
     assert dino.center.abs().sum() > 0  # updated in training mode
     assert "center" in dino.state_dict()
 

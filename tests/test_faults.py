@@ -9,11 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import accelerate
 import pytest
+import torch
+from accelerate.state import AcceleratorState
 
 from ssl_vit.checkpoint import complete_checkpoints, load_backbone
 from ssl_vit.config import load_config
 from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.objectives.base import Objective
 from ssl_vit.train import pretrain
 from ssl_vit.train_monitor import RunAborted
 
@@ -141,6 +145,39 @@ def test_nan_on_one_rank_skips_the_update_everywhere(tmp_path, demo):
     assert records[0]["params"] == records[1]["params"]  # no rank stepped on its own
     assert set(records[0]["drawn"]).isdisjoint(records[1]["drawn"])
     assert len(records[0]["drawn"]) == 2 and len(records[1]["drawn"]) == 1
+
+
+def test_fp16_a_skipped_step_ends_the_grad_scalers_step(tmp_path, demo, monkeypatch):
+    """Under fp16, clipping unscales the gradients (GradScaler.unscale_) every step. A step skipped for a NaN loss
+    must still end the scaler's step, or the next step's unscale_ raises. Accelerate makes no fp16 scaler on CPU,
+    so the test hands it torch's CPU GradScaler (the state machine CUDA's shares)."""
+    original_init, original_call = accelerate.Accelerator.__init__, Objective.__call__
+    scalers = []
+
+    def with_scaler(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.mixed_precision == "fp16":
+            self.native_amp, self.scaler = True, torch.amp.GradScaler("cpu")
+            scalers.append(self.scaler)
+
+    def nan_at_step_1(self, batch, step):
+        out = original_call(self, batch, step)
+        return {**out, "loss": out["loss"] * float("nan")} if step == 1 else out
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    monkeypatch.setattr(Objective, "__call__", nan_at_step_1)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=4",
+                                    "train.precision=fp16", "optim.clip_grad=1.0", "train.save_every=0"])
+    # Accelerate keeps one process-wide state, whose precision cannot change: fp16 here only, then back
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert pretrain(cfg).step == 4
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_steps"] for r in log] == [0, 1, 1, 1]
+    assert len(scalers) == 1 and scalers[0].get_scale() < 2.0**16  # the NaN step lowered the scale
 
 
 def test_consecutive_nans_stop_the_run_naming_the_last_good_checkpoint(tmp_path, demo):

@@ -46,6 +46,10 @@ class Objective(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. to update an EMA teacher)."""
 
+    def after_skipped_step(self, step: int) -> None:
+        """Called instead of `after_step` when the update is skipped (a NaN/inf loss or gradient norm on some
+        rank): drop whatever the step's forward passes left to apply."""
+
     def export_backbone(self) -> VisionTransformer:
         """The backbone a user takes away: the one to export and evaluate."""
         return self.backbone

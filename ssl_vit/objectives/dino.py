@@ -29,7 +29,14 @@ from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_v
 from ssl_vit.data.multicrop import MultiCropViews
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.objectives.base import Objective
-from ssl_vit.objectives.dino_head import DINOHead, dino_loss, mean_entropy, teacher_targets, update_center
+from ssl_vit.objectives.dino_head import (
+    DINOHead,
+    center_stats,
+    dino_loss,
+    mean_entropy,
+    teacher_targets,
+    update_center,
+)
 from ssl_vit.schedules import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
@@ -84,6 +91,9 @@ class DINO(Objective):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
+        # This step's teacher-output sums (all its micro-batches), applied to the center in `after_step` only: a
+        # skipped step (NaN/inf) must leave the center as it was, or one overflow poisons every later target.
+        self._center_sums: Tensor | None = None
         self._collapse: tuple[str, int] | None = None  # (kind, first step) of the current collapsed episode
         self._warned = False
         self.device_aug = DeviceAugment(device_views(cfg, backbone.patch_embed.img_size[0])) if device_aug else None
@@ -127,7 +137,8 @@ class DINO(Objective):
 
         entropy = mean_entropy(targets)
         if self.training:
-            update_center(self.center, teacher_out, self.cfg.center_momentum)
+            sums = center_stats(teacher_out)
+            self._center_sums = sums if self._center_sums is None else self._center_sums + sums
             self._watch_collapse(float(entropy), step)
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
@@ -149,10 +160,16 @@ class DINO(Objective):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
+        if self._center_sums is not None:  # the official order: the center moves after the loss used it
+            update_center(self.center, self._center_sums, self.cfg.center_momentum)
+            self._center_sums = None
         m = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         student = [p for part in (self.backbone, self.head) for p in part.parameters()]
         teacher = [p for part in (self.teacher["backbone"], self.teacher["head"]) for p in part.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - m)  # θt ← θt + (1 − m)(θs − θt) = m·θt + (1 − m)·θs
+
+    def after_skipped_step(self, step: int) -> None:
+        self._center_sums = None
 
     def _watch_collapse(self, entropy: float, step: int) -> None:
         """Warn once per episode of ≥ `collapse_window` steps with the teacher entropy in a collapsed band."""

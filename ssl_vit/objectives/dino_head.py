@@ -74,10 +74,17 @@ def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: 
 
 
 @torch.no_grad()
-def update_center(center: Tensor, teacher_out: Tensor, momentum: float) -> None:
-    """center ← momentum·center + (1 − momentum)·(mean teacher output over every rank's batch), in place."""
-    # Sum and row count in one tensor: one collective, and a true mean even if ranks hold unequal batches.
-    stats = torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
+def center_stats(teacher_out: Tensor) -> Tensor:
+    """(K + 1,): the teacher outputs' column sums, then their row count. Sums of these over micro-batches and
+    ranks give the step's true mean, even if ranks hold unequal batches."""
+    return torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
+
+
+@torch.no_grad()
+def update_center(center: Tensor, stats: Tensor, momentum: float) -> None:
+    """center ← momentum·center + (1 − momentum)·(mean teacher output over every rank's rows in `stats`, from
+    `center_stats`), in place. A collective when a process group is up: every rank must call it."""
+    stats = stats.clone()  # all_reduce works in place; the caller's sums stay its own
     # Guarded so that the loss also runs, and is tested, without a process group.
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
