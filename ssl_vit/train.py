@@ -225,7 +225,10 @@ class Trainer:
     def _after_step(self, log: RunLog, bar: tqdm, window: StepWindow, batch: dict[str, Any], lr: float, wd: float,
                     stop_now: bool) -> None:
         cfg, step, total = self.cfg, self.step, self.cfg.train.total_steps
-        if step % cfg.train.log_every == 0 or step == total or stop_now:
+        on_grid = step % self.segment == 0
+        save = on_grid or step == total or stop_now
+        # a checkpoint step also closes the log window: its images and skips must be in the saved counters
+        if step % cfg.train.log_every == 0 or save:
             scalars = {**window.reduce(self.acc, self.counters), "train/lr": lr, "train/weight_decay": wd}
             log.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}")
@@ -235,8 +238,7 @@ class Trainer:
             for tag, image in self.objective.visualize(batch).items():
                 log.image(step, tag, image)
             self.model.train()
-        on_grid = step % self.segment == 0
-        if on_grid or step == total or stop_now:
+        if save:
             self.checkpoint = save_checkpoint(self.acc, self.run_dir, step, cfg.train.keep_last,
                                               {"counters": self.counters.to_dict()})
             if self.acc.is_main_process:

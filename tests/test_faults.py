@@ -180,6 +180,19 @@ def test_fp16_a_skipped_step_ends_the_grad_scalers_step(tmp_path, demo, monkeypa
     assert len(scalers) == 1 and scalers[0].get_scale() < 2.0**16  # the NaN step lowered the scale
 
 
+def test_a_checkpoint_off_the_log_grid_counts_every_image_so_far(tmp_path, demo):
+    """Images and skips are summed over ranks when a log window closes; a checkpoint closes the window too, or a
+    resume from it would forget the images read since the last log step (and judge the skip rate on too few)."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}", "train.total_steps=6",
+                                    "train.log_every=4", "train.save_every=3", "train.keep_last=2"])
+    pretrain(cfg)
+    markers = {step: json.loads((path / "COMPLETE").read_text()) for step, path in complete_checkpoints(run_dir)}
+    assert {step: m["counters"]["images"] for step, m in markers.items()} == {3: 3 * 4, 6: 6 * 4}
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 4, 6]
+
+
 def test_consecutive_nans_stop_the_run_naming_the_last_good_checkpoint(tmp_path, demo):
     run_dir = tmp_path / "run"
     argv = [sys.executable, INJECT, "nan_always", str(tmp_path), "pretrain",
