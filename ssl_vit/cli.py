@@ -8,9 +8,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_RECIPE = "mae_demo_tiny.yaml"
+
+
+def _recipes_dir() -> Path:
+    """recipes/ of a source checkout (editable install), else the copy a wheel installs under
+    <prefix>/share/ssl_vit/recipes (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "ssl_vit" / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
@@ -26,12 +36,37 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
     return path  # load_config reports it as not found
 
 
+def load_any_config(recipe: str | None, overrides: Sequence[str]) -> tuple[str, Any]:
+    """("pretrain" | "finetune", config) of a recipe, by whichever schema takes it. When neither does, the error
+    of the fine-tuning schema if the recipe names a `model.backbone` (only fine-tuning has one), else the
+    pretraining one."""
+    from ssl_vit.config import ConfigError, load_config
+    from ssl_vit.finetune_config import load_finetune_config
+
+    path = recipe_path(recipe)
+    try:
+        return "pretrain", load_config(path, overrides)
+    except ConfigError as pretrain_error:
+        try:
+            return "finetune", load_finetune_config(path, overrides)
+        except (ConfigError, ValueError) as finetune_error:
+            raise (finetune_error if "'model.backbone'" in str(pretrain_error) else pretrain_error) from None
+
+
+def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
+    from ssl_vit.config import ConfigError
+
+    kind, cfg = load_any_config(recipe, overrides)
+    if kind == "finetune":
+        raise ConfigError(f"{recipe} is a fine-tuning recipe: run `ssl-vit finetune {recipe}`")
+    return cfg
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_vit.config import load_config
     from ssl_vit.distributed import make_accelerator
     from ssl_vit.train import pretrain, resolve_demo
 
-    cfg = resolve_demo(load_config(recipe_path(args.recipe), args.set))
+    cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
     accelerator = make_accelerator(cfg.train.precision)
     result = pretrain(cfg, accelerator)
     if args.no_knn or not (cfg.eval.knn_train and cfg.eval.knn_val) or result.backbone is None:
@@ -54,10 +89,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from ssl_vit.benchmark import format_report, run_benchmark
-    from ssl_vit.config import load_config
     from ssl_vit.train import resolve_demo
 
-    cfg = resolve_demo(load_config(recipe_path(args.recipe), args.set))
+    cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
     result = run_benchmark(cfg, steps=args.steps, synthetic=args.synthetic, peak_tflops=args.peak_tflops,
                            decode_samples=args.decode_samples, encoder_batch=args.encoder_batch,
                            loader_only=args.loader_only, loader_rounds=args.loader_rounds)
@@ -70,9 +104,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from ssl_vit.config import load_config, to_dict
+    from ssl_vit.config import to_dict
 
-    print(yaml.safe_dump(to_dict(load_config(recipe_path(args.recipe), args.set)), sort_keys=False), end="")
+    _, cfg = load_any_config(args.recipe, args.set)  # a pretraining or a fine-tuning recipe
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -128,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_cmd_benchmark)
 
-    p = sub.add_parser("config", help="print the resolved config of a recipe plus overrides, as YAML")
+    p = sub.add_parser("config", help="print the resolved config of a pretraining or fine-tuning recipe plus "
+                                      "overrides, as YAML")
     p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
     p.set_defaults(func=_cmd_config)

@@ -37,3 +37,20 @@ def test_config_error_is_one_line(capsys):
 def test_missing_shards_named(tmp_path, capsys):
     assert main(["knn", "--backbone", str(tmp_path), "--train", "x", "--val", "y"]) == 2
     assert f"no backbone weights at {tmp_path / 'backbone.safetensors'}" in capsys.readouterr().err
+
+
+def test_config_prints_pretraining_and_fine_tuning_recipes(capsys):
+    assert main(["config", "finetune_vit_base_p16", "--set", "optim.layer_decay=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone: runs/mae_vit_base_p16" in out and "layer_decay: 0.5" in out
+    assert main(["config", "mae_demo_tiny"]) == 0
+    assert "objective: mae" in capsys.readouterr().out
+    # a typo in a fine-tuning recipe's key is named against the fine-tuning keys
+    assert main(["config", "finetune_demo_tiny", "--set", "optim.layer_decayy=1"]) == 2
+    assert "did you mean 'optim.layer_decay'?" in capsys.readouterr().err
+
+
+def test_pretrain_refuses_a_fine_tuning_recipe_naming_the_command(capsys):
+    assert main(["pretrain", "finetune_demo_tiny"]) == 2
+    assert capsys.readouterr().err.strip() == ("ssl-vit pretrain: error: finetune_demo_tiny is a fine-tuning recipe: "
+                                               "run `ssl-vit finetune finetune_demo_tiny`")
