@@ -9,8 +9,10 @@ Layout of a run directory:
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils.other import load as safe_load  # torch.load(weights_only=True) + numpy RNG types
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -32,14 +35,28 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """The marker's JSON, or None (with a warning naming it) when it cannot be read: e.g. empty or cut short by
+    a crash of an older version, which wrote it in place. Such a checkpoint counts as incomplete."""
+    try:
+        data = json.loads(marker.read_text())
+        int(data["step"])
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts as "
+                      "incomplete", stacklevel=3)
+        return None
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint whose save finished, oldest first. Half-written ones are ignored."""
     root = checkpoint_dir(run_dir)
     found = []
     for path in root.glob(f"{_PREFIX}*") if root.is_dir() else ():
         marker = path / COMPLETE
-        if marker.is_file():
-            found.append((int(json.loads(marker.read_text())["step"]), path))
+        data = _read_marker(marker) if marker.is_file() else None
+        if data is not None:
+            found.append((int(data["step"]), path))
     return sorted(found)
 
 
@@ -68,7 +85,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, ke
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        (final / COMPLETE).write_text(json.dumps({"step": step, **(extra or {})}))
+        # The marker too is written whole or not at all: a torn one would block every later resume and export.
+        marker_tmp = final / f".{COMPLETE}.tmp"
+        marker_tmp.write_text(json.dumps({"step": step, **(extra or {})}))
+        os.replace(marker_tmp, final / COMPLETE)
         for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else ():
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -101,9 +121,45 @@ def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str
     weights = out_dir / "backbone.safetensors"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vit.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt"})
+    # safetensors (0.8) creates its files 0600; an export is for sharing, so give it the mode any file gets here
+    weights.chmod(0o666 & ~_umask())
     meta = {"model_name": model_name, "model_kwargs": model_kwargs, **(extra or {})}
     (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """The first tensor in which `model` and the checkpoint at `path` differ (name or shape), or None.
+
+    Reads only the safetensors header. None too where the checkpoint holds no `model.safetensors` (e.g. sharded
+    FSDP state, which Accelerate checks itself when loading).
+    """
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = model.state_dict()
+    ours = {k: tuple(v.shape) for k, v in state.items()}
+    # Tensors sharing memory (tied weights) are saved once, under one of their names: the others are not missing.
+    same_memory: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for k, v in state.items():
+        same_memory.setdefault((v.data_ptr(), ours[k]), []).append(k)
+    for key in sorted(saved.keys() | ours.keys()):
+        if key not in ours:
+            return f"{key} is in the checkpoint, not in this model"
+        if key in saved:
+            if saved[key] != ours[key]:
+                return f"{key} has shape {list(saved[key])} in the checkpoint, {list(ours[key])} in this model"
+        elif not any(k in saved for k in same_memory[(state[key].data_ptr(), ours[key])]):
+            return f"{key} is in this model, not in the checkpoint"
+    return None
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:
@@ -145,6 +201,12 @@ def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
     cfg = load_config(Path(run_dir) / "config.yaml")
     objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
                                 total_steps=cfg.train.total_steps)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"checkpoint {path} holds no model.safetensors (an FSDP run saves sharded weights, "
+                                "which export and visualize do not read: docs/distributed.md)")
+    mismatch = model_mismatch(objective, path)
+    if mismatch is not None:
+        raise ValueError(f"checkpoint {path} does not fit {Path(run_dir) / 'config.yaml'}: {mismatch}")
     objective.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return objective.eval(), step
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class TrainConfig:
     run_dir: str = "runs/mae"  # outputs: config.yaml, log.jsonl, tensorboard/, checkpoints/, backbone.*
     total_steps: int = 250_228  # optimizer steps (800 epochs of ImageNet-1k's 1,281,167 images at batch 4096)
     warmup_steps: int = 12_511  # linear warmup steps (40 epochs at batch 4096)
-    precision: str = "no"  # no | fp16 | bf16 | auto (auto: bf16 on CUDA, no elsewhere)
+    precision: str | None = None  # null: launcher's --mixed_precision or no | no | fp16 | bf16 | auto (bf16 on CUDA)
     seed: int = 0  # base seed; each rank and loader worker derives its own
     log_every: int = 20  # optimizer steps between scalar logs
     image_every: int = 1000  # optimizer steps between reconstruction grids in TensorBoard; 0 = never
@@ -155,11 +156,27 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, root: type) -> ConfigError:
+    """`key` is the full dotted key the user wrote (`optm.base_lr`, not just the section `optm`)."""
     valid = _all_keys(root)
+    if "." not in key:  # a bare word may be a misspelled section (`--set optm={...}`)
+        valid += [name for name, tp in typing.get_type_hints(root).items() if dataclasses.is_dataclass(tp)]
+    # A known leaf name under a wrong or misspelled section (`trian.total_steps`, `dat.batch_size`): the closest of
+    # the keys ending in that leaf, so `evl.batch_size` finds eval's, not data's. Otherwise the closest full key.
     leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    close = leaf_matches or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if leaf_matches:
+        close = difflib.get_close_matches(key, leaf_matches, n=1, cutoff=0.0)
+    else:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _first_leaf(key: str, value: Any) -> str:
+    """The first full key under an unknown section (`optm` + {"base_lr": 1} → `optm.base_lr`)."""
+    while isinstance(value, dict) and value:
+        name, value = next(iter(value.items()))
+        key = f"{key}.{name}"
+    return key
 
 
 def type_name(tp: Any) -> str:
@@ -171,8 +188,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if isinstance(value, _Raw):
         # Command-line text: a str field takes it verbatim (brace patterns stay intact); any other field
         # reads it as YAML, so ints, floats, bools, null and [a, b] lists mean what they mean in a recipe.
-        if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+        if tp is str:
             return str(value)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp):
+            # `str | None`: `null` (or `~`, or nothing) on the command line means None, as in a recipe
+            nullable = type(None) in typing.get_args(tp)
+            return None if nullable and value.strip() in ("", "~", "null", "Null", "NULL") else str(value)
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -216,7 +237,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", root: type | None 
     for name, value in data.items():
         key = prefix + str(name)
         if name not in names:
-            raise _unknown_key(key, root)
+            raise _unknown_key(_first_leaf(key, value), root)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -287,12 +308,13 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     choices = {
         "objective": (cfg.objective, ("mae", "dino")),
-        "train.precision": (cfg.train.precision, ("no", "fp16", "bf16", "auto")),
+        "train.precision": (cfg.train.precision, (None, "no", "fp16", "bf16", "auto")),
         "eval.pool": (cfg.eval.pool, ("cls", "avg")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            names = ", ".join("null" if a is None else repr(a) for a in allowed)
+            raise ConfigError(f"{key}: {value!r} is not one of [{names}]")
     if not 0.0 <= cfg.mae.mask_ratio < 1.0:
         raise ConfigError(f"mae.mask_ratio: must be in [0, 1), got {cfg.mae.mask_ratio}")
     if cfg.model.img_size % cfg.model.patch_size:
@@ -325,5 +347,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config; loading it back with `load_config(path)` gives the same Config."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config; loading it back with `load_config(path)` gives the same Config.
+
+    Atomic (temp file, then rename): a run dir's config.yaml is what export and resume rebuild the model from,
+    so a write killed half-way must leave the old one whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def differences(old: Any, new: Any, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """`key: old → new` for every key starting with one of `prefixes` whose value differs between two configs."""
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k.startswith(prefixes) and a.get(k) != b.get(k)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -13,14 +14,32 @@ def _has_accelerator() -> bool:
     return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def resolve_precision(requested: str | None) -> str:
+    """The mixed precision to run with: the config's, when it names one; else the launcher's.
+
+    `accelerate launch --mixed_precision X` (or `mixed_precision: X` in its config file) reaches the processes as
+    ACCELERATE_MIXED_PRECISION; launch sets it to "no" when given nothing, and it is unset outside a launcher.
+    An explicit config value wins over it (a recipe is the record of the run), with a warning where they disagree.
+    """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if requested is None:
+        return launcher
+    resolved = ("bf16" if torch.cuda.is_available() else "no") if requested == "auto" else requested
+    # "no" is also what launch passes when given nothing, so only a launcher asking for mixed precision can clash
+    if launcher not in ("no", resolved) and os.environ.get("RANK", "0") == "0":
+        warnings.warn(f"train.precision={requested!r} ({resolved}) overrides the launcher's --mixed_precision "
+                      f"{launcher}; leave train.precision unset (null) to use the launcher's", stacklevel=2)
+    return resolved
+
+
+def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     """An Accelerator for this process, also forming a real multi-process CPU group where there is no GPU.
 
-    Accelerate (1.x) only picks its gloo MULTI_CPU mode when told `cpu=True`. Without it, each process of
-    `accelerate launch --multi_gpu --num_processes N` on a CPU-only machine silently trains alone, as rank 0
-    of 1, and N runs overwrite one another's files.
+    `mixed_precision`: no | fp16 | bf16 | auto (bf16 on CUDA, else no); None takes the launcher's (see
+    `resolve_precision`). Accelerate (1.x) only picks its gloo MULTI_CPU mode when told `cpu=True`. Without it,
+    each process of `accelerate launch --multi_gpu --num_processes N` on a CPU-only machine silently trains alone,
+    as rank 0 of 1, and N runs overwrite one another's files.
     """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if mixed_precision == "auto":  # bf16 autocast where it pays (CUDA), fp32 on CPU
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not _has_accelerator())
+    return Accelerator(mixed_precision=resolve_precision(mixed_precision),
+                       cpu=multi_process and not _has_accelerator())

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ssl_vit.backbone import backbone_kwargs, build_backbone
-from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
-from ssl_vit.config import Config, dump_config
+from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
+from ssl_vit.config import Config, ConfigError, differences, dump_config, load_config
 from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.distributed import make_accelerator
@@ -90,9 +90,6 @@ class Trainer:
         self.cfg, self.acc = cfg, accelerator
         resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
         self.run_dir = Path(cfg.train.run_dir)
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
         _share_cpu_cores(accelerator, cfg.data.num_workers)
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
         set_seed(cfg.train.seed)
@@ -107,15 +104,37 @@ class Trainer:
         self.step, self.counters, self.checkpoint = 0, Counters(), None
         found = latest_checkpoint(self.run_dir)
         if found is not None:
+            self._check_same_model(found[1])
             marker = load_checkpoint(accelerator, found[1])  # also restores every rank's RNG state
             self.step, self.checkpoint = marker["step"], found[1]
             self.counters = Counters.from_dict(marker.get("counters"))
             accelerator.print(f"resumed from {found[1]} (step {self.step})")
+        # Only now: a resume that fails must leave the run's config.yaml (what export rebuilds the model from) alone.
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
         # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
         # and one resumed from any checkpoint then read the same batches.
         self.segment = cfg.train.save_every or cfg.train.total_steps
         self.loader = self._stream(self.step - self.step % self.segment)
         self._fast_forward((self.step % self.segment) * cfg.optim.accum_steps)
+
+    def _check_same_model(self, path: Path) -> None:
+        """Refuse, in one line, a checkpoint of another architecture (e.g. the run dir reused with a new
+        model.depth), naming what differs from the run's config.yaml, before anything is loaded or written."""
+        if self.acc.distributed_type == DistributedType.FSDP:  # sharded save; Accelerate checks it when loading
+            return
+        mismatch = model_mismatch(self.objective, path)
+        if mismatch is None:
+            return
+        try:  # name the keys that changed since the run's own config.yaml, when it can be read
+            saved = load_config(self.run_dir / "config.yaml")
+            changed = differences(saved, self.cfg, ("objective", "model.", f"{self.cfg.objective}."))
+        except (ConfigError, OSError):
+            changed = []
+        since = f"{', '.join(changed)} since the run's config.yaml; " if changed else ""
+        raise ValueError(f"checkpoint {path} was made with a different model config ({since}{mismatch}); resume "
+                         "with the run's own config, or set a new train.run_dir")
 
     def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
@@ -183,7 +202,7 @@ class Trainer:
                 out, batch, loss, wait = self._forward_backward(window)
                 grad_norm = self._grad_norm()
                 # fp16: the grad scaler already skips steps with inf/NaN gradients (and lowers its scale).
-                check_grads = cfg.train.precision != "fp16"
+                check_grads = acc.mixed_precision != "fp16"  # the launcher may have chosen it (distributed.py)
                 finite = math.isfinite(loss) and (not check_grads or bool(grad_norm.isfinite()))
                 stop_now, skip = self._agree(stop, finite)
                 if skip:

@@ -1,5 +1,7 @@
 """Config: closed schema, helpful errors, overrides with type coercion, round trip through the run dir."""
 
+from pathlib import Path
+
 import pytest
 
 from ssl_vit.config import Config, ConfigError, dump_config, load_config
@@ -42,6 +44,33 @@ def test_unknown_key_names_the_closest(tmp_path, source, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("optm.base_lr=1", "optim.base_lr"),
+    ("trian.total_steps=1", "train.total_steps"),
+    ("evl.knn_k=1", "eval.knn_k"),
+    ("dat.batch_size=1", "data.batch_size"),
+    ("evl.batch_size=1", "eval.batch_size"),  # the same leaf in two sections: the closer section wins
+    ("optm.base_lrr=1", "optim.base_lr"),  # section and leaf both misspelled
+])
+def test_misspelled_section_names_the_full_key(override, suggestion):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"unknown config key {key!r}; did you mean {suggestion!r}?"
+
+
+def test_misspelled_section_in_a_recipe(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "optm:\n  base_lr: 1.0e-4\n  weight_decay: 0.1\n"))
+    assert str(err.value) == "unknown config key 'optm.base_lr'; did you mean 'optim.base_lr'?"
+
+
+def test_precision_unset_by_default_and_null_on_the_command_line():
+    assert load_config().train.precision is None  # null: the launcher's --mixed_precision (distributed.py)
+    assert load_config(None, ["train.precision=bf16", "train.precision=null"]).train.precision is None
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+
+
 def test_unknown_override_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.totl_steps'; did you mean 'train.total_steps'\?"):
         load_config(None, ["train.totl_steps=5"])
@@ -77,6 +106,24 @@ def test_unsafe_yaml_is_refused(tmp_path):
 def test_missing_recipe(tmp_path):
     with pytest.raises(ConfigError, match="recipe not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_dump_killed_half_way_leaves_the_old_config_whole(tmp_path, monkeypatch):
+    """A run dir's config.yaml is what export and resume rebuild the model from: never leave it torn."""
+    path = tmp_path / "config.yaml"
+    dump_config(load_config(None, ["model.depth=3"]), path)
+    before = path.read_text()
+    original = Path.write_text
+
+    def dies_half_way(self, data, *args, **kwargs):
+        original(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        dump_config(load_config(None, ["model.depth=5"]), path)
+    monkeypatch.undo()
+    assert path.read_text() == before
 
 
 def test_dump_round_trip(tmp_path):

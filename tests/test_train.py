@@ -80,3 +80,59 @@ def test_interrupt_resume_export_timm_knn(tmp_path, demo, crash_in_step):
 
     scores = knn_eval(ours, cfg.eval, Accelerator(), ks=(1, 5))
     assert set(scores) == {1, 5} and all(0 <= r["top1"] <= r["top5"] <= 100 for r in scores.values())
+
+
+@pytest.mark.parametrize("launcher, setting, expected", [
+    ("bf16", None, "bf16"),  # config leaves it unset: `accelerate launch --mixed_precision bf16` applies
+    ("bf16", "no", "no"),  # an explicit config value wins (with a warning naming both)
+    (None, None, "no"),  # no launcher, nothing set: fp32
+])
+def test_launcher_precision_applies_unless_the_config_names_one(monkeypatch, launcher, setting, expected):
+    import warnings
+
+    from accelerate.state import AcceleratorState
+
+    from ssl_vit.distributed import make_accelerator
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # what `accelerate launch` passes its processes
+    cfg = load_config(None, [] if setting is None else [f"train.precision={setting}"])
+    # Accelerate keeps one process-wide state, whose precision cannot change: a fresh one here, then back
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert make_accelerator(cfg.train.precision).mixed_precision == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    clash = [str(w.message) for w in caught if "overrides the launcher" in str(w.message)]
+    assert len(clash) == (expected != (launcher or "no"))
+
+
+def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tmp_path, demo):
+    run = tmp_path / "run"
+    base = TINY + [f"data.train={demo.train}", f"train.run_dir={run}", "train.total_steps=2", "train.save_every=2",
+                   "train.image_every=0"]
+    pretrain(load_config(None, base))
+    saved = (run / "config.yaml").read_text()
+
+    with pytest.raises(ValueError) as err:
+        pretrain(load_config(None, base + ["model.depth=1"]))
+    message = str(err.value)
+    assert "\n" not in message and "step_00000002 was made with a different model config" in message
+    assert "model.depth: 2 → 1" in message
+    assert (run / "config.yaml").read_text() == saved  # the run dir still describes its checkpoint
+    export_run(run, tmp_path / "exported")  # ... so export still works
+
+    # A config.yaml that no longer fits its checkpoint (edited by hand): export says so, in one line
+    (run / "config.yaml").write_text(saved.replace("depth: 2", "depth: 1"))
+    with pytest.raises(ValueError, match=r"^checkpoint .*step_00000002 does not fit .*config.yaml: "
+                                         r"backbone\.blocks\.1\..* is in the checkpoint, not in this model$"):
+        export_run(run, tmp_path / "exported_again")
+
+    # A checkpoint without model.safetensors (FSDP writes sharded pytorch_model_fsdp_0/): a message, not a traceback
+    (run / "checkpoints" / "step_00000002" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step_00000002 holds no model.safetensors \(an FSDP run"):
+        export_run(run, tmp_path / "exported_again")
