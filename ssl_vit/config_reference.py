@@ -11,7 +11,8 @@ import inspect
 import re
 import typing
 
-from ssl_vit.config import Config, type_name
+from ssl_vit.config import Config
+from ssl_vit.config_schema import type_name
 
 _FIELD = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
 

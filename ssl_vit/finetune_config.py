@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssl_vit.config import ConfigError, load_dataclass
+from ssl_vit.config_schema import ConfigError, load_dataclass
 
 
 @dataclass(frozen=True)

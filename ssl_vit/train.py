@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
-from ssl_vit.config import Config, ConfigError, differences, dump_config, load_config
+from ssl_vit.config import Config, ConfigError, dump_config, load_config
+from ssl_vit.config_schema import differences
 from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.distributed import make_accelerator

@@ -147,8 +147,8 @@ def test_every_shipped_recipe_loads():
 def test_config_reference_is_current_and_complete():
     from pathlib import Path
 
-    from ssl_vit.config import _all_keys
     from ssl_vit.config_reference import render_reference
+    from ssl_vit.config_schema import _all_keys
 
     text = render_reference()
     doc = Path(__file__).parent.parent / "docs" / "config.md"
