@@ -6,32 +6,36 @@ import argparse
 import json
 from pathlib import Path
 
+from ssl_vit.eval.baseline import RANDOM_INIT_SEED
+
 FINETUNE_DEMO_RECIPE = "finetune_demo_tiny.yaml"
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ssl_vit.checkpoint import load_backbone
     from ssl_vit.config import EvalConfig
     from ssl_vit.distributed import make_accelerator
-    from ssl_vit.eval.features import FeatureSpec
-    from ssl_vit.eval.knn import knn_eval
+    from ssl_vit.eval.baseline import load_eval_backbone
+    from ssl_vit.eval.features import FeatureSpec, describe_skipped
+    from ssl_vit.eval.knn import knn_report
 
     cfg = dataclasses.replace(EvalConfig(), knn_train=args.train, knn_val=args.val, knn_k=args.k[0],
                               knn_temperature=args.temperature, pool=args.pool, batch_size=args.batch_size,
                               num_workers=args.num_workers, crop_ratio=args.crop_ratio)
     spec = FeatureSpec(args.pool, args.n_last_blocks, args.avgpool)
     accelerator = make_accelerator()
-    vit, _ = load_backbone(args.backbone, random_init=args.random_init)
-    results = knn_eval(vit, cfg, accelerator, ks=args.k, allow_pipe=args.allow_pipe, spec=spec,
-                       cache_dir=args.cache_dir)
+    vit, _ = load_eval_backbone(args.backbone, random_init=args.random_init, seed=args.seed)
+    report = knn_report(vit, cfg, accelerator, ks=args.k, allow_pipe=args.allow_pipe, spec=spec,
+                        cache_dir=args.cache_dir)
     if accelerator.is_main_process:
-        for k, r in results.items():
+        print(f"k-NN data: {report.n_train} train images ({describe_skipped(report.skipped['train'])}), "
+              f"{report.n_val} val images ({describe_skipped(report.skipped['val'])})")
+        for k, r in report.scores.items():
             print(f"k-NN k={k} T={args.temperature} ({spec.describe()}): top-1 {r['top1']:.2f}%  "
                   f"top-5 {r['top5']:.2f}%")
         if args.out:
-            Path(args.out).write_text(json.dumps({str(k): r for k, r in results.items()}, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return 0
 
 
@@ -40,11 +44,16 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
 
     from ssl_vit.checkpoint import load_backbone
     from ssl_vit.distributed import make_accelerator
+    from ssl_vit.eval.features import describe_skipped
     from ssl_vit.eval.linear import ProbeData, customize, linear_probe, probe_protocol
 
     torch.manual_seed(args.seed)  # a reproducible random init (the baseline), hence a feature-cache hit next time
     vit, meta = load_backbone(args.backbone, random_init=args.random_init)
-    proto = customize(probe_protocol(args.protocol, vit.embed_dim), pool=args.pool, n_last_blocks=args.n_last_blocks,
+    protocol = probe_protocol(args.protocol, vit.embed_dim)
+    if args.epochs is not None and args.warmup_epochs is None and args.epochs < protocol.warmup_epochs:
+        raise ValueError(f"--epochs {args.epochs} is shorter than the {args.protocol} protocol's "
+                         f"{protocol.warmup_epochs} warmup epochs; set --warmup-epochs (0 to {args.epochs})")
+    proto = customize(protocol, pool=args.pool, n_last_blocks=args.n_last_blocks,
                       avgpool=args.avgpool, base_lrs=args.lr, weight_decays=args.wd, epochs=args.epochs,
                       warmup_epochs=args.warmup_epochs, batch_size=args.batch_size)
     data = ProbeData(args.train, args.val, args.extract_batch_size, args.num_workers, args.crop_ratio,
@@ -54,6 +63,8 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
                           meta={"backbone": str(args.backbone), "random_init": args.random_init,
                                 "model_name": meta["model_name"]})
     if accelerator.is_main_process:
+        print(f"linear probe data: {result['n_train']} train images ({describe_skipped(result['skipped']['train'])}), "
+              f"{result['n_val']} val images ({describe_skipped(result['skipped']['val'])})")
         for head in result["heads"]:
             print(f"  {head['name']}: top-1 {head['top1']:.2f}%  top-5 {head['top5']:.2f}%  "
                   f"(epoch {head['best_epoch']})")
@@ -127,6 +138,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="per-device batch (default: 256)")
     p.add_argument("--num-workers", type=int, default=4, help="loader workers per rank (default: 4)")
     p.add_argument("--random-init", action="store_true", help="same architecture, untrained (baseline)")
+    p.add_argument("--seed", type=int, default=RANDOM_INIT_SEED,
+                   help=f"seed of the --random-init weights (default: {RANDOM_INIT_SEED})")
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run commands)")
     p.add_argument("--cache-dir", default=None, help="cache the features here (safetensors, keyed by backbone + data)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -1,6 +1,8 @@
-"""Extended features (cls / avg / last-N concat + avg) against naive block loops; the on-disk feature cache."""
+"""Extended features (cls / avg / last-N concat + avg) against naive block loops; every sample kept, skipped
+ones counted; the on-disk feature cache."""
 
 import os
+import stat
 
 import pytest
 import timm
@@ -9,9 +11,10 @@ from accelerate import Accelerator
 
 import ssl_vit.eval.features as features_mod
 from ssl_vit.backbone import encode
-from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.demo import ensure_demo_data, render
 from ssl_vit.data.shards import resolve_shards
-from ssl_vit.eval.features import FeatureSpec, extract_features, image_features
+from ssl_vit.data.writer import write_samples
+from ssl_vit.eval.features import FeatureSpec, describe_skipped, extract_features, image_features
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0, dynamic_img_size=True)
 
@@ -104,3 +107,71 @@ def test_cache_hit_identical_and_invalidated(tmp_path, demo, monkeypatch):
     calls.clear()  # another feature spec → a miss
     extract_features(vit, demo.knn_train, acc, **{**kwargs, "spec": FeatureSpec("avg")})
     assert calls and len(list(cache.iterdir())) == 4
+
+
+def _write(out, prefix, samples):
+    """Shards out/prefix-*.tar of these samples (one shard); returns the shard's path."""
+    write_samples(samples, out, prefix)
+    return str(out / f"{prefix}-000000.tar")
+
+
+def _labelled(split, n, key=lambda i: f"s{i:04d}"):
+    for i in range(n):
+        png, label = render(split, i)
+        yield {"__key__": key(i), "png": png, "cls": str(label).encode()}
+
+
+def test_same_keys_in_two_shards_are_two_samples_each_kept(tmp_path):
+    # Two shards written apart (two make-shards runs), different images under the same keys s0000..s0039.
+    a = _write(tmp_path, "a", _labelled("knn_train", 40))
+    b = _write(tmp_path, "b", _labelled("knn_val", 40))
+    acc, vit = Accelerator(), tiny_vit()
+    kwargs = dict(batch_size=16, num_workers=0, crop_ratio=1.0)
+    both = extract_features(vit, [a, b], acc, **kwargs)
+    assert both.features.shape[0] == 80 and both.keys == sorted([f"s{i:04d}" for i in range(40)] * 2)
+    alone = torch.cat([extract_features(vit, s, acc, **kwargs).features for s in (a, b)])
+    assert sorted(map(tuple, both.features.tolist())) == sorted(map(tuple, alone.tolist()))
+    # The order does not depend on the read order (the probe's batches follow it): shards swapped, same result.
+    swapped = extract_features(vit, [b, a], acc, **kwargs)
+    assert torch.equal(swapped.features, both.features) and torch.equal(swapped.labels, both.labels)
+
+
+def test_a_shard_listed_twice_is_read_once(tmp_path, caplog):
+    a = _write(tmp_path, "a", _labelled("knn_train", 12))
+    acc, vit = Accelerator(), tiny_vit()
+    with caplog.at_level("WARNING"):
+        twice = extract_features(vit, [str(tmp_path), a], acc, batch_size=8, num_workers=0, crop_ratio=1.0)
+    assert twice.features.shape[0] == 12 and "1 of 2 shards are listed more than once" in caplog.text
+
+
+def test_skipped_samples_are_counted_by_reason_and_kept_in_the_cache(tmp_path):
+    good = list(_labelled("knn_val", 15))
+    bad = [{"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(4)]
+    bad.append({"__key__": "badlabel", "png": good[0]["png"], "cls": b"cat"})
+    shard = _write(tmp_path / "shards", "val", good[:8] + bad + good[8:])
+    acc, vit = Accelerator(), tiny_vit()
+    kwargs = dict(batch_size=4, num_workers=0, crop_ratio=1.0, cache_dir=tmp_path / "cache")
+    feats = extract_features(vit, shard, acc, **kwargs)
+    want = {"read_error": 0, "no_image": 0, "corrupt_image": 4, "too_large": 0, "bad_label": 1}
+    assert feats.features.shape[0] == 15 and feats.skipped == want
+    assert describe_skipped(feats.skipped) == "5 skipped (corrupt_image 4, bad_label 1)"
+    assert extract_features(vit, shard, acc, **kwargs).skipped == want  # a cache hit keeps the counts
+
+
+def test_cache_files_are_readable_by_others_as_the_umask_allows(tmp_path, demo):
+    old = os.umask(0o027)
+    try:
+        extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0,
+                         cache_dir=tmp_path / "c1")
+    finally:
+        os.umask(old)
+    (entry,) = (tmp_path / "c1").iterdir()
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o640  # 0o666 & ~0o027; safetensors alone makes it 0o600
+    old = os.umask(0o022)
+    try:
+        extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0,
+                         cache_dir=tmp_path / "c2")
+    finally:
+        os.umask(old)
+    (entry,) = (tmp_path / "c2").iterdir()
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o644

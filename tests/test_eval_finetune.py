@@ -12,8 +12,13 @@ from safetensors.torch import load_file
 
 import ssl_vit.eval.finetune as ft
 from ssl_vit.checkpoint import export_backbone, load_backbone
+from ssl_vit.cli import main
 from ssl_vit.config import ConfigError
 from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.writer import write_samples
+from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.finetune_config import FinetuneConfig, FTModelConfig, load_finetune_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +54,12 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     calls = []
     real_call = ft.Mixup.__call__
     monkeypatch.setattr(ft.Mixup, "__call__", lambda self, x, y: calls.append(len(x)) or real_call(self, x, y))
+    # val: the demo's 10 images and a shard of 3 corrupt ones, which are left out and reported
+    write_samples(({"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(3)), tmp_path, "bad")
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join([*resolve_shards(demo.knn_val), str(tmp_path / "bad-000000.tar")]))
     cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
-        f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
+        f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={val}",
         "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=2",
         "train.log_every=1", f"train.run_dir={tmp_path / 'run'}"])
     aug = cfg.augment  # every augmentation on: RandAugment, random erasing, mixup + cutmix, smoothing, drop path
@@ -64,6 +73,8 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     run = tmp_path / "run"
     summary = json.loads((run / "finetune.json").read_text())
     assert summary["num_classes"] == 10 and summary["n_train"] == 24 and summary["best"]["n"] == 10
+    assert summary["skipped"]["val"] == {**dict.fromkeys(SKIP_REASONS, 0), "corrupt_image": 3}
+    assert summary["skipped"]["train"] == dict.fromkeys(SKIP_REASONS, 0)
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 2]
 
     # The best model, head included, loads in plain timm and gives the same logits.
@@ -117,3 +128,68 @@ def test_every_finetune_key_is_documented():
             for f in dataclasses.fields(section.default_factory())]
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert not missing, f"docs/evaluation.md does not list {missing}"
+
+
+def mae_layer_id(name, num_layers):
+    """facebookresearch/mae util/lr_decay.py get_layer_id_for_vit, verbatim."""
+    if name in ["cls_token", "pos_embed"]:
+        return 0
+    elif name.startswith("patch_embed"):
+        return 0
+    elif name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    else:
+        return num_layers
+
+
+def assert_mae_layer_decay(model, groups, decay, weight_decay):
+    """Per parameter, the lr scale and weight decay of MAE's param_groups_lrd (util/lr_decay.py)."""
+    num_layers = len(model.blocks) + 1
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(scale) == len(names)  # every parameter in exactly one group
+    for name, param in names.items():
+        assert scale[id(param)] == pytest.approx(decay ** (num_layers - mae_layer_id(name, num_layers))), name
+        assert wd[id(param)] == (0.0 if param.ndim == 1 or name in ("cls_token", "pos_embed") else weight_decay), name
+    return {name: scale[id(param)] for name, param in names.items()}
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_layer_decay_scales_match_mae_per_parameter(setup, pool):
+    _, backbone = setup
+    model, _, _ = ft.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
+    scales = assert_mae_layer_decay(model, param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.65), 0.65, 0.05)
+    head_side = ["head.weight", "head.bias"] + (["fc_norm.weight"] if pool == "avg" else ["norm.weight"])
+    assert all(scales[n] == 1.0 for n in head_side)  # the final norm / fc_norm and head: the full lr
+    assert scales["blocks.1.norm1.weight"] == pytest.approx(0.65) and scales["pos_embed"] == pytest.approx(0.65 ** 3)
+
+
+def test_finetune_optimizer_uses_mae_layer_decay_with_cls_pool(tmp_path, setup, monkeypatch):
+    demo, backbone = setup
+    built, used = [], []
+    real_build = ft.build_classifier
+    monkeypatch.setattr(ft, "build_classifier", lambda *a: built.append(real_build(*a)) or built[-1])
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            used.extend(params)
+            super().__init__(used, **kwargs)
+
+    monkeypatch.setattr(ft.torch.optim, "AdamW", Recording)
+    cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
+        f"model.backbone={backbone}", "model.pool=cls", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=1",
+        f"train.run_dir={tmp_path / 'run'}"])
+    ft.finetune(cfg, Accelerator())
+    scales = assert_mae_layer_decay(built[0][0], used, cfg.optim.layer_decay, cfg.optim.weight_decay)
+    assert scales["norm.weight"] == scales["norm.bias"] == 1.0  # timm's groups gave it the last block's decay
+
+
+def test_zero_max_steps_is_a_one_line_error(tmp_path, setup, capsys):
+    demo, backbone = setup
+    argv = ["finetune", "--set", f"model.backbone={backbone}", "--set", f"data.train={demo.knn_train}",
+            "--set", f"data.val={demo.knn_val}", "--set", "train.max_steps=0", "--set", f"train.run_dir={tmp_path}"]
+    assert main(argv) == 2  # was a KeyError traceback: no step, so no evaluation and no best score
+    err = capsys.readouterr().err
+    assert err == "ssl-vit finetune: error: train.max_steps: must be at least 1 (or null for every epoch), got 0\n"

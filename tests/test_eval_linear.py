@@ -10,6 +10,9 @@ import torch
 from ssl_vit.checkpoint import export_backbone
 from ssl_vit.cli import main
 from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.writer import write_samples
+from ssl_vit.eval.baseline import load_eval_backbone
 from ssl_vit.eval.features import Features, FeatureSpec
 from ssl_vit.eval.linear import ProbeProtocol, probe_features, probe_protocol
 
@@ -97,5 +100,79 @@ def test_knn_command_extended_features(tmp_path, setup, capsys):
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "knn.json")]
     assert main(argv) == 0
     assert "cls of the last 2 blocks + avg" in capsys.readouterr().out
-    assert set(json.loads((tmp_path / "knn.json").read_text())) == {"1", "5"}
+    assert set(json.loads((tmp_path / "knn.json").read_text())) == {"1", "5", "n_train", "n_val", "skipped"}
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and val features
+
+
+@pytest.fixture(scope="module")
+def corrupt_val(setup, tmp_path_factory):
+    """The demo val shards plus one shard of 5 unusable samples (4 corrupt PNGs, 1 bad label), as a .txt list."""
+    demo, _ = setup
+    root = tmp_path_factory.mktemp("corrupt")
+    bad = [{"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(4)]
+    bad.append({"__key__": "badlabel", "png": b"x", "cls": b"cat"})
+    write_samples(bad, root, "bad")
+    listing = root / "val.txt"
+    listing.write_text("\n".join([*resolve_shards(demo.knn_val), str(root / "bad-000000.tar")]) + "\n")
+    return str(listing)
+
+
+SKIPPED_VAL = {"read_error": 0, "no_image": 0, "corrupt_image": 4, "too_large": 0, "bad_label": 1}
+
+
+def test_knn_command_reports_skipped_samples(tmp_path, setup, corrupt_val, capsys):
+    demo, backbone = setup
+    argv = ["knn", "--backbone", str(backbone), "--train", demo.knn_train, "--val", corrupt_val, "--k", "5",
+            "--num-workers", "0", "--crop-ratio", "1.0", "--out", str(tmp_path / "knn.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "40 train images (none skipped), 20 val images (5 skipped (corrupt_image 4, bad_label 1))" in out
+    result = json.loads((tmp_path / "knn.json").read_text())
+    assert result["skipped"] == {"train": dict.fromkeys(SKIPPED_VAL, 0), "val": SKIPPED_VAL}
+    assert (result["n_train"], result["n_val"]) == (40, 20)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_linear_probe_command_reports_skipped_samples(tmp_path, setup, corrupt_val, capsys, augment):
+    demo, backbone = setup
+    out = tmp_path / "out"
+    argv = ["linear-probe", "--backbone", str(backbone), "--train", corrupt_val, "--val", corrupt_val,
+            "--protocol", "dino", "--lr", "0.1", "--epochs", "1", "--batch-size", "8", "--num-workers", "0",
+            "--crop-ratio", "1.0", "--extract-batch-size", "16", "--out", str(out)]
+    assert main(argv + (["--train-size", "20", "--augment"] if augment else [])) == 0
+    result = json.loads((out / "linear_probe.json").read_text())
+    assert result["n_val"] == 20 and result["skipped"]["val"] == SKIPPED_VAL
+    if augment:  # skips met while drawing 2 batches of 8 from a resampled stream: some, of these two reasons
+        train = result["skipped"]["train"]
+        assert set(train) == set(SKIPPED_VAL) and train["read_error"] == train["no_image"] == train["too_large"] == 0
+    else:
+        assert result["n_train"] == 20 and result["skipped"]["train"] == SKIPPED_VAL
+        assert "20 train images (5 skipped (corrupt_image 4, bad_label 1))" in capsys.readouterr().out
+
+
+def test_short_probe_without_warmup_flag_names_the_flag(setup, capsys):
+    demo, backbone = setup
+    argv = ["linear-probe", "--backbone", str(backbone), "--train", demo.knn_train, "--val", demo.knn_val,
+            "--epochs", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 2 is shorter than the mae protocol's 10 warmup epochs; set --warmup-epochs (0 to 2)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_knn_random_init_baseline_is_reproducible(tmp_path, setup, capsys):
+    demo, backbone = setup
+    argv = ["knn", "--backbone", str(backbone), "--train", demo.knn_train, "--val", demo.knn_val, "--k", "1", "5",
+            "--num-workers", "0", "--crop-ratio", "1.0", "--random-init"]
+    runs = []
+    for i, seed in enumerate(["0", "0", "1"]):
+        torch.manual_seed(100 + i)  # whatever the global RNG holds, the baseline's weights come from --seed
+        assert main(argv + ["--seed", seed, "--out", str(tmp_path / f"{i}.json")]) == 0
+        runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    assert runs[0] == runs[1]
+    vits = []
+    for seed in (0, 0, 1):
+        vit, _ = load_eval_backbone(backbone, random_init=True, seed=seed)
+        vits.append(vit.state_dict())
+    assert all(torch.equal(vits[0][k], vits[1][k]) for k in vits[0])
+    assert not torch.equal(vits[0]["blocks.0.attn.qkv.weight"], vits[2]["blocks.0.attn.qkv.weight"])

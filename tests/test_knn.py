@@ -37,9 +37,32 @@ def test_several_k_in_one_pass_and_separable_clusters():
     centers = torch.randn(4, 16) * 5
     labels = torch.arange(4).repeat_interleave(30)
     feats = centers[labels] + 0.1 * torch.randn(120, 16)
-    out = knn_classify(feats[::2], labels[::2], feats[1::2], labels[1::2], ks=(1, 10, 200))
-    assert set(out) == {1, 10, 200}
+    out = knn_classify(feats[::2], labels[::2], feats[1::2], labels[1::2], ks=(1, 10, 60))
+    assert set(out) == {1, 10, 60}
     assert all(r["top1"] == 100.0 for r in out.values())
+
+
+@pytest.mark.parametrize("ks, t, message", [
+    ((20, 20), 0.07, r"k-NN ks \[20, 20\] repeat a value"),  # counted each k's hits twice: top-5 above 100%
+    ((0,), 0.07, "k-NN k must be ≥ 1, got 0"),  # scored 0% silently
+    ((5, 31), 0.07, "k-NN k=31 exceeds the 30 train samples; choose k ≤ 30"),  # reported k=30's score as k=31's
+    ((), 0.07, "at least one k"),
+    ((5,), 0.0, "k-NN temperature must be > 0, got 0.0"),
+    ((5,), -0.07, "k-NN temperature must be > 0, got -0.07"),
+    ((5,), float("nan"), "k-NN temperature must be > 0, got nan"),
+])
+def test_bad_ks_and_temperature_are_one_line_errors(ks, t, message):
+    torch.manual_seed(0)
+    train, val = torch.randn(30, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=message):
+        knn_classify(train, torch.randint(0, 7, (30,)), val, torch.randint(0, 7, (10,)), ks=ks, temperature=t)
+
+
+def test_k_equal_to_the_train_size_is_allowed():
+    torch.manual_seed(0)
+    train, val = torch.randn(30, 8), torch.randn(10, 8)
+    out = knn_classify(train, torch.randint(0, 7, (30,)), val, torch.randint(0, 7, (10,)), ks=(30,))
+    assert 0 <= out[30]["top1"] <= out[30]["top5"] <= 100
 
 
 def test_unlabelled_is_refused():

@@ -46,4 +46,6 @@ def test_two_process_pretrain_and_knn(tmp_path, demo, accelerate_launch):
     run(accelerate_launch() + ["tools/knn.py", *knn, "--out", str(tmp_path / "two.json")])
     run([sys.executable, "-m", "ssl_vit", "knn", *knn, "--out", str(tmp_path / "one.json")])
     two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
-    assert two == one and set(one) == {"5", "20"}
+    assert two == one and set(one) == {"5", "20", "n_train", "n_val", "skipped"}
+    assert (one["n_train"], one["n_val"]) == (60, 30)
+    assert not any(n for split in one["skipped"].values() for n in split.values())

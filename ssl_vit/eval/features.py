@@ -1,4 +1,4 @@
-"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample key.
+"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample read.
 
 A feature is the cls token or the mean patch token (after the final norm) of each of the last N blocks,
 concatenated, optionally followed by the mean patch token of the last block (DINO's linear-probe features).
@@ -6,8 +6,11 @@ concatenated, optionally followed by the mean patch token of the last block (DIN
 
 from __future__ import annotations
 
+import logging
+import os
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,10 +20,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ssl_vit.data.shards import eval_stream
+from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.shards import eval_stream, resolve_shards
 from ssl_vit.data.transforms import eval_transform
 
+log = logging.getLogger(__name__)
+
 POOLS = ("avg", "cls")
+_TIE_VALUES = 8  # leading values of a row that order samples sharing a key
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,41 @@ class FeatureSpec:
         return name + (" + avg" if self.avgpool else "")
 
 
+def no_skips() -> dict[str, int]:
+    return dict.fromkeys(SKIP_REASONS, 0)
+
+
 @dataclass
 class Features:
     features: Tensor  # (N, D) float32 on CPU, sorted by key
     labels: Tensor  # (N,) int64, -1 where a sample has no label
-    keys: list[str]
+    keys: list[str]  # may repeat: shards written apart can reuse keys for different images
+    skipped: dict[str, int] = field(default_factory=no_skips)  # unusable samples by reason, all ranks summed
+
+
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """The counts for a one-line summary: `none skipped` or `5 skipped (corrupt_image 5)`."""
+    total = sum(skipped.values())
+    if not total:
+        return "none skipped"
+    return f"{total} skipped (" + ", ".join(f"{r} {n}" for r, n in skipped.items() if n) + ")"
+
+
+def distinct_shards(shards: str | Sequence[str], allow_pipe: bool = False) -> str | Sequence[str]:
+    """`shards` with every shard once. A shard named twice (a folder and a pattern that both hold it) would
+    otherwise be read twice, on one rank or on two, and its samples counted twice."""
+    urls = resolve_shards(shards, allow_pipe)
+    seen, unique = set(), []
+    for url in urls:
+        local = url.removeprefix("file:")
+        identity = os.path.realpath(local) if os.path.isfile(local) else url
+        if identity not in seen:
+            seen.add(identity)
+            unique.append(url)
+    if len(unique) == len(urls):
+        return shards  # unchanged: resolving an already resolved list again could re-expand braces in file names
+    log.warning("%d of %d shards are listed more than once; reading each once", len(urls) - len(unique), len(urls))
+    return unique
 
 
 def image_features(vit: VisionTransformer, images: Tensor, spec: FeatureSpec) -> Tensor:
@@ -76,7 +113,8 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
                      spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,
                      crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
                      cache_dir: str | Path | None = None) -> Features:
-    """Every rank encodes its share of the shards; all ranks get the full, de-duplicated, key-sorted result.
+    """Every rank encodes its share of the shards; all ranks get the full, key-sorted result, with the counts of
+    unusable samples (by reason) summed over the ranks. A shard listed twice is read once.
 
     With `cache_dir`, the result is stored there (safetensors) under a key of the backbone's weights and
     architecture, the feature spec, the transform and the shards (paths, sizes, mtimes); a later call with
@@ -93,18 +131,23 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
             return load_cached(path)
     vit = vit.to(accelerator.device).eval()
     transform = eval_transform(vit.patch_embed.img_size[0], crop_ratio)
-    loader = eval_stream(shards, transform, batch_size=batch_size, num_workers=num_workers,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes,
-                         allow_pipe=allow_pipe)
+    loader = eval_stream(distinct_shards(shards, allow_pipe), transform, batch_size=batch_size,
+                         num_workers=num_workers, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, allow_pipe=allow_pipe)
     feats, labels, keys = [], [], []
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, unit="batch"):
         with accelerator.autocast():
             feats.append(image_features(vit, batch["image"].to(accelerator.device, non_blocking=True), spec).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
+        skipped += batch["skipped"].sum(dim=0)
     local_f = torch.cat(feats) if feats else torch.zeros(0, spec.dim(vit.embed_dim), device=accelerator.device)
     local_l = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    result = gather_by_key(accelerator, local_f, local_l, keys)
+    result = gather_by_key(accelerator, local_f, local_l, keys, skipped)
+    if accelerator.is_main_process and sum(result.skipped.values()):
+        log.warning("%s: %s of %d samples", desc, describe_skipped(result.skipped),
+                    len(result.keys) + sum(result.skipped.values()))
     if path is not None:
         if accelerator.is_main_process:
             save_cached(path, result)
@@ -112,15 +155,33 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
     return result
 
 
-def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: list[str]) -> Features:
-    """Rows of every rank on every rank, one per sample key, sorted by key (a collective: all ranks call)."""
+def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: list[str],
+                  skipped: Tensor | None = None) -> Features:
+    """Rows of every rank on every rank, sorted by key, and the (n_reasons,) `skipped` counts of every rank
+    summed (a collective: all ranks call).
+
+    Every row is kept: each sample is read once (`distinct_shards`, shards dealt to ranks), and two rows with
+    one key are two samples of different shards. Those are ordered by label, then by their leading values, so the
+    order (the linear probe's batches) does not depend on how many ranks or workers read them.
+    """
     all_r, all_l, all_k = _gather(accelerator, rows, labels, keys)
-    # A sample can reach two ranks only if a shard was listed twice; keep one row per key, in key order.
-    first: dict[str, int] = {}
-    for i, key in enumerate(all_k):
-        first.setdefault(key, i)
-    order = [first[k] for k in sorted(first)]
-    return Features(all_r[order].cpu(), all_l[order].cpu(), sorted(first))
+    repeated = {k for k, n in Counter(all_k).items() if n > 1}
+    if repeated:
+        # Numeric and only the first values (one small transfer, not N × D Python floats): rows of one image
+        # computed on another rank differ in the last bits at most, and two images almost never tie on these.
+        tie = list(zip(all_l.tolist(), all_r[:, :_TIE_VALUES].float().cpu().tolist(), strict=True))
+        order = sorted(range(len(all_k)), key=lambda i: (all_k[i], tie[i] if all_k[i] in repeated else ()))
+    else:
+        order = sorted(range(len(all_k)), key=all_k.__getitem__)
+    totals = no_skips() if skipped is None else skip_totals(accelerator, skipped)
+    return Features(all_r[order].cpu(), all_l[order].cpu(), [all_k[i] for i in order], totals)
+
+
+def skip_totals(accelerator: Accelerator, skipped: Tensor) -> dict[str, int]:
+    """This rank's (n_reasons,) skip counts summed over all ranks, by reason (a collective: all ranks call)."""
+    local = skipped.to(device=accelerator.device, dtype=torch.long).reshape(1, len(SKIP_REASONS))
+    total = accelerator.gather(local).sum(dim=0) if accelerator.num_processes > 1 else local[0]
+    return dict(zip(SKIP_REASONS, total.tolist(), strict=True))
 
 
 def _gather(accelerator: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) -> tuple[Tensor, Tensor,

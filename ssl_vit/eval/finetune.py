@@ -2,8 +2,9 @@
 
     model = timm ViT + head, backbone weights loaded (pool avg: fresh fc_norm, as MAE's global pool)
     data  = labelled resampled shards → timm.data.create_transform (RandAugment, random erasing) → Mixup/CutMix
-    optim = AdamW over timm's layer-decay param groups; lr = warmup_cosine(step) × each group's lr_scale
-    every epoch: top-1/top-5 on val (gathered by sample key across ranks); the best is exported timm-loadable
+    optim = AdamW over MAE's layer-decay param groups; lr = warmup_cosine(step) × each group's lr_scale
+    every epoch: top-1/top-5 on val (gathered across ranks); the best is exported timm-loadable
+    skipped (unusable) samples are counted by reason, train and val, all ranks summed
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from timm.data import Mixup, auto_augment, create_transform
 from timm.data.auto_augment import RandAugment
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_layer_decay
 from tqdm.auto import tqdm
 
 from ssl_vit.checkpoint import export_backbone, load_backbone
 from ssl_vit.config import to_dict
+from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ssl_vit.distributed import make_accelerator
-from ssl_vit.eval.features import gather_by_key
+from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key, skip_totals
 from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
+from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
 from ssl_vit.finetune_config import FinetuneConfig, FTAugmentConfig, FTModelConfig
 from ssl_vit.run_log import RunLog
@@ -111,25 +113,29 @@ def mixup_and_criterion(cfg: FTAugmentConfig, num_classes: int) -> tuple[Mixup |
 
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accelerator, *, img_size: int,
-                        batch_size: int, num_workers: int, crop_ratio: float, allow_pipe: bool) -> dict[str, float]:
-    """Top-1/top-5 (%) over the val shards; every rank reads its share, logits are gathered by sample key."""
+                        batch_size: int, num_workers: int, crop_ratio: float, allow_pipe: bool) -> dict[str, Any]:
+    """{"top1", "top5" (%), "n", "skipped" (by reason)} over the val shards; every rank reads its share, logits
+    and skip counts are gathered from all ranks."""
     was_training = model.training
     model.eval()
-    loader = eval_stream(shards, eval_transform(img_size, crop_ratio), batch_size=batch_size,
-                         num_workers=num_workers, rank=accelerator.process_index,
+    loader = eval_stream(distinct_shards(shards, allow_pipe), eval_transform(img_size, crop_ratio),
+                         batch_size=batch_size, num_workers=num_workers, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, allow_pipe=allow_pipe)
     logits, labels, keys = [], [], []
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in loader:
         with accelerator.autocast():
             logits.append(model(batch["image"].to(accelerator.device, non_blocking=True)).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
+        skipped += batch["skipped"].sum(dim=0)
     n_classes = model.num_classes
     local_logits = torch.cat(logits) if logits else torch.zeros(0, n_classes, device=accelerator.device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    result = gather_by_key(accelerator, local_logits, local_labels, keys)
+    result = gather_by_key(accelerator, local_logits, local_labels, keys, skipped)
     model.train(was_training)
-    return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0])}
+    return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0]),
+            "skipped": result.skipped}
 
 
 def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -145,6 +151,8 @@ def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch."""
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:  # no step, no evaluation: nothing to report
+        raise ValueError(f"train.max_steps: must be at least 1 (or null for every epoch), got {cfg.train.max_steps}")
     accelerator = accelerator or make_accelerator(cfg.train.precision)
     run_dir = Path(cfg.train.run_dir)
     if accelerator.is_main_process:
@@ -158,8 +166,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
     set_seed(cfg.train.seed)  # the same head init on every rank
     model, model_name, model_kwargs = build_classifier(cfg.model, num_classes)
     img_size = model.patch_embed.img_size[0]
-    groups = param_groups_layer_decay(model, opt.weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=opt.layer_decay)
+    groups = param_groups_lrd(model, opt.weight_decay, model.no_weight_decay(), opt.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas)  # lr comes from the schedule every step
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -184,6 +191,8 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
     bar = tqdm(total=last, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
     best: dict[str, Any] = {"top1": -1.0}
     history, window, t0 = [], [0.0, 0], time.perf_counter()
+    train_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # met while drawing batches (resampled)
+    val_skipped: dict[str, int] = {}
     model.train()
     for step in range(last):
         lr = warmup_cosine(step, total, cfg.train.warmup_epochs * steps_per_epoch, peak, opt.min_lr)
@@ -191,6 +200,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
             group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay
         for micro in range(opt.accum_steps):
             batch = next(loader)
+            train_skipped += batch["skipped"].sum(dim=0)
             images = batch["image"].to(accelerator.device, non_blocking=True)
             targets = batch["label"].to(accelerator.device)
             if (targets < 0).any() or (targets >= num_classes).any():
@@ -217,6 +227,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
             window, t0 = [0.0, 0], time.perf_counter()
         if done % steps_per_epoch == 0 or done == last:  # end of an epoch (or of a run stopped by max_steps)
             scores = evaluate_classifier(unwrapped, d.val, accelerator, **eval_kwargs)
+            val_skipped = scores.pop("skipped")  # the same val set every epoch: reported once, in finetune.json
             epoch = -(-done // steps_per_epoch)
             log.scalars(done, {"val/top1": scores["top1"], "val/top5": scores["top5"], "epoch": epoch})
             history.append({"epoch": epoch, "step": done, **scores})
@@ -229,7 +240,11 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
                 accelerator.wait_for_everyone()
     bar.close()
     log.close()
+    skipped = {"train": skip_totals(accelerator, train_skipped), "val": val_skipped}
+    accelerator.print(f"fine-tune data: {n_train} train images ({describe_skipped(skipped['train'])} while drawing "
+                      f"batches), {int(best['n'])} val images ({describe_skipped(skipped['val'])})")
     if accelerator.is_main_process:
-        summary = {"best": best, "history": history, "num_classes": num_classes, "n_train": n_train}
+        summary = {"best": best, "history": history, "num_classes": num_classes, "n_train": n_train,
+                   "skipped": skipped}
         (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
     return FinetuneResult(run_dir, last, best, run_dir / "best" / "backbone.safetensors")

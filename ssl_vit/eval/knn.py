@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,25 @@ from ssl_vit.config import EvalConfig
 from ssl_vit.eval.features import FeatureSpec, extract_features
 
 
+def check_knn_args(ks: Sequence[int], temperature: float, n_train: int | None = None) -> None:
+    """One-line errors for ks and T that would give a wrong score silently (a repeated k counted its hits twice).
+
+    A k above the train-set size is refused, as DINO's eval_knn refuses it (its topk fails): that k would
+    only repeat the score of k = n_train under another name.
+    """
+    if not ks:
+        raise ValueError("k-NN needs at least one k")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"k-NN ks {list(ks)} repeat a value; give each k once")
+    for k in ks:
+        if k < 1:
+            raise ValueError(f"k-NN k must be ≥ 1, got {k}")
+        if n_train is not None and k > n_train:
+            raise ValueError(f"k-NN k={k} exceeds the {n_train} train samples; choose k ≤ {n_train}")
+    if not temperature > 0:  # also refuses NaN
+        raise ValueError(f"k-NN temperature must be > 0, got {temperature}")
+
+
 @torch.no_grad()
 def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_labels: Tensor,
                  ks: Sequence[int] = (20,), temperature: float = 0.07,
@@ -24,10 +45,11 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
         raise ValueError("k-NN needs a non-empty train and val set")
     if (train_labels < 0).any() or (val_labels < 0).any():
         raise ValueError("k-NN needs labelled shards (samples with a `cls` member)")
+    check_knn_args(ks, temperature, train_feats.shape[0])
     n_classes = int(max(train_labels.max(), val_labels.max())) + 1
     train = F.normalize(train_feats.float(), dim=1)
     val = F.normalize(val_feats.float(), dim=1)
-    k_max = min(max(ks), train.shape[0])
+    k_max = max(ks)
     top5 = min(5, n_classes)
     correct = {k: [0, 0] for k in ks}  # top-1, top-5 hits
     for start in range(0, val.shape[0], chunk):
@@ -36,10 +58,9 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
         neighbour_labels = train_labels[idx]  # (C, k_max)
         target = val_labels[start:start + chunk].unsqueeze(1)
         for k in ks:
-            k_eff = min(k, k_max)
-            weights = (sim_k[:, :k_eff] / temperature).exp()
+            weights = (sim_k[:, :k] / temperature).exp()
             votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
-            votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights)  # (C, classes) summed weights
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights
             top_votes, ranked = votes.topk(top5, dim=1)  # (C, top5)
             # A class no neighbour voted for ties with every other such class: never count it as a hit.
             hits = (ranked == target) & (top_votes > 0)
@@ -49,18 +70,43 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
     return {k: {"top1": 100.0 * c[0] / n, "top5": 100.0 * c[1] / n} for k, c in correct.items()}
 
 
-def knn_eval(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
-             ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
-             cache_dir: str | Path | None = None) -> dict[int, dict[str, float]]:
-    """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN.
+@dataclass
+class KnnReport:
+    scores: dict[int, dict[str, float]]  # per k: top1, top5 (%)
+    n_train: int  # samples in the memory bank
+    n_val: int  # samples classified
+    skipped: dict[str, dict[str, int]]  # {"train": {reason: count}, "val": {...}}: unusable samples, left out
+
+    def to_json(self) -> dict[str, Any]:
+        """{"<k>": {"top1", "top5"}, ..., "n_train", "n_val", "skipped"}: the scores keyed as before."""
+        return {**{str(k): r for k, r in self.scores.items()}, "n_train": self.n_train, "n_val": self.n_val,
+                "skipped": self.skipped}
+
+
+def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
+               ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
+               cache_dir: str | Path | None = None) -> KnnReport:
+    """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN;
+    with the set sizes and the samples the loader could not use.
 
     `spec` defaults to `cfg.pool` of the last block; `cache_dir` caches the features (see extract_features).
     """
     if not cfg.knn_train or not cfg.knn_val:
         raise ValueError("k-NN needs labelled shards: set eval.knn_train and eval.knn_val (or --train/--val)")
+    ks = tuple(ks or (cfg.knn_k,))
+    check_knn_args(ks, cfg.knn_temperature)  # before the backbone runs
     kwargs = dict(spec=spec or FeatureSpec(pool=cfg.pool), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                   crop_ratio=cfg.crop_ratio, allow_pipe=allow_pipe, cache_dir=cache_dir)
     train = extract_features(vit, cfg.knn_train, accelerator, desc="k-NN train features", **kwargs)
+    check_knn_args(ks, cfg.knn_temperature, train.features.shape[0])
     val = extract_features(vit, cfg.knn_val, accelerator, desc="k-NN val features", **kwargs)
-    return knn_classify(train.features, train.labels, val.features, val.labels, ks or (cfg.knn_k,),
-                        cfg.knn_temperature)
+    scores = knn_classify(train.features, train.labels, val.features, val.labels, ks, cfg.knn_temperature)
+    return KnnReport(scores, train.features.shape[0], val.features.shape[0],
+                     {"train": train.skipped, "val": val.skipped})
+
+
+def knn_eval(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
+             ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
+             cache_dir: str | Path | None = None) -> dict[int, dict[str, float]]:
+    """The scores of `knn_report` alone (skipped samples are still logged as a warning)."""
+    return knn_report(vit, cfg, accelerator, ks, allow_pipe, spec, cache_dir).scores

@@ -235,7 +235,8 @@ class ProbeData:
 def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, accelerator: Accelerator, *,
                  augment: bool = False, seed: int = 0, out_dir: str | Path | None = None,
                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract features, train the grid, report every head and the best on val. With `out_dir` (main process):
+    """Extract features, train the grid, report every head and the best on val, and the samples the loader
+    could not use ("skipped": train and val, by reason, all ranks). With `out_dir` (main process):
     `linear_probe.json`, `log.jsonl` and TensorBoard curves (val top-1 per head per epoch) there."""
     kwargs = dict(spec=proto.features, batch_size=data.batch_size, num_workers=data.num_workers,
                   crop_ratio=data.crop_ratio, allow_pipe=data.allow_pipe, cache_dir=data.cache_dir)
@@ -247,17 +248,18 @@ def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, 
         if augment:
             from ssl_vit.eval.linear_augmented import probe_augmented
 
-            summary, n_train = probe_augmented(vit, data, proto, val, accelerator, seed=seed, log=log)
+            summary, n_train, train_skipped = probe_augmented(vit, data, proto, val, accelerator, seed=seed, log=log)
         else:
             train = extract_features(vit, data.train, accelerator, desc="probe train features", **kwargs)
             # Every rank holds all features and trains the same grid from the same seed: no collective needed.
             summary, _ = probe_features(train, val, proto, device=accelerator.device, seed=seed, log=log)
-            n_train = train.features.shape[0]
+            n_train, train_skipped = train.features.shape[0], train.skipped
     finally:
         if log is not None:
             log.close()
     result = {**(meta or {}), "protocol": dataclasses.asdict(proto), "features": proto.features.describe(),
-              "augment": augment, "n_train": n_train, "n_val": val.features.shape[0], **summary}
+              "augment": augment, "n_train": n_train, "n_val": val.features.shape[0],
+              "skipped": {"train": train_skipped, "val": val.skipped}, **summary}
     if out_dir is not None and accelerator.is_main_process:
         Path(out_dir, "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -11,8 +11,9 @@ from accelerate.utils import broadcast_object_list
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.transforms import mae_views, normalize
-from ssl_vit.eval.features import Features, image_features
+from ssl_vit.eval.features import Features, image_features, skip_totals
 from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
 from ssl_vit.run_log import RunLog
 
@@ -23,11 +24,14 @@ PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, used 
 
 
 def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, val: Features,
-                    accelerator: Accelerator, seed: int = 0, log: RunLog | None = None) -> tuple[dict[str, Any], int]:
+                    accelerator: Accelerator, seed: int = 0, log: RunLog | None = None,
+                    ) -> tuple[dict[str, Any], int, dict[str, int]]:
     """Train the grid on augmented train batches, evaluate on the fixed `val` features after every epoch.
 
     The global batch `proto.batch_size` is split over the ranks; an epoch is train_size // global batch steps.
-    Returns the summary (the main process's, on every rank) and the train-set size.
+    Returns the summary (the main process's, on every rank), the train-set size and the unusable samples met
+    while drawing the batches, by reason, all ranks summed (the stream resamples: one bad sample drawn twice
+    counts twice).
     """
     from ssl_vit.eval.linear import HeadTrainer, _log_epoch
 
@@ -51,10 +55,12 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     bar = tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
                disable=not accelerator.is_main_process)
     step = 0
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for epoch in range(proto.epochs):
         losses = []
         for _ in range(steps_per_epoch):
             batch = next(loader)
+            skipped += batch["skipped"].sum(dim=0)
             labels = batch["label"].to(accelerator.device)
             if (labels < 0).any() or (labels >= num_classes).any():
                 raise ValueError(f"the linear probe needs labels in [0, {num_classes}) on every train sample")
@@ -68,4 +74,4 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     bar.close()
     summary = [trainer.summary()]
     broadcast_object_list(summary)  # BatchNorm running stats may differ by rank: report the main process's
-    return summary[0], n_train
+    return summary[0], n_train, skip_totals(accelerator, skipped)
