@@ -71,15 +71,18 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(cfg, accelerator)
     if args.no_knn or not (cfg.eval.knn_train and cfg.eval.knn_val) or result.backbone is None:
         return 0
-    from ssl_vit.checkpoint import load_backbone
-    from ssl_vit.eval.knn import knn_eval
+    from ssl_vit.eval.baseline import load_eval_backbone
+    from ssl_vit.eval.knn import knn_report
 
-    scores = {}
+    scores, reports = {}, {}
     for name, random_init in (("pretrained", False), ("random init", True)):
-        vit, _ = load_backbone(result.backbone, random_init=random_init)
-        scores[name] = knn_eval(vit, cfg.eval, accelerator, allow_pipe=cfg.data.allow_pipe)[cfg.eval.knn_k]
+        vit, _ = load_eval_backbone(result.backbone, random_init=random_init)  # a seeded init: a stable baseline
+        reports[name] = knn_report(vit, cfg.eval, accelerator, allow_pipe=cfg.data.allow_pipe)
+        scores[name] = reports[name].scores[cfg.eval.knn_k]
     if accelerator.is_main_process:
-        (result.run_dir / "knn.json").write_text(json.dumps(scores, indent=2) + "\n")
+        report = reports["pretrained"]  # the same shards for both: one set of sizes and skips
+        summary = {**scores, "n_train": report.n_train, "n_val": report.n_val, "skipped": report.skipped}
+        (result.run_dir / "knn.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"k-NN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, {cfg.eval.pool} features) "
               f"top-1: pretrained {scores['pretrained']['top1']:.1f}% vs random init "
               f"{scores['random init']['top1']:.1f}%  (top-5: {scores['pretrained']['top5']:.1f}% vs "

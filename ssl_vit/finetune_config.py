@@ -69,7 +69,7 @@ class FTTrainConfig:
     epochs: int = 100  # passes over train_size samples
     warmup_epochs: int = 5  # linear lr warmup
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests); None = all epochs
-    precision: str = "no"  # no | fp16 | bf16 (mixed precision through Accelerate)
+    precision: str | None = None  # null: the launcher's --mixed_precision (or no) | no | fp16 | bf16
     seed: int = 0  # base seed; each rank and loader worker derives its own
     log_every: int = 20  # optimizer steps between scalar logs
 
@@ -97,11 +97,14 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         "model.pool": (cfg.model.pool, ("avg", "cls")),
         "augment.remode": (cfg.augment.remode, ("pixel", "rand", "const")),
         "augment.mixup_mode": (cfg.augment.mixup_mode, ("batch", "pair", "elem")),
-        "train.precision": (cfg.train.precision, ("no", "fp16", "bf16")),
+        "train.precision": (cfg.train.precision, (None, "no", "fp16", "bf16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            names = ", ".join("null" if a is None else repr(a) for a in allowed)
+            raise ConfigError(f"{key}: {value!r} is not one of [{names}]")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:  # no step, no evaluation: nothing to report
+        raise ConfigError(f"train.max_steps: must be at least 1 (or null for every epoch), got {cfg.train.max_steps}")
     for key, value in (("train.epochs", cfg.train.epochs), ("data.batch_size", cfg.data.batch_size),
                        ("optim.accum_steps", cfg.optim.accum_steps)):
         if value < 1:

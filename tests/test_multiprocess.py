@@ -40,6 +40,8 @@ def test_two_process_pretrain_and_knn(tmp_path, demo, accelerate_launch):
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]  # one log, written by the main process only
     assert (run_dir / "backbone.safetensors").is_file()
+    summary = json.loads((run_dir / "knn.json").read_text())
+    assert {"pretrained", "random init"} <= set(summary) and (summary["n_train"], summary["n_val"]) == (60, 30)
 
     knn = ["--backbone", str(run_dir), "--train", demo.knn_train, "--val", demo.knn_val, "--k", "5", "20",
            "--pool", "avg", "--crop-ratio", "1.0", "--num-workers", "1", "--batch-size", "16"]

@@ -151,8 +151,6 @@ def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch."""
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:  # no step, no evaluation: nothing to report
-        raise ValueError(f"train.max_steps: must be at least 1 (or null for every epoch), got {cfg.train.max_steps}")
     accelerator = accelerator or make_accelerator(cfg.train.precision)
     run_dir = Path(cfg.train.run_dir)
     if accelerator.is_main_process:
