@@ -115,7 +115,9 @@ def released_after_use(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, A
 
     The consumer must be done with a batch's CPU tensors by then. The trainer is: it copies a batch to the
     device (on CUDA the pin-memory thread has already copied it out of the pool), trains and logs on it
-    before reading the next. On CPU the step itself is synchronous.
+    before reading the next. On CPU the step itself is synchronous. When this stream ends or is closed, the
+    buffers its batches came in are let go in this process: a reuse_memory loader is read through one such
+    stream, once (as `train_stream` callers do: a new loader for each new stream).
     """
     pools: set[str] = set()
     try:
@@ -160,8 +162,9 @@ def _received_batch(pool: str, slot: int, generation: int, stacks: list[Tensor] 
     held = _RECEIVED.setdefault(pool, {})
     if stacks is not None:
         held["flags"], held[slot] = flags, (generation, stacks)
-    if held.get(slot, (None,))[0] != generation:  # cannot happen while one process reads a worker's batches in order
-        raise RuntimeError(f"pooled batch of slot {slot} (generation {generation}) arrived before its buffers")
+    if held.get(slot, (None,))[0] != generation:  # a worker's batches arrive in order: its buffers came first
+        raise RuntimeError(f"pooled batch of slot {slot} (generation {generation}) arrived without its buffers: was "
+                           "a reuse_memory loader iterated again after its released_after_use stream was closed?")
     images = held[slot][1]
     return {**others, **{key: torch.tensor(values, dtype=dtype) for key, (values, dtype) in numbers.items()},
             "image": list(images) if multi else images[0], "lease": BatchLease(held["flags"], slot, pool, generation)}
