@@ -19,12 +19,16 @@ from typing import TYPE_CHECKING, Any
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils.other import load as safe_load  # torch.load(weights_only=True) + numpy RNG types
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ssl_vit.config_schema import ConfigError
+
 if TYPE_CHECKING:
+    from ssl_vit.config import Config
     from ssl_vit.objectives import Objective
 
 COMPLETE = "COMPLETE"
@@ -220,3 +224,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     cfg = load_config(Path(run_dir) / "config.yaml")
     return export_backbone(objective.export_backbone(), out_dir or run_dir, cfg.model.name,
                            backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})
+
+
+def check_export_supported(cfg: Config, accelerator: Accelerator) -> None:
+    """The end-of-run export reads the whole backbone on the main process, which FSDP's sharded weights do not
+    allow (docs/distributed.md): refuse `train.export` there before training rather than fail after it."""
+    if cfg.train.export and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("train.export: the backbone export does not work under FSDP (each rank holds a shard); "
+                          "set train.export=false (docs/distributed.md)")

@@ -27,7 +27,14 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ssl_vit.backbone import backbone_kwargs, build_backbone
-from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
+from ssl_vit.checkpoint import (
+    check_export_supported,
+    export_backbone,
+    latest_checkpoint,
+    load_checkpoint,
+    model_mismatch,
+    save_checkpoint,
+)
 from ssl_vit.config import Config, ConfigError, dump_config, load_config
 from ssl_vit.config_schema import differences
 from ssl_vit.data.batches import training_batches
@@ -90,6 +97,7 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, self.acc = cfg, accelerator
         resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
+        check_export_supported(cfg, accelerator)  # not after days of training
         self.run_dir = Path(cfg.train.run_dir)
         _share_cpu_cores(accelerator, cfg.data.num_workers)
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.

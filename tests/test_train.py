@@ -136,3 +136,19 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
     (run / "checkpoints" / "step_00000002" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"step_00000002 holds no model.safetensors \(an FSDP run"):
         export_run(run, tmp_path / "exported_again")
+
+
+def test_export_under_fsdp_is_refused_before_training():
+    """FSDP runs only on GPUs under Accelerate; the check reads the accelerator's distributed type alone."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ssl_vit.checkpoint import check_export_supported
+    from ssl_vit.config import ConfigError
+
+    fsdp, ddp = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP, DistributedType.MULTI_GPU))
+    with pytest.raises(ConfigError, match="train.export: the backbone export does not work under FSDP"):
+        check_export_supported(load_config(None), fsdp)
+    check_export_supported(load_config(None, ["train.export=false"]), fsdp)
+    check_export_supported(load_config(None), ddp)
