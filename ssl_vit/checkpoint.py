@@ -124,18 +124,27 @@ def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "backbone.safetensors"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vit.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": "pt"})
-    # safetensors (0.8) creates its files 0600; an export is for sharing, so give it the mode any file gets here
-    weights.chmod(0o666 & ~_umask())
+    save_shared(state, weights, metadata={"format": "pt"})
     meta = {"model_name": model_name, "model_kwargs": model_kwargs, **(extra or {})}
     (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights
 
 
+def save_shared(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the file then given the mode any new file gets here (0o666 less the umask):
+    safetensors (0.8) creates its files 0600, and exports and feature caches are for sharing."""
+    save_file(tensors, str(path), metadata=metadata)
+    path.chmod(0o666 & ~_umask())
+
+
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+    try:  # Linux ≥ 4.7 shows it; reading it elsewhere means setting it, racing threads that create files meanwhile
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:

@@ -159,19 +159,13 @@ def test_skipped_samples_are_counted_by_reason_and_kept_in_the_cache(tmp_path):
 
 
 def test_cache_files_are_readable_by_others_as_the_umask_allows(tmp_path, demo):
-    old = os.umask(0o027)
-    try:
-        extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0,
-                         cache_dir=tmp_path / "c1")
-    finally:
-        os.umask(old)
-    (entry,) = (tmp_path / "c1").iterdir()
-    assert stat.S_IMODE(entry.stat().st_mode) == 0o640  # 0o666 & ~0o027; safetensors alone makes it 0o600
-    old = os.umask(0o022)
-    try:
-        extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0,
-                         cache_dir=tmp_path / "c2")
-    finally:
-        os.umask(old)
-    (entry,) = (tmp_path / "c2").iterdir()
-    assert stat.S_IMODE(entry.stat().st_mode) == 0o644
+    # 0o666 & ~umask; safetensors alone makes it 0o600
+    for umask, mode in [(0o027, 0o640), (0o022, 0o644)]:
+        old = os.umask(umask)
+        try:
+            extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0,
+                             cache_dir=tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        (entry,) = (tmp_path / oct(umask)).iterdir()
+        assert stat.S_IMODE(entry.stat().st_mode) == mode

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ssl_vit.checkpoint import save_shared
 from ssl_vit.data.shards import resolve_shards
 from ssl_vit.eval.features import Features, FeatureSpec, no_skips
 
@@ -67,22 +68,9 @@ def save_cached(path: Path, feats: Features) -> None:
     keys = torch.frombuffer(bytearray("\n".join(feats.keys).encode()), dtype=torch.uint8) if feats.keys \
         else torch.zeros(0, dtype=torch.uint8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"features": feats.features.contiguous(), "labels": feats.labels.contiguous(), "keys": keys},
-              str(tmp), metadata={"n": str(len(feats.keys)), "skipped": json.dumps(feats.skipped)})
-    # safetensors creates the file private (0600); a cache is shared like every other output, so the usual
-    # mode for a new file: readable (and writable) as far as the umask allows.
-    tmp.chmod(0o666 & ~_umask())
+    save_shared({"features": feats.features.contiguous(), "labels": feats.labels.contiguous(), "keys": keys},
+                tmp, metadata={"n": str(len(feats.keys)), "skipped": json.dumps(feats.skipped)})
     tmp.replace(path)
-
-
-def _umask() -> int:
-    try:  # Linux ≥ 4.7 shows it; reading it elsewhere means setting it, racing threads that create files meanwhile
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
 
 
 def load_cached(path: Path) -> Features:
