@@ -42,13 +42,14 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 def _cmd_linear_probe(args: argparse.Namespace) -> int:
     import torch
 
-    from ssl_vit.checkpoint import load_backbone
     from ssl_vit.distributed import make_accelerator
+    from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.features import describe_skipped
     from ssl_vit.eval.linear import ProbeData, customize, linear_probe, probe_protocol
 
-    torch.manual_seed(args.seed)  # a reproducible random init (the baseline), hence a feature-cache hit next time
-    vit, meta = load_backbone(args.backbone, random_init=args.random_init)
+    # a reproducible random init (the baseline), hence a feature-cache hit next time; as for `knn --seed`
+    vit, meta = load_eval_backbone(args.backbone, random_init=args.random_init, seed=args.seed)
+    torch.manual_seed(args.seed)  # views the --augment probe draws in this process (num_workers 0)
     protocol = probe_protocol(args.protocol, vit.embed_dim)
     if args.epochs is not None and args.warmup_epochs is None and args.epochs < protocol.warmup_epochs:
         raise ValueError(f"--epochs {args.epochs} is shorter than the {args.protocol} protocol's "
