@@ -22,7 +22,8 @@ from webdataset.handlers import reraise_exception
 from ssl_vit.config import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.samples import SampleError
-from ssl_vit.data.shards import DecodeStage, SkipCounter, resolve_shards, train_stream
+from ssl_vit.data.shard_urls import resolve_shards
+from ssl_vit.data.shards import DecodeStage, SkipCounter, train_stream
 from ssl_vit.data.tar_reader import tar_samples
 
 

@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import (
 from ssl_vit.config import Config, ConfigError, dump_config, load_config
 from ssl_vit.config_schema import differences
 from ssl_vit.data.batches import training_batches
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.run_log import RunLog

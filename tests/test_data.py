@@ -17,7 +17,8 @@ from ssl_vit.config import DataConfig
 from ssl_vit.data import shards
 from ssl_vit.data.demo import DEMO_CLASSES, ensure_demo_data
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample
-from ssl_vit.data.shards import eval_stream, resolve_shards, train_stream
+from ssl_vit.data.shard_urls import resolve_shards
+from ssl_vit.data.shards import eval_stream, train_stream
 from ssl_vit.data.transforms import denormalize, eval_transform, mae_views, normalize
 from ssl_vit.data.writer import write_samples, write_shards
 
@@ -61,7 +62,8 @@ def _two_views(img: Image.Image) -> list[torch.Tensor]:
 def _read_all(loader) -> tuple[list[str], dict[str, int], dict[str, tuple[int, int]], dict[str, int]]:
     keys, labels, sizes, skipped = [], {}, {}, torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in loader:
-        assert batch["skipped"].shape == (len(batch["key"]), len(SKIP_REASONS))
+        # a batch of no samples carries the skip counts of a worker that found none (DecodeStage's lone_skips)
+        assert batch["skipped"].shape == (len(batch["key"]) or 1, len(SKIP_REASONS))
         keys += batch["key"]
         labels.update(zip(batch["key"], batch["label"].tolist(), strict=True))
         sizes.update(zip(batch["key"], map(tuple, batch["image"].tolist()), strict=True))
@@ -162,6 +164,19 @@ def test_eval_stream_skips_and_counts_bad_samples(tmp_path: Path, num_workers: i
     assert sorted(keys) == [f"g{i}" for i in range(1, 9)]  # g7, g8 precede the cut in the truncated tar
     assert labels["g1"] == 1 and labels["g3"] == 2 and labels["g2"] == -1
     assert skipped == _counts(read_error=1, no_image=1, corrupt_image=3, too_large=1, bad_label=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_stream_counts_the_skips_of_a_worker_with_no_usable_sample(tmp_path: Path, num_workers: int) -> None:
+    # with 2 workers, worker 1 reads only the bad shard: it has no sample to carry its counts on
+    good = _write_tar(tmp_path / "a.tar", [("g1.png", _image("PNG")), ("g2.png", _image("PNG"))])
+    bad = _write_tar(tmp_path / "b.tar", [("x1.jpg", b"junk"), ("x2.png", b"junk"), ("x3.cls", b"1")])
+    loader = eval_stream([str(good), str(bad)], _size_of, batch_size=4, num_workers=num_workers, rank=0,
+                         world_size=1)
+    keys, _, _, skipped = _read_all(loader)
+    assert sorted(keys) == ["g1", "g2"] and skipped == _counts(corrupt_image=2, no_image=1)
+    lone = eval_stream([str(bad)], _size_of, batch_size=4, num_workers=num_workers, rank=0, world_size=1)
+    assert _read_all(lone)[0] == [] and _read_all(lone)[3] == _counts(corrupt_image=2, no_image=1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 import ssl_vit.eval.features as features_mod
 from ssl_vit.backbone import encode
 from ssl_vit.data.demo import ensure_demo_data, render
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.features import FeatureSpec, describe_skipped, extract_features, image_features
 
@@ -156,6 +156,13 @@ def test_skipped_samples_are_counted_by_reason_and_kept_in_the_cache(tmp_path):
     assert feats.features.shape[0] == 15 and feats.skipped == want
     assert describe_skipped(feats.skipped) == "5 skipped (corrupt_image 4, bad_label 1)"
     assert extract_features(vit, shard, acc, **kwargs).skipped == want  # a cache hit keeps the counts
+
+
+def test_a_loader_worker_with_only_bad_samples_still_has_its_skips_counted(tmp_path):
+    good = _write(tmp_path / "good", "val", _labelled("knn_val", 6))
+    bad = _write(tmp_path / "bad", "val", [{"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(3)])
+    feats = extract_features(tiny_vit(), [good, bad], Accelerator(), batch_size=4, num_workers=2, crop_ratio=1.0)
+    assert feats.features.shape[0] == 6 and feats.skipped["corrupt_image"] == 3
 
 
 def test_cache_files_are_readable_by_others_as_the_umask_allows(tmp_path, demo):

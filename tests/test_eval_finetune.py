@@ -16,7 +16,7 @@ from ssl_vit.cli import main
 from ssl_vit.config import ConfigError
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.finetune_config import FinetuneConfig, FTModelConfig, load_finetune_config

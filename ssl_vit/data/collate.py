@@ -30,10 +30,14 @@ def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any
     With JPEG pass-through, "image" stacks only the samples decoded here (in batch order) and the JPEG payloads
     are packed into one "jpeg" tensor with per-sample "jpeg_sizes", 0 for the others (see `pack_payloads`): two
     shared-memory blocks a batch, not one per image. With a `pool` the image stacks go into its reusable
-    buffers when a slot is free, and the batch carries the slot's "lease" (see `batch_pool`).
+    buffers when a slot is free, and the batch carries the slot's "lease" (see `batch_pool`). The skip counts
+    of a stream with no usable sample (`DecodeStage`'s lone_skips) make a batch of no images and no keys.
     """
     batch: dict[str, Any] = {}
     first = samples[0]["image"]
+    if first is None and samples[0].get("key", "") is None:  # lone skip counts
+        return {"image": torch.empty(0), "skipped": torch.tensor([s["skipped"] for s in samples], dtype=torch.long),
+                "label": torch.empty(0, dtype=torch.long), "key": []}
     if "jpeg" in samples[0]:  # its stacks vary in length from batch to batch: never pooled
         decoded = [s["image"] for s in samples if s["image"] is not None]
         images: Any = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""WebDataset pipelines: shard resolution, safe decoding with skip counting, train and eval loaders.
+"""WebDataset pipelines: safe decoding with skip counting, train and eval loaders (shard lists: `shard_urls`).
 
 Only image members (jpg/jpeg/png/webp, restricted to the JPEG/PNG/WEBP decoders) and the integer `cls` member
 are ever decoded; nothing is unpickled. Bad samples are skipped and counted per reason, never fatal.
@@ -7,14 +7,10 @@ are ever decoded; nothing is unpickled. Bad samples are skipped and counted per 
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -25,64 +21,12 @@ from ssl_vit.config import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
 from ssl_vit.data.device_decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.tar_reader import tar_samples
 
 log = logging.getLogger(__name__)
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
-
-
-def resolve_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
-    """Shard URLs from a brace pattern, a directory (its `*.tar`, sorted), a `.txt` list (one entry a line,
-    relative paths relative to the list file) or a sequence of these. Remote URLs pass through untouched."""
-    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        urls += _resolve_item(str(item), allow_pipe, base=None)
-    if not urls:
-        raise ValueError(f"no shards found in {spec!r}")
-    return urls
-
-
-def _resolve_item(item: str, allow_pipe: bool, base: Path | None) -> list[str]:
-    urls = []
-    for entry in braceexpand.braceexpand(item.strip()):
-        if not entry:
-            continue
-        if entry.startswith("pipe:"):
-            if not allow_pipe:
-                raise ValueError(f"refusing shard URL {entry!r}: pipe: runs a shell command; "
-                                 "set data.allow_pipe=true if you trust it")
-            urls.append(entry)
-        elif _URL.match(entry):
-            urls.append(entry)
-        else:
-            urls += _resolve_local(entry, allow_pipe, base)
-    return urls
-
-
-def _resolve_local(entry: str, allow_pipe: bool, base: Path | None) -> list[str]:
-    path = Path(entry.removeprefix("file:")).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
-        if not shards:
-            raise ValueError(f"no *.tar shards in directory {path}")
-        return shards
-    if not path.is_file():
-        raise FileNotFoundError(f"shard not found: {path}")
-    if path.suffix.lower() != ".txt":
-        return [str(path)]
-    if base is not None:
-        raise ValueError(f"shard list {path} is named inside another shard list; lists do not nest")
-    urls = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            urls += _resolve_item(line, allow_pipe, base=path.parent)
-    return urls
 
 
 class SkipCounter:
@@ -154,11 +98,15 @@ class DecodeStage:
     None) after a header check; everything else is decoded here and has "jpeg" None. Otherwise, for a
     transform that `takes_tensors` (device augmentation's square), those JPEGs are decoded straight into a
     tensor (`decode_on_host`: PIL's pixels, for less CPU); the rest, and any that fails there, through PIL.
+
+    `lone_skips` (finite streams): a stream without one good sample to carry its skip counts sends them at its
+    end on a sample of their own, {"image": None, "skipped", "label": -1, "key": None}, which `collate` turns
+    into a batch of no images.
     """
 
     def __init__(self, counter: SkipCounter, transform: Callable, max_pixels: int, with_label: bool,
-                 pass_jpeg: bool = False) -> None:
-        self.counter, self.transform = counter, transform
+                 pass_jpeg: bool = False, lone_skips: bool = False) -> None:
+        self.counter, self.transform, self.lone_skips = counter, transform, lone_skips
         self.max_pixels, self.with_label, self.pass_jpeg = max_pixels, with_label, pass_jpeg
         self.to_tensor = not pass_jpeg and getattr(transform, "takes_tensors", False) and torchvision_decodes_jpeg()
 
@@ -194,6 +142,8 @@ class DecodeStage:
         if held is not None:
             held["skipped"] = self.counter.take()
             yield held
+        elif self.lone_skips and any(self.counter.pending):
+            yield {"image": None, "skipped": self.counter.take(), "label": -1, "key": None}
 
 
 def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
@@ -285,8 +235,8 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
 
     Shards are dealt to ranks (shard i → rank i % world_size), then to loader workers, so every sample is read
     exactly once across all ranks and workers; ranks may get unequal numbers of batches (none with fewer
-    shards than ranks). Each worker's last partial batch is kept. Skip counts are exact except for a worker
-    that yields no sample at all (nothing to carry them).
+    shards than ranks). Each worker's last partial batch is kept. Skip counts are exact: a worker whose shards
+    hold no usable sample sends its counts in a batch of no images (an empty "key" list; see `collate`).
     """
     _check_loader_args(rank, world_size, batch_size, num_workers)
     urls = resolve_shards(shards, allow_pipe)
@@ -295,7 +245,7 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
         partial(_shard_dicts, urls[rank::world_size]),  # not a list: DataPipeline splices lists in
         wds.split_by_worker,
         _TarSamples(counter),
-        DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True),
+        DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True, lone_skips=True),
     )
     return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())

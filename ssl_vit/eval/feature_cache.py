@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ssl_vit.checkpoint import save_shared
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.eval.features import Features, FeatureSpec, no_skips
 
 _VERSION = 2  # bump when the extraction itself changes (2: skip counts stored; repeated keys kept)

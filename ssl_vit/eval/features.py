@@ -21,7 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.shards import eval_stream, resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
+from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,13 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
     feats, labels, keys = [], [], []
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, unit="batch"):
+        skipped += batch["skipped"].sum(dim=0)
+        if not batch["key"]:  # skip counts only, of a loader worker that found no usable sample
+            continue
         with accelerator.autocast():
             feats.append(image_features(vit, batch["image"].to(accelerator.device, non_blocking=True), spec).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
-        skipped += batch["skipped"].sum(dim=0)
     local_f = torch.cat(feats) if feats else torch.zeros(0, spec.dim(vit.embed_dim), device=accelerator.device)
     local_l = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     result = gather_by_key(accelerator, local_f, local_l, keys, skipped)

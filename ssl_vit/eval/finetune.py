@@ -124,11 +124,13 @@ def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accele
     logits, labels, keys = [], [], []
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for batch in loader:
+        skipped += batch["skipped"].sum(dim=0)
+        if not batch["key"]:  # skip counts only, of a loader worker that found no usable sample
+            continue
         with accelerator.autocast():
             logits.append(model(batch["image"].to(accelerator.device, non_blocking=True)).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
-        skipped += batch["skipped"].sum(dim=0)
     n_classes = model.num_classes
     local_logits = torch.cat(logits) if logits else torch.zeros(0, n_classes, device=accelerator.device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)

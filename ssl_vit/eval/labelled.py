@@ -13,7 +13,8 @@ from ssl_vit.config import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.batches import reuses_memory
 from ssl_vit.data.samples import IMAGE_EXTS
-from ssl_vit.data.shards import resolve_shards, train_stream
+from ssl_vit.data.shard_urls import resolve_shards
+from ssl_vit.data.shards import train_stream
 
 _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream with the same seed
 

@@ -41,7 +41,7 @@ def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = N
         raise ValueError("give image files or shards to take the images from")
     loader = eval_stream(shards, transform, batch_size=n, num_workers=0, rank=0, world_size=1,
                          allow_pipe=allow_pipe)
-    batch = next(iter(loader), None)
+    batch = next((b for b in loader if b["key"]), None)  # a batch without keys holds only skip counts
     if batch is None:
         raise ValueError(f"no readable image in {shards}")
     return batch["image"][:n]
