@@ -48,6 +48,26 @@ def test_default_specs_equal_encode_and_pool():
         assert torch.allclose(image_features(vit, x, FeatureSpec(mode)), expected, atol=1e-6)
 
 
+def test_a_model_that_norms_after_pooling_gives_timms_pooled_features():
+    # global_pool="avg": timm leaves `norm` an Identity and norms the pooled token with fc_norm (a fine-tune export
+    # with model.pool avg, timm's *_gap ViTs)
+    torch.manual_seed(0)
+    vit, x = timm.create_model("vit_tiny_patch16_224", **{**KW, "global_pool": "avg"}).eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in vit.fc_norm.parameters():  # not the identity-like init, so a missing norm shows
+            p.normal_()
+        want = vit.forward_head(vit.forward_features(x), pre_logits=True)
+        assert torch.allclose(image_features(vit, x, FeatureSpec("avg")), want, atol=1e-5)
+
+
+def test_cls_pooling_is_refused_for_a_model_with_registers_but_no_cls_token():
+    vit = timm.create_model("vit_tiny_patch16_224", **{**KW, "class_token": False, "reg_tokens": 2,
+                                                       "global_pool": "avg"})
+    assert vit.num_prefix_tokens == 2  # the old check (no prefix tokens) let register 0 pass for the cls token
+    with pytest.raises(ValueError, match="no cls token"):
+        image_features(vit, torch.randn(1, 3, 32, 32), FeatureSpec("cls"))
+
+
 @torch.no_grad()
 def test_last_n_blocks_concat_shape_and_values():
     vit, x = tiny_vit(), torch.randn(2, 3, 32, 32)
@@ -107,6 +127,22 @@ def test_cache_hit_identical_and_invalidated(tmp_path, demo, monkeypatch):
     calls.clear()  # another feature spec → a miss
     extract_features(vit, demo.knn_train, acc, **{**kwargs, "spec": FeatureSpec("avg")})
     assert calls and len(list(cache.iterdir())) == 4
+
+
+def test_cache_misses_when_the_mixed_precision_changes(tmp_path, demo):
+    from accelerate.state import AcceleratorState
+
+    kwargs = dict(batch_size=8, num_workers=0, crop_ratio=1.0, cache_dir=tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        bf16 = extract_features(tiny_vit(), demo.knn_val, Accelerator(mixed_precision="bf16"), **kwargs)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        full = extract_features(tiny_vit(), demo.knn_val, Accelerator(mixed_precision="no"), **kwargs)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert len(list(tmp_path.iterdir())) == 2 and not torch.equal(bf16.features, full.features)
+    uncached = extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0)
+    assert torch.equal(full.features, uncached.features)
 
 
 def _write(out, prefix, samples):

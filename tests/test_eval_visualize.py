@@ -14,6 +14,7 @@ from ssl_vit.cli import main
 from ssl_vit.config import dump_config, load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.eval.attention import attention_maps, attention_rollout, mass_mask
+from ssl_vit.eval.visualize import attention_figure
 from ssl_vit.objectives import build_objective
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0, dynamic_img_size=True)
@@ -129,3 +130,11 @@ def test_visualize_image_files_and_errors(tmp_path, runs, capsys):
     assert "give --backbone" in capsys.readouterr().err
     assert main(["visualize", "--mae-run", str(backbone), "--images", str(files[0])]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_attention_maps_are_refused_for_a_model_without_a_cls_token():
+    # with registers and no cls token, row 0 of the attention would be a register's
+    vit = timm.create_model("vit_tiny_patch16_224", **{**KW, "class_token": False, "reg_tokens": 2,
+                                                       "global_pool": "avg"})
+    with pytest.raises(ValueError, match="this backbone has no cls token"):
+        attention_figure(vit, torch.randn(1, 3, 32, 32))

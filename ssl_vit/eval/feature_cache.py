@@ -1,8 +1,9 @@
 """On-disk cache of extracted features (safetensors), keyed by everything the features depend on.
 
 The key hashes the backbone's weights and architecture (so a random init, a new export or another timm model
-never hits a stale entry), the feature spec, the eval transform and the shards: their resolved URLs and, for
-local files, size and modification time. Data changed in place with its mtime preserved is not detected.
+never hits a stale entry), the feature spec, the eval transform, the mixed precision and the shards: their
+resolved URLs and, for local files, size and modification time. Data changed in place with its mtime preserved
+is not detected.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ssl_vit.checkpoint import save_shared
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.eval.features import Features, FeatureSpec, no_skips
 
-_VERSION = 2  # bump when the extraction itself changes (2: skip counts stored; repeated keys kept)
+_VERSION = 3  # bump when the extraction changes (2: skip counts stored, repeated keys kept; 3: fc_norm applied)
 
 
 def backbone_fingerprint(vit: VisionTransformer) -> str:
@@ -53,10 +54,11 @@ def data_fingerprint(shards: str | Sequence[str], allow_pipe: bool = False) -> l
 
 
 def cache_path(cache_dir: str | Path, vit: VisionTransformer, shards: str | Sequence[str], spec: FeatureSpec,
-               crop_ratio: float, allow_pipe: bool = False) -> Path:
-    """The cache file for these features (it may not exist yet)."""
+               crop_ratio: float, precision: str, allow_pipe: bool = False) -> Path:
+    """The cache file for these features (it may not exist yet); `precision`: the autocast they are computed
+    under (Accelerate's mixed_precision: "no", "bf16", "fp16"), which changes their values."""
     key = {"version": _VERSION, "backbone": backbone_fingerprint(vit), "spec": asdict(spec),
-           "crop_ratio": crop_ratio, "data": data_fingerprint(shards, allow_pipe)}
+           "crop_ratio": crop_ratio, "precision": precision, "data": data_fingerprint(shards, allow_pipe)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"features-{digest}.safetensors"
 

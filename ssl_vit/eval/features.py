@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -96,7 +96,7 @@ def image_features(vit: VisionTransformer, images: Tensor, spec: FeatureSpec) ->
     """(B, spec.dim(D)) features of a batch; with the default spec, the cls token of `backbone.encode`."""
     if spec.n_last_blocks > len(vit.blocks):
         raise ValueError(f"n_last_blocks {spec.n_last_blocks} exceeds the backbone's {len(vit.blocks)} blocks")
-    if spec.pool == "cls" and vit.num_prefix_tokens == 0:
+    if spec.pool == "cls" and not vit.has_class_token:  # its prefix tokens, if any, are registers
         raise ValueError("this backbone has no cls token; use pool=avg")
     # Each intermediate goes through the final norm, as DINO's get_intermediate_layers does.
     outs = vit.forward_intermediates(images, indices=spec.n_last_blocks, norm=True, output_fmt="NLC",
@@ -106,7 +106,17 @@ def image_features(vit: VisionTransformer, images: Tensor, spec: FeatureSpec) ->
     parts = [prefix[:, 0] if spec.pool == "cls" else patches.mean(dim=1) for patches, prefix in split]
     if spec.avgpool:
         parts.append(split[-1][0].mean(dim=1))
-    return torch.cat(parts, dim=1)
+    post_norm = _pooled_norm(vit)
+    return torch.cat([post_norm(p) for p in parts] if post_norm is not None else parts, dim=1)
+
+
+def _pooled_norm(vit: VisionTransformer) -> torch.nn.Module | None:
+    """The final norm of a model that applies it after pooling, else None. timm's global_pool="avg" ViTs (a
+    fine-tune export with model.pool avg, timm's *_gap models) have `norm` = Identity and `fc_norm` instead:
+    without this their features would be un-normed tokens."""
+    if isinstance(vit.norm, torch.nn.Identity) and not isinstance(vit.fc_norm, torch.nn.Identity):
+        return vit.fc_norm
+    return None
 
 
 @torch.no_grad()
@@ -125,10 +135,10 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
     if cache_dir is not None:
         from ssl_vit.eval.feature_cache import cache_path, load_cached, save_cached
 
-        path = cache_path(cache_dir, vit, shards, spec, crop_ratio, allow_pipe)
-        hit = [path.is_file()]
-        broadcast_object_list(hit)  # the main process decides, so no rank waits in a gather the others skip
-        if hit[0]:
+        path = cache_path(cache_dir, vit, shards, spec, crop_ratio, accelerator.mixed_precision, allow_pipe)
+        # a hit only if every rank sees the file (a cache dir that is not shared across nodes): all ranks take
+        # the same branch, so none waits in a collective the others skip
+        if all(gather_object([path.is_file()])):
             return load_cached(path)
     vit = vit.to(accelerator.device).eval()
     transform = eval_transform(vit.patch_embed.img_size[0], crop_ratio)

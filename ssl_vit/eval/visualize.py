@@ -67,6 +67,8 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
     """(3, H, W) grid, two rows per image: [image, cls attention of each last-layer head, rollout], then
     [mean-head mask, each head's mask, rollout mask] over the image; a mask keeps the patches that hold a
     `keep` share of the attention mass (DINO's visualisation). Tiles are S·scale pixels (default ≥ 128)."""
+    if not vit.has_class_token:  # row 0 would be a register token's, or a patch's
+        raise ValueError("attention maps show the cls token's attention, and this backbone has no cls token")
     s = images.shape[-1]
     scale = scale or max(1, 128 // s)
     tile = s * scale
