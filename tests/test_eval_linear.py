@@ -10,11 +10,11 @@ import torch
 from ssl_vit.checkpoint import export_backbone
 from ssl_vit.cli import main
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.data.shards import resolve_shards
+from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.baseline import load_eval_backbone
 from ssl_vit.eval.features import Features, FeatureSpec
-from ssl_vit.eval.linear import ProbeProtocol, probe_features, probe_protocol
+from ssl_vit.eval.linear import ProbeProtocol, customize, probe_features, probe_protocol
 
 
 def separable(n, dim=16, classes=5, seed=0):
@@ -64,6 +64,15 @@ def test_bad_protocol_is_one_line_error():
     assert probe_protocol("dino", 384).features == FeatureSpec("cls", n_last_blocks=4)
     assert probe_protocol("dino", 768).features == FeatureSpec("cls", avgpool=True)
     assert probe_protocol("mae", 768).batchnorm and probe_protocol("mae", 768).optimizer == "lars"
+
+
+def test_feature_overrides_keep_zero_and_drop_avgpool_for_pool_avg():
+    wide = probe_protocol("dino", 768)  # cls + avgpool
+    assert customize(wide, pool="avg").features == FeatureSpec("avg")  # not a clash with an avgpool never asked for
+    with pytest.raises(ValueError, match="n_last_blocks must be ≥ 1, got 0"):  # not the protocol's 4 in silence
+        customize(probe_protocol("dino", 384), n_last_blocks=0)
+    with pytest.raises(ValueError, match="avgpool appends"):  # both asked for: still refused
+        customize(wide, pool="avg", avgpool=True)
 
 
 @pytest.fixture(scope="module")

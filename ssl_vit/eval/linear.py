@@ -79,9 +79,13 @@ def customize(proto: ProbeProtocol, *, pool: str | None = None, n_last_blocks: i
               avgpool: bool | None = None, base_lrs: Sequence[float] | None = None,
               weight_decays: Sequence[float] | None = None, epochs: int | None = None,
               warmup_epochs: int | None = None, batch_size: int | None = None) -> ProbeProtocol:
-    """`proto` with every value that is not None replaced (the command-line overrides)."""
+    """`proto` with every value that is not None replaced (the command-line overrides). Asking for pool avg
+    drops the protocol's avgpool (appending the mean patch token to itself), unless avgpool is given too."""
     f = proto.features
-    features = FeatureSpec(pool or f.pool, n_last_blocks or f.n_last_blocks, f.avgpool if avgpool is None else avgpool)
+    if avgpool is None:
+        avgpool = False if pool == "avg" else f.avgpool
+    features = FeatureSpec(f.pool if pool is None else pool,
+                           f.n_last_blocks if n_last_blocks is None else n_last_blocks, avgpool)
     changes = {"base_lrs": base_lrs and tuple(base_lrs), "weight_decays": weight_decays and tuple(weight_decays),
                "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     return dataclasses.replace(proto, features=features, **{k: v for k, v in changes.items() if v is not None})
