@@ -92,6 +92,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ssl_vit.checkpoint import load_run_objective
     from ssl_vit.distributed import make_accelerator
+    from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.visualize import attention_figure, load_images, mae_figure, save_png
 
     if not args.backbone and not args.mae_run:
@@ -101,9 +102,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     source = dict(paths=args.images, shards=args.shards, n=args.n, crop_ratio=args.crop_ratio,
                   allow_pipe=args.allow_pipe)
     if args.backbone:
-        from ssl_vit.checkpoint import load_backbone
-
-        vit, _ = load_backbone(args.backbone, random_init=args.random_init)
+        vit, _ = load_eval_backbone(args.backbone, random_init=args.random_init)  # the seeded baseline init
         images = load_images(vit.patch_embed.img_size[0], **source)
         path = save_png(attention_figure(vit, images, keep=args.keep, scale=args.scale),
                         Path(args.out) / "attention.png")
