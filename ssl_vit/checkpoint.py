@@ -235,9 +235,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
                            backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})
 
 
-def check_export_supported(cfg: Config, accelerator: Accelerator) -> None:
-    """The end-of-run export reads the whole backbone on the main process, which FSDP's sharded weights do not
-    allow (docs/distributed.md): refuse `train.export` there before training rather than fail after it."""
-    if cfg.train.export and accelerator.distributed_type == DistributedType.FSDP:
+def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:
+    """What reads the whole model on the main process alone fails under FSDP, whose ranks each hold a shard
+    (docs/distributed.md): the end-of-run export, and MAE's reconstruction images (the encoder and decoder run
+    outside the root module's forward, on rank 0 only: it fails, and the other ranks wait in the next
+    collective). Refused before training rather than at the first image or after days of training."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if cfg.train.export:
         raise ConfigError("train.export: the backbone export does not work under FSDP (each rank holds a shard); "
                           "set train.export=false (docs/distributed.md)")
+    if cfg.objective == "mae" and cfg.train.image_every:
+        raise ConfigError("train.image_every: MAE's reconstruction images do not work under FSDP (each rank holds "
+                          "a shard); set train.image_every=0 (docs/distributed.md)")

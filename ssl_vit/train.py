@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import (
-    check_export_supported,
+    check_fsdp_supported,
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
@@ -97,7 +97,7 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, self.acc = cfg, accelerator
         resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
-        check_export_supported(cfg, accelerator)  # not after days of training
+        check_fsdp_supported(cfg, accelerator)  # not after days of training
         self.run_dir = Path(cfg.train.run_dir)
         _share_cpu_cores(accelerator, cfg.data.num_workers)
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.

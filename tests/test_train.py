@@ -138,17 +138,20 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
         export_run(run, tmp_path / "exported_again")
 
 
-def test_export_under_fsdp_is_refused_before_training():
+def test_whole_model_reads_under_fsdp_are_refused_before_training():
     """FSDP runs only on GPUs under Accelerate; the check reads the accelerator's distributed type alone."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from ssl_vit.checkpoint import check_export_supported
+    from ssl_vit.checkpoint import check_fsdp_supported
     from ssl_vit.config import ConfigError
 
     fsdp, ddp = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP, DistributedType.MULTI_GPU))
     with pytest.raises(ConfigError, match="train.export: the backbone export does not work under FSDP"):
-        check_export_supported(load_config(None), fsdp)
-    check_export_supported(load_config(None, ["train.export=false"]), fsdp)
-    check_export_supported(load_config(None), ddp)
+        check_fsdp_supported(load_config(None), fsdp)
+    with pytest.raises(ConfigError, match="train.image_every: MAE's reconstruction images do not work under FSDP"):
+        check_fsdp_supported(load_config(None, ["train.export=false"]), fsdp)
+    check_fsdp_supported(load_config(None, ["train.export=false", "train.image_every=0"]), fsdp)
+    check_fsdp_supported(load_config(None, ["objective=dino", "train.export=false"]), fsdp)  # crops only
+    check_fsdp_supported(load_config(None), ddp)
