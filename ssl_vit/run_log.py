@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,20 +13,21 @@ from torch import Tensor
 class RunLog:
     """Scalars to TensorBoard and `log.jsonl`, images to TensorBoard. A no-op on non-main ranks."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0) -> None:
+        """`resume_step`: the checkpoint step a resumed run goes on from. What a killed run logged after it is
+        dropped, so curves don't fold back; what it logged at that step (just before saving) stays."""
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
         run_dir = Path(run_dir)
-        # purge_step drops events a killed run logged after its last checkpoint, so curves don't fold back.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
+        # TensorBoard hides the events at purge_step and after: the next step, not the checkpoint's own
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         path = run_dir / "log.jsonl"
-        if purge_step is not None and path.is_file():  # the same for the JSONL log
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if json.loads(line)["step"] <= purge_step]
-            path.write_text("".join(kept))
+        if resume_step and path.is_file():  # the same for the JSONL log
+            path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                    if _logged_step(line) <= resume_step))
         self.jsonl = path.open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -45,3 +47,12 @@ class RunLog:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; infinite (dropped on resume) for a line a crash tore in the middle, which
+    must not stop the run from resuming."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -199,7 +199,7 @@ class Trainer:
 
     def run(self) -> PretrainResult:
         cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
-        log = RunLog(self.run_dir, enabled=acc.is_main_process, purge_step=self.step)
+        log = RunLog(self.run_dir, enabled=acc.is_main_process, resume_step=self.step)
         bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
                    dynamic_ncols=True)
         window, consecutive_nonfinite, stopped_by = StepWindow(acc.device), 0, None

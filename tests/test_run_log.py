@@ -1,0 +1,28 @@
+"""The run log on resume: what a killed run logged after its checkpoint is dropped, the checkpoint step kept."""
+
+import json
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ssl_vit.run_log import RunLog
+
+
+def _tensorboard_steps(run_dir):
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
+def test_resume_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
+    log = RunLog(tmp_path)
+    for step in (20, 40, 50, 60):  # checkpoint at 50 (logged just before saving), killed after 60
+        log.scalars(step, {"train/loss": float(step)})
+    log.close()
+    with (tmp_path / "log.jsonl").open("a") as f:
+        f.write('{"step": 70, "train/lo')  # the crash tore the last line
+    resumed = RunLog(tmp_path, resume_step=50)
+    resumed.scalars(80, {"train/loss": 80.0})
+    resumed.close()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40, 50, 80]
+    assert _tensorboard_steps(tmp_path) == [20, 40, 50, 80]
