@@ -91,7 +91,7 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr × global batch / 256 (linear scaling rule)
     lr: float | None = None  # absolute peak lr; overrides base_lr scaling when set
     min_lr: float = 0.0  # floor of the cosine decay
-    weight_decay: float = 0.05  # AdamW decay on weights (never on 1-D params and tokens)
+    weight_decay: float = 0.05  # AdamW decay on weights; never on 1-D params and tokens (MAE's code decays tokens)
     weight_decay_end: float | None = None  # cosine-schedule the decay to this value; None = constant
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE uses β2 = 0.95)
     clip_grad: float | None = None  # global grad-norm clip; None = no clipping
