@@ -174,7 +174,8 @@ class _Replay:
         return out + (self.stream.read(size - len(out)) if len(out) < size else b"")
 
 
-def _is_meta(name: str) -> bool:
+def is_meta_name(name: str) -> bool:
+    """Whether webdataset (and this reader) takes a member of this name for metadata and never yields it."""
     return _META.match(name) is not None
 
 
@@ -191,7 +192,7 @@ def tar_file_expander(sources: Iterable[dict[str, Any]],
             else:
                 files = tar_members(stream, first)
             for name, data in files:
-                if not _is_meta(name):
+                if not is_meta_name(name):
                     yield {"fname": name, "data": data, "__url__": url}
             yield {}
         except Exception as exn:

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ssl_vit.data.samples import to_rgb
+from ssl_vit.data.tar_reader import is_meta_name
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,33 @@ def write_samples(samples: Iterable[dict], out: str | Path, prefix: str = "train
 
 
 def _find_images(src: Path) -> list[Path]:
-    """Images under src (following symlinked folders, skipping hidden entries), sorted by relative path."""
-    found, seen = [], set()
+    """Images under src (following symlinked folders, skipping hidden entries), sorted by relative path.
+
+    A folder reached again below itself (a symlink loop) is not entered; one reached by two separate routes (two
+    class folders linking to one place) is read under both, as the tree shows it."""
+    found = []
+    above = {str(src): {os.path.realpath(src)}}  # per folder: the real paths of it and of the folders above it
     for root, dirs, files in os.walk(src, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a symlink loop
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        ancestors = above.pop(root)
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if not d.startswith(".") and real not in ancestors:
+                above[os.path.join(root, d)] = ancestors | {real}
+                kept.append(d)
+        dirs[:] = kept
         found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in _EXTS]
     return sorted(found, key=lambda p: p.relative_to(src).as_posix())
 
 
 def _make_key(rel: Path, used: set[str]) -> str:
     """A unique sample key from a relative path: no dots (webdataset splits key and extension at the first dot
-    of the basename), hence no '..' either."""
-    base = "/".join(part.replace(".", "_") for part in rel.with_suffix("").parts)
+    of the basename), hence no '..' either; and no first folder named like `__x__`, which webdataset's readers
+    (and ours) take for metadata and drop: `__background__/a` becomes `_background__/a`."""
+    parts = [part.replace(".", "_") for part in rel.with_suffix("").parts]
+    while is_meta_name("/".join(parts)):
+        parts[0] = parts[0][1:]
+    base = "/".join(parts)
     key, i = base, 0
     while key in used:
         i += 1
