@@ -122,7 +122,11 @@ def test_writer_unlabeled_and_max_side(tmp_path: Path) -> None:
     assert sorted(members) == ["sub/small.png", "sub/wide.png", "top.jpg"]  # no cls members
 
 
-def test_ranks_and_workers_read_each_sample_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("env", [{}, {"WORKER": "0", "NUM_WORKERS": "1"}])
+def test_ranks_and_workers_read_each_sample_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 env: dict[str, str]) -> None:
+    for name, value in env.items():  # webdataset's split_by_worker would believe these over the DataLoader
+        monkeypatch.setenv(name, value)
     samples = ({"__key__": f"s{i:03d}", "png": _image("PNG", (4, 4)), "cls": str(i % 3).encode()}
                for i in range(37))
     assert write_samples(samples, tmp_path, "knn", max_count=5, max_size=1 << 20) == 8

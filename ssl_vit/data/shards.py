@@ -183,7 +183,13 @@ class _ResampledShares:
 
 
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
-    return (dict(url=u) for u in urls)
+    """This loader worker's shards (dealt round-robin; all of them without workers), as webdataset's dicts.
+
+    Not `wds.split_by_worker`: it trusts WORKER / NUM_WORKERS in the environment over the DataLoader, and where a
+    launcher sets them every worker would read the same shards (each sample counted several times)."""
+    info = torch.utils.data.get_worker_info()
+    mine = urls if info is None else urls[info.id::info.num_workers]
+    return (dict(url=u) for u in mine)
 
 
 def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
@@ -243,7 +249,6 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
     counter = SkipCounter()
     pipeline = wds.DataPipeline(
         partial(_shard_dicts, urls[rank::world_size]),  # not a list: DataPipeline splices lists in
-        wds.split_by_worker,
         _TarSamples(counter),
         DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True, lone_skips=True),
     )
