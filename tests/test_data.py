@@ -155,8 +155,10 @@ def _corrupt_shards(tmp_path: Path) -> list[str]:
         ("g5.png", good), ("huge.png", _image("PNG", (100, 100))),
         ("g6.png", good), ("truncpng.png", _truncated(_image("PNG", (64, 64)))),
     ])
-    lost = _image("PNG", (64, 64))  # the shard breaks off inside this member
-    c = _write_tar(tmp_path / "c.tar", [("g7.png", good), ("g8.png", good), ("x.png", lost)], cut_last=True)
+    lost = _image("PNG", (64, 64))  # the shard breaks off inside this member: one read_error, and x's cls that
+    # did arrive is not counted again (as no_image)
+    c = _write_tar(tmp_path / "c.tar", [("g7.png", good), ("g8.png", good), ("x.cls", b"4"), ("x.png", lost)],
+                   cut_last=True)
     return [str(a), str(b), str(c)]
 
 

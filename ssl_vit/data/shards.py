@@ -35,6 +35,7 @@ class SkipCounter:
 
     def __init__(self, give_up_after: int | None = None) -> None:
         self.pending = [0] * len(SKIP_REASONS)
+        self.read_errors = 0  # all time: tells `_TarSamples` that a shard broke off
         self.fruitless = 0  # failures (and empty shards) since the last good sample
         self.give_up_after = give_up_after
 
@@ -59,25 +60,34 @@ class SkipCounter:
     def read_error(self, exn: Exception) -> bool:
         """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
         log.warning("skipping the rest of a shard after a read error: %s", exn)
+        self.read_errors += 1
         self.add("read_error")
         return False
 
 
 class _TarSamples:
     """Shard dicts → raw samples, one shard at a time: a shard that breaks off mid-way then counts as one
-    read error and its last sample is never merged with the next shard's first (as a shared stream would)."""
+    read error and its last sample is never merged with the next shard's first (as a shared stream would).
+
+    The last sample of a shard that broke off is marked `__cut__`: the members of it that arrived before the
+    break (a `cls` without its image) are no sample of their own to count again (see `DecodeStage`)."""
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
-            n = 0
+            errors, last = self.counter.read_errors, None
             for sample in tar_samples([dict(shard)], self.counter.read_error):
-                n += 1
-                yield sample
-            if n == 0:
+                if last is not None:
+                    yield last
+                last = sample
+            if last is None:
                 self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
+                continue
+            if self.counter.read_errors != errors:
+                last["__cut__"] = True
+            yield last
 
 
 class _SeededShuffle:
@@ -133,7 +143,10 @@ class DecodeStage:
                 out = self.convert(sample)
             except SampleError as err:
                 log.debug("skipping sample %s: %s", sample.get("__key__"), err)
-                self.counter.add(err.reason)
+                if sample.get("__cut__"):  # torn by a shard's break, already counted as its read_error
+                    self.counter.no_progress()
+                else:
+                    self.counter.add(err.reason)
                 continue
             if held is not None:
                 held["skipped"] = self.counter.take()
