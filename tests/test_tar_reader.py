@@ -137,3 +137,67 @@ def test_signed_checksums_and_non_ascii_names_read_the_same(tmp_path):
     broken[1024 + 148:1024 + 156] = b"%06o\x00 " % 1
     (tmp_path / "broken.tar").write_bytes(bytes(broken))
     assert [s["__key__"] for s in _same(tmp_path / "broken.tar")] == ["ünï/çödé"]
+
+
+def _with_checksum(block: bytearray) -> bytearray:
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\x00 " % sum(block)
+    return block
+
+
+def test_damaged_fields_under_a_matching_checksum_read_the_same(tmp_path):
+    # a field tarfile parses but this reader has no use for (mode, uid, gid, mtime, device numbers), damaged in
+    # every header in turn with the checksum made to match: tarfile ends the archive there, and so must we
+    data = _tar(tarfile.USTAR_FORMAT)
+    path = tmp_path / "fields.tar"
+    headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()]
+    for offset in headers:
+        for start in (100, 108, 116, 136, 329, 337):
+            damaged = bytearray(data)
+            damaged[offset:offset + 512] = _with_checksum(bytearray(damaged[offset:offset + 512]))
+            damaged[offset + start] = ord("9")  # not an octal digit
+            damaged[offset:offset + 512] = _with_checksum(bytearray(damaged[offset:offset + 512]))
+            path.write_bytes(bytes(damaged))
+            _same(path)
+
+
+def _pax_tar(members: list[tuple[str, bytes, dict]], global_headers: dict | None = None,
+             fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=global_headers or {}) as tar:
+        for name, data, records in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.pax_headers = len(data), 0, records
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+REST = [("a.cls", b"1", {}), ("b.jpg", b"B" * 10, {}), ("b.cls", b"2", {})]
+
+
+@pytest.mark.parametrize("first", [
+    ("a.jpg", b"A" * 700, {"size": "100"}),  # a pax size overrides the header's
+    ("a.jpg", b"A" * 700, {"size": "junk"}),  # a size that is no number counts as 0
+    ("a.jpg", b"A" * 7, {"path": "z.jpg/"}),  # a path loses trailing slashes
+    ("a.jpg", b"A" * 7, {"GNU.sparse.name": "q.jpg"}),  # a name record of its own, not a sparse member
+])
+def test_pax_records_apply_as_tarfile_applies_them(tmp_path, first):
+    (tmp_path / "pax.tar").write_bytes(_pax_tar([first, *REST]))
+    assert _same(tmp_path / "pax.tar")[0]["__key__"] in ("a", "z", "q")
+
+
+def test_pax_global_path_and_a_pax_sparse_member(tmp_path):
+    (tmp_path / "global.tar").write_bytes(_pax_tar([("a.jpg", b"A" * 7, {}), *REST], {"path": "g.jpg"}))
+    assert [s["__key__"] for s in _same(tmp_path / "global.tar")] == ["g"]  # every member renamed: one key
+    sparse = _pax_tar([("a.jpg", b"A" * 7, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}), *REST])
+    (tmp_path / "sparse.tar").write_bytes(sparse)
+    assert _read(tmp_path / "sparse.tar", "ours") == ([], ["ReadError"])  # its data starts with a sparse map
+
+
+def test_a_gnu_long_name_shorter_than_its_size_field_says(tmp_path):
+    data = bytearray(_pax_tar([(LONG_DIR + "/a.jpg", b"A" * 7, {}), *REST], fmt=tarfile.GNU_FORMAT))
+    data[:512] = _with_checksum(bytearray(data[:512]))
+    data[124:136] = b"%011o\x00" % 20  # the long name's size field: tarfile still reads the padded block to its NUL
+    data[:512] = _with_checksum(bytearray(data[:512]))
+    (tmp_path / "long.tar").write_bytes(bytes(data))
+    assert _same(tmp_path / "long.tar")[0]["__key__"] == LONG_DIR + "/a"

@@ -12,8 +12,12 @@ samples, and it keeps `tarfile`'s rules for damaged shards:
 - a member whose data stops early is a `tarfile.ReadError` ("unexpected end of data").
 
 Understood: ustar (with its name prefix), GNU long names, pax `path`/`size` records (local and global) and
-base-256 sizes. Links, directories and devices are skipped like any non-regular member; GNU sparse files are
-refused (a read error). Compressed shards (.tar.gz, .tar.bz2, .tar.xz) go through `tarfile`, as before.
+base-256 sizes. Links, directories and devices are skipped like any non-regular member; GNU sparse files (old
+GNU or pax format) are refused (a read error). Compressed shards (.tar.gz, .tar.bz2, .tar.xz) go through
+`tarfile`, as before. Two differences, on purpose: a global pax `size` record is ignored (tarfile reports it as
+every later member's size while still finding the next header by the member's own size, so it cuts or overruns
+the data: only a damaged or hand-made archive holds one), and a member whose size runs past the end of the
+file is a read error without the member (tarfile hands out its cut data first).
 """
 
 from __future__ import annotations
@@ -68,10 +72,14 @@ def _checksum_ok(head: bytes) -> bool:
     return stored == unsigned - 256 * high
 
 
+# The numeric fields `tarfile` parses in every header (mode, uid, gid, size, mtime, devmajor, devminor): one it
+# cannot read ends the archive there (or fails at its start), even under a checksum that matches.
+_NUMERIC = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+
+
 def _check(head: bytes) -> str | None:
     """Why `tarfile` would not take this block as a header ("end" for the all-zero end-of-archive block), or
-    None for a good one. Of the numeric fields only the checksum and size are read, as this reader uses no
-    other (corruption shows in the checksum)."""
+    None for a good one."""
     if not head:
         return "empty file"
     if len(head) != BLOCK:
@@ -79,8 +87,11 @@ def _check(head: bytes) -> str | None:
     if head.count(0) == BLOCK:
         return "end"
     try:
-        _number(head[124:136])
-        return None if _checksum_ok(head) else "bad checksum"
+        if not _checksum_ok(head):
+            return "bad checksum"
+        for start, end in _NUMERIC:
+            _number(head[start:end])
+        return None
     except tarfile.InvalidHeaderError:
         return "invalid header"
 
@@ -98,8 +109,43 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def _apply_pax(records: dict[str, str], name: str, size: int) -> tuple[str, int]:
+    """A member's name and size with pax records applied in order, by tarfile's rules (`_apply_pax_info`)."""
+    for key, value in records.items():
+        if key == "path":
+            name = value.rstrip("/")
+        elif key == "GNU.sparse.name":
+            name = value
+        elif key == "size":
+            try:  # a pax size that is not a number counts as 0
+                size = int(value)
+            except ValueError:
+                size = 0
+    return name, size
+
+
+def _is_sparse(records: dict[str, str]) -> bool:
+    """The pax records of a GNU sparse member (formats 0.0, 0.1, 1.0), whose data holds a sparse map."""
+    return ("GNU.sparse.map" in records or "GNU.sparse.size" in records
+            or (records.get("GNU.sparse.major") == "1" and records.get("GNU.sparse.minor") == "0"))
+
+
+_CHUNK = 1 << 26  # a damaged size field can claim up to 2**88 bytes: read large members in pieces, never at once
+
+
+def _read_up_to(stream: IO[bytes], size: int) -> bytes:
+    """At most `size` bytes (fewer at the end of the stream); memory grows only with what is really there."""
+    if size <= _CHUNK:
+        return stream.read(max(size, 0))
+    parts = []
+    while size > 0 and (part := stream.read(min(size, _CHUNK))):
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
-    data = stream.read(size)
+    data = _read_up_to(stream, size)
     if len(data) != size:
         raise tarfile.ReadError("unexpected end of data")
     return data
@@ -111,7 +157,7 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
     at_start, pending = True, False  # pending: a long-name or pax header waits for the member it describes
     long_name: str | None = None
     pax_global: dict[str, str] = {}
-    pax_local: dict[str, str] = {}
+    pax_local: dict[str, str] | None = None  # None: no local pax header, so the global ones do not apply either
     while True:
         problem = _check(head)
         if problem is not None:
@@ -122,14 +168,14 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
             return  # the end, or damage that tarfile reads as the end
         kind, size = head[156:157], _number(head[124:136])
         if kind in (_LONG_NAME, _LONG_LINK, _PAX_GLOBAL, *_PAX_LOCAL):
-            data = stream.read(size + (-size) % BLOCK)[:size]
+            data = _read_up_to(stream, size + (-size) % BLOCK)  # as tarfile: the padded blocks, a name ends at its NUL
             try:
                 if kind == _LONG_NAME:
                     long_name = _text(data)
                 elif kind == _PAX_GLOBAL:
                     pax_global.update(_pax_records(data))
                 elif kind != _LONG_LINK:
-                    pax_local.update(_pax_records(data))
+                    pax_local = {**(pax_local or {}), **_pax_records(data)}
             except tarfile.InvalidHeaderError:
                 if at_start:
                     raise tarfile.ReadError("invalid header") from None
@@ -142,11 +188,14 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
         name = raw_name
         if prefix:  # ustar splits long names into prefix + name (tarfile reads the field whatever the magic)
             name = f"{prefix}/{raw_name}"
-        pax = {**pax_global, **pax_local}
-        name = pax.get("path", long_name if long_name is not None else name)
-        size = int(pax["size"]) if "size" in pax else size
-        long_name, pax_local, pending = None, {}, False
-        if kind == _SPARSE:
+        # tarfile's order: global pax records (their size left aside, see the module docstring), the GNU long
+        # name, then a local pax header's records (the global ones again, and its own)
+        name, _ = _apply_pax(pax_global, name, size)
+        name = long_name if long_name is not None else name
+        pax = {} if pax_local is None else {**pax_global, **pax_local}
+        name, size = _apply_pax(pax, name, size)
+        long_name, pax_local, pending = None, None, False
+        if kind == _SPARSE or _is_sparse(pax):  # old GNU or pax sparse format
             raise tarfile.ReadError(f"GNU sparse member {name!r} is not supported")
         if kind == b"\x00" and raw_name.endswith("/"):  # an old V7 directory: no data, like tarfile's DIRTYPE
             pass
