@@ -29,14 +29,13 @@ from tqdm.auto import tqdm
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import (
     check_fsdp_supported,
+    check_resume_model,
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
-    model_mismatch,
     save_checkpoint,
 )
-from ssl_vit.config import Config, ConfigError, dump_config, load_config
-from ssl_vit.config_schema import differences
+from ssl_vit.config import Config, dump_config
 from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import make_accelerator
@@ -113,7 +112,8 @@ class Trainer:
         self.step, self.counters, self.checkpoint = 0, Counters(), None
         found = latest_checkpoint(self.run_dir)
         if found is not None:
-            self._check_same_model(found[1])
+            sharded = accelerator.distributed_type == DistributedType.FSDP
+            check_resume_model(self.objective, cfg, found[1], sharded)  # before anything is loaded or written
             marker = load_checkpoint(accelerator, found[1])  # also restores every rank's RNG state
             self.step, self.checkpoint = marker["step"], found[1]
             self.counters = Counters.from_dict(marker.get("counters"))
@@ -127,23 +127,6 @@ class Trainer:
         self.segment = cfg.train.save_every or cfg.train.total_steps
         self.loader = self._stream(self.step - self.step % self.segment)
         self._fast_forward((self.step % self.segment) * cfg.optim.accum_steps)
-
-    def _check_same_model(self, path: Path) -> None:
-        """Refuse, in one line, a checkpoint of another architecture (e.g. the run dir reused with a new
-        model.depth), naming what differs from the run's config.yaml, before anything is loaded or written."""
-        if self.acc.distributed_type == DistributedType.FSDP:  # sharded save; Accelerate checks it when loading
-            return
-        mismatch = model_mismatch(self.objective, path)
-        if mismatch is None:
-            return
-        try:  # name the keys that changed since the run's own config.yaml, when it can be read
-            saved = load_config(self.run_dir / "config.yaml")
-            changed = differences(saved, self.cfg, ("objective", "model.", f"{self.cfg.objective}."))
-        except (ConfigError, OSError):
-            changed = []
-        since = f"{', '.join(changed)} since the run's config.yaml; " if changed else ""
-        raise ValueError(f"checkpoint {path} was made with a different model config ({since}{mismatch}); resume "
-                         "with the run's own config, or set a new train.run_dir")
 
     def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.

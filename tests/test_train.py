@@ -123,6 +123,11 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
     message = str(err.value)
     assert "\n" not in message and "step_00000002 was made with a different model config" in message
     assert "model.depth: 2 → 1" in message
+    # fewer heads or another decoder head count keep every tensor's shape: the checkpoint would load, and break
+    for change, named in [("model.num_heads=1", "model.num_heads 2 → 1"), ("mae.decoder_heads=1",
+                                                                          "mae.decoder_heads 2 → 1")]:
+        with pytest.raises(ValueError, match=rf"^checkpoint .*different model config \({named} since the run's"):
+            pretrain(load_config(None, base + [change]))
     assert (run / "config.yaml").read_text() == saved  # the run dir still describes its checkpoint
     export_run(run, tmp_path / "exported")  # ... so export still works
 
@@ -155,3 +160,16 @@ def test_whole_model_reads_under_fsdp_are_refused_before_training():
     check_fsdp_supported(load_config(None, ["train.export=false", "train.image_every=0"]), fsdp)
     check_fsdp_supported(load_config(None, ["objective=dino", "train.export=false"]), fsdp)  # crops only
     check_fsdp_supported(load_config(None), ddp)
+
+
+def test_shapeless_changes_compare_heads_as_built():
+    from ssl_vit.checkpoint import shapeless_changes
+
+    saved = load_config(None, ["model.name=vit_tiny_patch16_224"])  # num_heads null: the timm model's 3
+    assert shapeless_changes(saved, load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_heads=3"])) == []
+    assert shapeless_changes(saved, load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_heads=6"])) == [
+        "model.num_heads None → 6"]
+    dino = load_config(None, ["objective=dino"])
+    assert shapeless_changes(dino, load_config(None, ["objective=dino", "dino.norm_last_layer=false"])) == [
+        "dino.norm_last_layer True → False"]
+    assert shapeless_changes(dino, load_config(None, ["objective=dino", "mae.decoder_heads=8"])) == []  # not used
