@@ -37,20 +37,29 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
 
 
 def load_any_config(recipe: str | None, overrides: Sequence[str]) -> tuple[str, Any]:
-    """("pretrain" | "finetune", config) of a recipe, by whichever schema takes it. When neither does, the error
-    of the fine-tuning schema if the recipe names a `model.backbone` (only fine-tuning has one), else the
-    pretraining one."""
-    from ssl_vit.config import ConfigError, load_config
+    """("pretrain" | "finetune", config) of a recipe. The kind is read from the recipe itself: an `augment`
+    section or a `model.backbone` key makes it a fine-tuning recipe (only that schema has them), anything else
+    a pretraining one; its errors are then that schema's (a misspelled key is named against the right keys)."""
+    from ssl_vit.config import load_config
     from ssl_vit.finetune_config import load_finetune_config
 
     path = recipe_path(recipe)
+    if _is_finetune_recipe(path):
+        return "finetune", load_finetune_config(path, overrides)
+    return "pretrain", load_config(path, overrides)
+
+
+def _is_finetune_recipe(path: Path) -> bool:
+    import yaml
+
     try:
-        return "pretrain", load_config(path, overrides)
-    except ConfigError as pretrain_error:
-        try:
-            return "finetune", load_finetune_config(path, overrides)
-        except (ConfigError, ValueError) as finetune_error:
-            raise (finetune_error if "'model.backbone'" in str(pretrain_error) else pretrain_error) from None
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable: load_config says why
+        return False
+    if not isinstance(data, dict):
+        return False
+    model = data.get("model")
+    return "augment" in data or (isinstance(model, dict) and "backbone" in model)
 
 
 def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:

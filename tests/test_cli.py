@@ -50,6 +50,18 @@ def test_config_prints_pretraining_and_fine_tuning_recipes(capsys):
     assert "did you mean 'optim.layer_decay'?" in capsys.readouterr().err
 
 
+def test_a_fine_tuning_recipe_is_told_by_its_keys_whatever_their_order(tmp_path, capsys):
+    # its first section (data.val, augment) is no pretraining key: the error must still be the fine-tuning one
+    recipes = {"data_first.yaml": "data: {val: x.tar, train: y.tar}\nmodel: {backbone: runs/mae_demo}\n",
+               "augment_first.yaml": "augment: {mixup: 0.8}\nmodel: {backbone: runs/mae_demo}\n"}
+    for name, text in recipes.items():
+        (tmp_path / name).write_text(text)
+    assert main(["config", str(tmp_path / "data_first.yaml"), "--set", "optim.layr_decay=0.7"]) == 2
+    assert "did you mean 'optim.layer_decay'?" in capsys.readouterr().err
+    assert main(["config", str(tmp_path / "augment_first.yaml"), "--set", "augment.mixupp=0.5"]) == 2
+    assert "did you mean 'augment.mixup'?" in capsys.readouterr().err
+
+
 def test_pretrain_refuses_a_fine_tuning_recipe_naming_the_command(capsys):
     assert main(["pretrain", "finetune_demo_tiny"]) == 2
     assert capsys.readouterr().err.strip() == ("ssl-vit pretrain: error: finetune_demo_tiny is a fine-tuning recipe: "
