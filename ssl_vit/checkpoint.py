@@ -222,8 +222,12 @@ def shapeless_changes(saved: Config, cfg: Config) -> list[str]:
 def _heads(cfg: Config) -> list[int]:
     from ssl_vit.backbone import build_backbone
 
-    with torch.device("meta"):  # the structure without allocating or initialising any weight
-        return [block.attn.num_heads for block in build_backbone(cfg.model).blocks]
+    try:
+        with torch.device("meta"):  # the structure without allocating or initialising any weight
+            vit = build_backbone(cfg.model)
+    except ValueError:  # older timm (1.0.16 at least) calls .item() while building, which meta tensors refuse
+        vit = build_backbone(cfg.model)
+    return [block.attn.num_heads for block in vit.blocks]
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:

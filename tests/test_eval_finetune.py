@@ -84,7 +84,8 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     plain = timm.create_model(meta["model_name"], **meta["model_kwargs"]).eval()
     plain.load_state_dict(weights, strict=True)
     overlay = timm.create_model(meta["model_name"], pretrained=True, **meta["model_kwargs"],
-                                pretrained_cfg_overlay=dict(file=str(result.exported), num_classes=10)).eval()
+                                pretrained_cfg_overlay=dict(file=str(result.exported), num_classes=10,
+                                                            custom_load=False)).eval()
     ours, _ = load_backbone(run / "best")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

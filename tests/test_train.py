@@ -57,13 +57,14 @@ def test_interrupt_resume_export_timm_knn(tmp_path, demo, crash_in_step):
     assert not any(k.startswith(("backbone.", "decoder.", "module.")) for k in weights)
     ours, _ = load_backbone(run)
     theirs = timm.create_model(meta["model_name"], pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors")),
+                               pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors"), custom_load=False),
                                **meta["model_kwargs"])
     fresh = timm.create_model(meta["model_name"], **meta["model_kwargs"])
     fresh.load_state_dict(weights, strict=True)
     # Hand-off for fine-tuning: a new head on top, every backbone weight loaded.
     finetune = timm.create_model(meta["model_name"], pretrained=True, **{**meta["model_kwargs"], "num_classes": 7},
-                                 pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors"), num_classes=0))
+                                 pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors"), num_classes=0,
+                                                             custom_load=False))
     assert finetune.head.out_features == 7
     assert all(torch.equal(finetune.state_dict()[k], v) for k, v in weights.items())
     x = torch.randn(2, 3, 32, 32)
