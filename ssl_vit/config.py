@@ -170,10 +170,21 @@ def validate(cfg: Config) -> None:
         if not torchvision_decodes_jpeg():
             raise ConfigError("data.device_decode: this torchvision has no torchvision.io.decode_jpeg (its image "
                               "codecs moved to TorchCodec); use a torchvision that has it, or turn this off")
-    for key, value in (("train.total_steps", cfg.train.total_steps), ("data.batch_size", cfg.data.batch_size),
-                       ("optim.accum_steps", cfg.optim.accum_steps)):
+    t = cfg.train
+    for key, value in (("train.total_steps", t.total_steps), ("data.batch_size", cfg.data.batch_size),
+                       ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", t.log_every),
+                       ("train.max_nonfinite_steps", t.max_nonfinite_steps)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in (("train.warmup_steps", t.warmup_steps), ("train.image_every", t.image_every),
+                       ("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
+                       ("data.num_workers", cfg.data.num_workers)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be at least 0 (0: {_ZERO_MEANS[key]}), got {value}")
+
+
+_ZERO_MEANS = {"train.warmup_steps": "no warmup", "train.image_every": "never", "train.save_every": "only at the end",
+               "train.keep_last": "keep all", "data.num_workers": "load in the training process"}
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

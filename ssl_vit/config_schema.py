@@ -38,14 +38,18 @@ def _unknown_key(key: str, root: type) -> ConfigError:
     valid = _all_keys(root)
     if "." not in key:  # a bare word may be a misspelled section (`--set optm={...}`)
         valid += [name for name, tp in typing.get_type_hints(root).items() if dataclasses.is_dataclass(tp)]
-    # A known leaf name under a wrong or misspelled section (`trian.total_steps`, `dat.batch_size`): the closest of
-    # the keys ending in that leaf, so `evl.batch_size` finds eval's, not data's. Otherwise the closest full key.
-    leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    # A known leaf name under a wrong or misspelled section: the one whose section is close to what was written
+    # (`evl.batch_size` → eval's, `dat.batch_size` → data's); when none is (`train.batch_size`, a bare
+    # `batch_size`), every key with that leaf, as guessing one would quietly set the wrong thing. Otherwise the
+    # closest full key.
+    section, _, leaf = key.rpartition(".")
+    leaf_matches = [k for k in valid if k.rpartition(".")[2] == leaf]
     if leaf_matches:
-        close = difflib.get_close_matches(key, leaf_matches, n=1, cutoff=0.0)
+        near = [k for k in leaf_matches if difflib.SequenceMatcher(None, section, k.rpartition(".")[0]).ratio() >= 0.6]
+        close = difflib.get_close_matches(key, near, n=1, cutoff=0.0) if near else leaf_matches
     else:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 

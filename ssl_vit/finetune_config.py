@@ -106,7 +106,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:  # no step, no evaluation: nothing to report
         raise ConfigError(f"train.max_steps: must be at least 1 (or null for every epoch), got {cfg.train.max_steps}")
     for key, value in (("train.epochs", cfg.train.epochs), ("data.batch_size", cfg.data.batch_size),
-                       ("optim.accum_steps", cfg.optim.accum_steps)):
+                       ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", cfg.train.log_every)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if not 0 <= cfg.train.warmup_epochs <= cfg.train.epochs:

@@ -59,6 +59,31 @@ def test_misspelled_section_names_the_full_key(override, suggestion):
     assert str(err.value) == f"unknown config key {key!r}; did you mean {suggestion!r}?"
 
 
+@pytest.mark.parametrize("override", ["train.batch_size=256", "batch_size=256"])
+def test_a_leaf_of_two_sections_under_neither_names_both(override):
+    # guessing one (eval's, by string distance) would send a user to the k-NN batch instead of training's
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"unknown config key {key!r}; did you mean 'data.batch_size' or 'eval.batch_size'?"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every: must be at least 1, got 0"),  # not 'never': it divided by zero
+    ("train.save_every=-1", "train.save_every: must be at least 0 (0: only at the end), got -1"),
+    ("data.num_workers=-2", "data.num_workers: must be at least 0 (0: load in the training process), got -2"),
+])
+def test_step_intervals_and_counts_out_of_range_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+    if override.startswith("train.log_every"):
+        from ssl_vit.finetune_config import load_finetune_config
+
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            load_finetune_config(None, [override])
+
+
 def test_misspelled_section_in_a_recipe(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "optm:\n  base_lr: 1.0e-4\n  weight_decay: 0.1\n"))
