@@ -28,16 +28,20 @@ from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.objectives.mae import random_masking
 from ssl_vit.train import _to_device, build_optimizer
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; anything else needs --peak-tflops.
-PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA's data sheets) by device-name fragment, the first that matches:
+# the PCIe and NVL cards before the SXM parts whose names they contain. Anything else needs --peak-tflops.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                                              ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_tflops_for(name: str) -> float | None:
+    """The table's peak for a CUDA device name (`torch.cuda.get_device_name`), or None."""
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
     """The table's peak for this CUDA device, or None (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def _sync(device: torch.device) -> None:

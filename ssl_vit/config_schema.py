@@ -92,7 +92,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise _type_error(key, value, tp)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -108,7 +108,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             pass
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
-    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise _type_error(key, value, tp)
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    message = f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})"
+    takes_text = tp is str or str in typing.get_args(tp)
+    if isinstance(value, bool) and takes_text:  # YAML 1.1 reads a bare no/yes/off/on as a bool
+        message += f"; a bare yes/no/on/off is a bool in YAML: quote it ('{'no' if not value else 'yes'}')"
+    return ConfigError(message)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:

@@ -167,3 +167,14 @@ def test_children_cpu_seconds_counts_a_live_childs_cpu():
         go_on.set()
         child.join(30)
     assert 0.45 <= used <= 0.9, used  # 0.5 s of spinning, read within clock ticks, plus the child's start
+
+
+def test_peak_table_tells_the_pcie_and_nvl_cards_from_the_sxm_parts():
+    from ssl_vit.benchmark import peak_tflops_for
+
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops_for("NVIDIA H200") == 989.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("NVIDIA GeForce RTX 4090") is None

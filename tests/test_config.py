@@ -84,6 +84,14 @@ def test_step_intervals_and_counts_out_of_range_are_one_line_errors(override, me
             load_finetune_config(None, [override])
 
 
+def test_a_bare_no_in_a_recipe_says_to_quote_it(tmp_path):
+    with pytest.raises(ConfigError) as err:  # YAML reads `precision: no` as false
+        load_config(write(tmp_path, "train:\n  precision: no\n"))
+    assert str(err.value) == ("train.precision: expected str | None, got False (bool); a bare yes/no/on/off is a "
+                              "bool in YAML: quote it ('no')")
+    assert load_config(write(tmp_path, "train:\n  precision: 'no'\n")).train.precision == "no"
+
+
 def test_misspelled_section_in_a_recipe(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "optm:\n  base_lr: 1.0e-4\n  weight_decay: 0.1\n"))
