@@ -161,6 +161,16 @@ def test_damaged_fields_under_a_matching_checksum_read_the_same(tmp_path):
             _same(path)
 
 
+def test_unicode_digits_in_a_header_number_end_the_archive_as_in_tarfile(tmp_path):
+    data = bytearray(_tar(tarfile.USTAR_FORMAT))
+    second = tarfile.open(fileobj=io.BytesIO(bytes(data))).getmembers()[1].offset
+    data[second + 108:second + 110] = "٣".encode()  # an Arabic-Indic three in the uid: int() takes it, tarfile not
+    data[second:second + 512] = _with_checksum(bytearray(data[second:second + 512]))
+    (tmp_path / "digits.tar").write_bytes(bytes(data))
+    samples = _same(tmp_path / "digits.tar")  # the archive ends at that header: s000 without its cls
+    assert [s["__key__"] for s in samples] == ["s000"] and "cls" not in samples[0]
+
+
 def _pax_tar(members: list[tuple[str, bytes, dict]], global_headers: dict | None = None,
              fmt: int = tarfile.PAX_FORMAT) -> bytes:
     buf = io.BytesIO()
@@ -192,6 +202,23 @@ def test_pax_global_path_and_a_pax_sparse_member(tmp_path):
     sparse = _pax_tar([("a.jpg", b"A" * 7, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}), *REST])
     (tmp_path / "sparse.tar").write_bytes(sparse)
     assert _read(tmp_path / "sparse.tar", "ours") == ([], ["ReadError"])  # its data starts with a sparse map
+
+
+def test_a_long_name_and_a_pax_path_the_first_in_the_file_wins(tmp_path):
+    def member(headers: list[tuple[bytes, bytes]]) -> bytes:
+        out = b""
+        for kind, payload in headers:  # each extended header: its block, then its data padded to blocks
+            info = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "./PaxHeader")
+            info.type, info.size = kind, len(payload)
+            out += info.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+        info = tarfile.TarInfo("short.jpg")
+        info.size = 3
+        return out + info.tobuf(tarfile.USTAR_FORMAT) + b"abc" + bytes(509)
+
+    long, pax = (tarfile.GNUTYPE_LONGNAME, b"longname.jpg\x00"), (tarfile.XHDTYPE, b"21 path=paxname.jpg\n")
+    for order, key in (([long, pax], "longname"), ([pax, long], "paxname")):
+        (tmp_path / "order.tar").write_bytes(member(order) + bytes(1024))
+        assert [s["__key__"] for s in _same(tmp_path / "order.tar")] == [key]
 
 
 def test_a_gnu_long_name_shorter_than_its_size_field_says(tmp_path):

@@ -16,8 +16,8 @@ base-256 sizes. Links, directories and devices are skipped like any non-regular 
 GNU or pax format) are refused (a read error). Compressed shards (.tar.gz, .tar.bz2, .tar.xz) go through
 `tarfile`, as before. Two differences, on purpose: a global pax `size` record is ignored (tarfile reports it as
 every later member's size while still finding the next header by the member's own size, so it cuts or overruns
-the data: only a damaged or hand-made archive holds one), and a member whose size runs past the end of the
-file is a read error without the member (tarfile hands out its cut data first).
+the data: only a damaged or hand-made archive holds one), and a member whose size is negative or runs past
+the end of the file is a read error without the member (tarfile hands out its cut data first).
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def _number(field: bytes) -> int:
     if field[0] in (0o200, 0o377):  # GNU base-256, for sizes of 8 GiB and more
         value = int.from_bytes(field[1:], "big")
         return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
-    try:
-        return int(_text(field).strip() or "0", 8)
-    except ValueError:
+    end = field.find(b"\x00")
+    try:  # ASCII only, as tarfile: int() alone would also take other scripts' digits
+        return int((field if end == -1 else field[:end]).decode("ascii").strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
         raise tarfile.InvalidHeaderError("invalid header") from None
 
 
@@ -170,9 +171,9 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
     """(name, data) of each regular file of an uncompressed tar stream; `first`: its first bytes, already read."""
     head = first + stream.read(BLOCK - len(first))
     at_start, pending = True, False  # pending: a long-name or pax header waits for the member it describes
-    long_name: str | None = None
     pax_global: dict[str, str] = {}
-    pax_local: dict[str, str] | None = None  # None: no local pax header, so the global ones do not apply either
+    # the GNU long names and local pax headers (each with the global records of its time) before a member
+    extended: list[str | dict[str, str]] = []
     while True:
         problem = _check(head)
         if problem is not None:
@@ -186,11 +187,11 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
             data = _read_up_to(stream, size + (-size) % BLOCK)  # as tarfile: the padded blocks, a name ends at its NUL
             try:
                 if kind == _LONG_NAME:
-                    long_name = _text(data)
+                    extended.append(_text(data))
                 elif kind == _PAX_GLOBAL:
                     pax_global.update(_pax_records(data))
                 elif kind != _LONG_LINK:
-                    pax_local = {**(pax_local or {}), **_pax_records(data)}
+                    extended.append({**pax_global, **_pax_records(data)})
             except tarfile.InvalidHeaderError:
                 if at_start:
                     raise tarfile.ReadError("invalid header") from None
@@ -203,14 +204,17 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
         name = raw_name
         if prefix:  # ustar splits long names into prefix + name (tarfile reads the field whatever the magic)
             name = f"{prefix}/{raw_name}"
-        # tarfile's order: global pax records (their size left aside, see the module docstring), the GNU long
-        # name, then a local pax header's records (the global ones again, and its own)
+        # tarfile's order: the global pax records (their size left aside, see the module docstring), then the
+        # extended headers from the one nearest the member out to the first, which therefore wins
         name, _ = _apply_pax(pax_global, name, size)
-        name = long_name if long_name is not None else name
-        pax = {} if pax_local is None else {**pax_global, **pax_local}
-        name, size = _apply_pax(pax, name, size)
-        long_name, pax_local, pending = None, None, False
-        if kind == _SPARSE or _is_sparse(pax):  # old GNU or pax sparse format
+        for header in reversed(extended):
+            if isinstance(header, str):  # a GNU long name
+                name = header
+            else:
+                name, size = _apply_pax(header, name, size)
+        sparse = any(isinstance(header, dict) and _is_sparse(header) for header in extended)
+        extended, pending = [], False
+        if kind == _SPARSE or sparse:  # old GNU or pax sparse format
             raise tarfile.ReadError(f"GNU sparse member {name!r} is not supported")
         if kind == b"\x00" and raw_name.endswith("/"):  # an old V7 directory: no data, like tarfile's DIRTYPE
             pass
