@@ -13,9 +13,10 @@ from torch import Tensor
 class RunLog:
     """Scalars to TensorBoard and `log.jsonl`, images to TensorBoard. A no-op on non-main ranks."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0) -> None:
-        """`resume_step`: the checkpoint step a resumed run goes on from. What a killed run logged after it is
-        dropped, so curves don't fold back; what it logged at that step (just before saving) stays."""
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None) -> None:
+        """`resume_step`: the step a (re)started training run goes on from, its checkpoint's or 0. What an earlier,
+        killed run logged after it is dropped, so curves don't fold back; what it logged at that step (just
+        before saving) stays. None: a log of its own (evaluations), appended to as it is."""
         self.enabled = enabled
         if not enabled:
             return
@@ -23,9 +24,10 @@ class RunLog:
 
         run_dir = Path(run_dir)
         # TensorBoard hides the events at purge_step and after: the next step, not the checkpoint's own
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         path = run_dir / "log.jsonl"
-        if resume_step and path.is_file():  # the same for the JSONL log
+        if resume_step is not None and path.is_file():  # the same for the JSONL log
             path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
                                     if _logged_step(line) <= resume_step))
         self.jsonl = path.open("a")

@@ -26,3 +26,15 @@ def test_resume_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [20, 40, 50, 80]
     assert _tensorboard_steps(tmp_path) == [20, 40, 50, 80]
+
+
+def test_a_restart_before_the_first_checkpoint_starts_the_log_afresh(tmp_path):
+    log = RunLog(tmp_path)
+    for step in (20, 40):  # killed before its first checkpoint
+        log.scalars(step, {"train/loss": float(step)})
+    log.close()
+    restarted = RunLog(tmp_path, resume_step=0)
+    restarted.scalars(20, {"train/loss": 1.0})
+    restarted.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [20]
+    assert _tensorboard_steps(tmp_path) == [20]
