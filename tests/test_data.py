@@ -172,6 +172,15 @@ def test_eval_stream_skips_and_counts_bad_samples(tmp_path: Path, num_workers: i
     assert skipped == _counts(read_error=1, no_image=1, corrupt_image=3, too_large=1, bad_label=1)
 
 
+def test_a_cut_between_samples_leaves_the_last_whole_sample_counted_as_it_is(tmp_path: Path) -> None:
+    # the shard breaks off in the first member of sample c: b is whole, and its corrupt image still counts
+    shard = _write_tar(tmp_path / "s.tar", [("a.cls", b"1"), ("a.png", _image("PNG")), ("b.cls", b"2"),
+                                            ("b.png", b"not a png"), ("c.cls", b"3" * 600)], cut_last=True)
+    keys, _, _, skipped = _read_all(eval_stream(str(shard), _size_of, batch_size=4, num_workers=0, rank=0,
+                                                world_size=1))
+    assert keys == ["a"] and skipped == _counts(read_error=1, corrupt_image=1)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_stream_counts_the_skips_of_a_worker_with_no_usable_sample(tmp_path: Path, num_workers: int) -> None:
     # with 2 workers, worker 1 reads only the bad shard: it has no sample to carry its counts on

@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
+from webdataset.tariterators import base_plus_ext
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
@@ -35,7 +36,8 @@ class SkipCounter:
 
     def __init__(self, give_up_after: int | None = None) -> None:
         self.pending = [0] * len(SKIP_REASONS)
-        self.read_errors = 0  # all time: tells `_TarSamples` that a shard broke off
+        self.read_errors = 0  # all time: tells `_TarSamples` that a shard broke off ...
+        self.torn: str | None = None  # ... and in which member, when it broke off inside one
         self.fruitless = 0  # failures (and empty shards) since the last good sample
         self.give_up_after = give_up_after
 
@@ -61,6 +63,7 @@ class SkipCounter:
         """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
         log.warning("skipping the rest of a shard after a read error: %s", exn)
         self.read_errors += 1
+        self.torn = getattr(exn, "member", None)  # set by tar_reader on a member whose data stops early
         self.add("read_error")
         return False
 
@@ -69,8 +72,8 @@ class _TarSamples:
     """Shard dicts → raw samples, one shard at a time: a shard that breaks off mid-way then counts as one
     read error and its last sample is never merged with the next shard's first (as a shared stream would).
 
-    The last sample of a shard that broke off is marked `__cut__`: the members of it that arrived before the
-    break (a `cls` without its image) are no sample of their own to count again (see `DecodeStage`)."""
+    The last sample of a shard that broke off inside one of its members is marked `__cut__`: what arrived of it
+    (a `cls` without its image) is no sample of its own to count again (see `DecodeStage`)."""
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
@@ -85,7 +88,8 @@ class _TarSamples:
             if last is None:
                 self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
                 continue
-            if self.counter.read_errors != errors:
+            torn = self.counter.torn if self.counter.read_errors != errors else None
+            if torn is not None and base_plus_ext(torn)[0] == last.get("__key__"):
                 last["__cut__"] = True
             yield last
 
@@ -143,7 +147,7 @@ class DecodeStage:
                 out = self.convert(sample)
             except SampleError as err:
                 log.debug("skipping sample %s: %s", sample.get("__key__"), err)
-                if sample.get("__cut__"):  # torn by a shard's break, already counted as its read_error
+                if sample.get("__cut__"):  # torn by the shard's break, already counted as its read_error
                     self.counter.no_progress()
                 else:
                     self.counter.add(err.reason)

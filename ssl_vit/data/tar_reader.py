@@ -219,7 +219,12 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
         if kind == b"\x00" and raw_name.endswith("/"):  # an old V7 directory: no data, like tarfile's DIRTYPE
             pass
         elif kind in _REGULAR:
-            yield name, _read_exactly(stream, size)
+            try:
+                data = _read_exactly(stream, size)
+            except tarfile.ReadError as err:
+                err.member = name  # the member the shard broke off in: its sample is torn (shards._TarSamples)
+                raise
+            yield name, data
             _read_exactly(stream, (-size) % BLOCK)
         elif kind not in _NO_DATA:
             _read_exactly(stream, size + (-size) % BLOCK)
