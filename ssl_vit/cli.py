@@ -37,29 +37,41 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
 
 
 def load_any_config(recipe: str | None, overrides: Sequence[str]) -> tuple[str, Any]:
-    """("pretrain" | "finetune", config) of a recipe. The kind is read from the recipe itself: an `augment`
-    section or a `model.backbone` key makes it a fine-tuning recipe (only that schema has them), anything else
-    a pretraining one; its errors are then that schema's (a misspelled key is named against the right keys)."""
+    """("pretrain" | "finetune", config) of a recipe with its overrides, loaded by the schema their keys belong
+    to (`recipe_kind`); its errors are then that schema's (a misspelled key is named against the right keys)."""
     from ssl_vit.config import load_config
     from ssl_vit.finetune_config import load_finetune_config
 
     path = recipe_path(recipe)
-    if _is_finetune_recipe(path):
+    if recipe_kind(path, overrides) == "finetune":
         return "finetune", load_finetune_config(path, overrides)
     return "pretrain", load_config(path, overrides)
 
 
-def _is_finetune_recipe(path: Path) -> bool:
+def recipe_kind(path: Path, overrides: Sequence[str] = ()) -> str:
+    """"finetune" when more of the keys in the recipe and the overrides exist only in the fine-tuning schema
+    (data.val, model.backbone, augment.*) than only in the pretraining one (objective, mae.*, train.total_steps),
+    else "pretrain". Misspelled keys are in neither, so they do not sway it."""
     import yaml
 
+    from ssl_vit.config import Config
+    from ssl_vit.config_schema import all_keys
+    from ssl_vit.finetune_config import FinetuneConfig
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable: load_config says why
-        return False
+        data = None
+    keys = [o.split("=", 1)[0].strip() for o in overrides] + _leaf_keys(data)
+    finetune, pretrain = set(all_keys(FinetuneConfig)), set(all_keys(Config))
+    votes = sum(k in finetune - pretrain for k in keys) - sum(k in pretrain - finetune for k in keys)
+    return "finetune" if votes > 0 else "pretrain"
+
+
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
     if not isinstance(data, dict):
-        return False
-    model = data.get("model")
-    return "augment" in data or (isinstance(model, dict) and "backbone" in model)
+        return [prefix[:-1]] if prefix else []
+    return [key for name, value in data.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
 
 
 def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:

@@ -21,13 +21,14 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every full dotted key of a config dataclass (`optim.base_lr`, ...)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            keys += _all_keys(hints[f.name], key + ".")
+            keys += all_keys(hints[f.name], key + ".")
         else:
             keys.append(key)
     return keys
@@ -35,7 +36,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str, root: type) -> ConfigError:
     """`key` is the full dotted key the user wrote (`optm.base_lr`, not just the section `optm`)."""
-    valid = _all_keys(root)
+    valid = all_keys(root)
     if "." not in key:  # a bare word may be a misspelled section (`--set optm={...}`)
         valid += [name for name, tp in typing.get_type_hints(root).items() if dataclasses.is_dataclass(tp)]
     # A known leaf name under a wrong or misspelled section: the one whose section is close to what was written

@@ -60,6 +60,10 @@ def test_a_fine_tuning_recipe_is_told_by_its_keys_whatever_their_order(tmp_path,
     assert "did you mean 'optim.layer_decay'?" in capsys.readouterr().err
     assert main(["config", str(tmp_path / "augment_first.yaml"), "--set", "augment.mixupp=0.5"]) == 2
     assert "did you mean 'augment.mixup'?" in capsys.readouterr().err
+    # no fine-tuning-only key in the recipe but its data.val, the backbone given on the command line
+    (tmp_path / "no_backbone.yaml").write_text("data: {val: x.tar, num_classes: 10}\ntrain: {epochs: 5}\n")
+    assert main(["config", str(tmp_path / "no_backbone.yaml"), "--set", "model.backbone=runs/x"]) == 0
+    assert "backbone: runs/x" in capsys.readouterr().out
 
 
 def test_pretrain_refuses_a_fine_tuning_recipe_naming_the_command(capsys):

@@ -181,11 +181,11 @@ def test_config_reference_is_current_and_complete():
     from pathlib import Path
 
     from ssl_vit.config_reference import render_reference
-    from ssl_vit.config_schema import _all_keys
+    from ssl_vit.config_schema import all_keys
 
     text = render_reference()
     doc = Path(__file__).parent.parent / "docs" / "config.md"
     assert doc.read_text() == text, "docs/config.md is stale: run `python tools/config_reference.py`"
-    for key in _all_keys(Config):
+    for key in all_keys(Config):
         row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
         assert not row.endswith("|  |"), f"{key} has no comment in config.py"
