@@ -70,7 +70,7 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
     if not vit.has_class_token:  # row 0 would be a register token's, or a patch's
         raise ValueError("attention maps show the cls token's attention, and this backbone has no cls token")
     s = images.shape[-1]
-    scale = scale or max(1, 128 // s)
+    scale = scale or max(1, -(-128 // s))  # the smallest factor that makes a tile ≥ 128 px
     tile = s * scale
     grid = tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
     images = images.to(next(vit.parameters()).device)
@@ -96,7 +96,7 @@ def mae_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int |
     if not isinstance(objective, MAE):
         raise ValueError(f"reconstructions need an MAE run, this one is {type(objective).__name__}")
     s = images.shape[-1]
-    scale = scale or max(1, 128 // s)
+    scale = scale or max(1, -(-128 // s))  # the smallest factor that makes a tile ≥ 128 px
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         figure = objective.visualize({"image": images}, n=images.shape[0])["mae/reconstruction"]
