@@ -249,6 +249,27 @@ def test_forward_one_backbone_pass_per_resolution_and_monitors():
     assert "center" in dino.state_dict()
 
 
+@torch.no_grad()
+def test_forward_loss_and_entropy_are_the_papers_on_the_heads_outputs():
+    # the whole forward (teacher on the globals, centered and sharpened at the warmed-up temperature, student on
+    # every crop) against the naive loss on the two heads' outputs, with a center that is not zero
+    cfg = dataclasses.replace(TINY_DINO, student_temp=0.2, warmup_teacher_temp=0.02, teacher_temp=0.08)
+    dino, step, n_local = _dino(cfg), 4, 3
+    dino.train()
+    dino.center.copy_(torch.randn(dino.center.shape, generator=torch.Generator().manual_seed(3)))
+    outs = {}
+    dino.head.register_forward_hook(lambda m, a, out: outs.__setitem__("student", out))
+    dino.teacher["head"].register_forward_hook(lambda m, a, out: outs.__setitem__("teacher", out))
+    out = dino(_batch(n_local=n_local), step=step)
+    temp = 0.02 + (0.08 - 0.02) * step / cfg.warmup_teacher_temp_steps  # linear warmup, written out
+    want = _naive_loss(outs["student"].double(), outs["teacher"].double(), dino.center.double(), 2 + n_local,
+                       0.2, temp)
+    assert out["loss"].item() == pytest.approx(float(want), rel=1e-5)
+    q = F.softmax((outs["teacher"].double() - dino.center.double()) / temp, dim=-1)
+    assert out["teacher_entropy"].item() == pytest.approx(float(-(q * q.log()).sum(-1).mean()), rel=1e-5)
+    assert out["teacher_temp"].item() == pytest.approx(temp)
+
+
 def test_collapse_warning_once_per_episode():
     dino = DINO(TINY_DINO, build_backbone(TINY_VIT), collapse_window=5)
     log_k = math.log(64)
