@@ -90,6 +90,44 @@ def test_mae_objective_trains_every_parameter():
     assert grid.shape == (3, 3 * 32, 3 * 32) and 0 <= grid.min() and grid.max() <= 1
 
 
+@pytest.mark.parametrize("norm_pix", [True, False])
+@torch.no_grad()
+def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix):
+    # the whole forward against the paper, written out: each hidden patch's pixels (normalised by the patch's
+    # own mean and unbiased variance + 1e-6 with norm_pix_loss), squared error averaged over its pixels, then
+    # over the hidden patches only
+    import ssl_vit.objectives.mae as mae_module
+
+    torch.manual_seed(0)
+    mae = MAE(MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix),
+              build_backbone(TINY))
+    masks, preds = [], []
+    real_masking = mae_module.random_masking
+
+    def spy(*args, **kwargs):
+        masks.append(real_masking(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(mae_module, "random_masking", spy)
+    mae.decoder.register_forward_hook(lambda m, a, out: preds.append(out))
+    images = torch.randn(3, 3, 32, 32)
+    loss = mae({"image": images}, step=0)["loss"]
+    (_, mask, _), pred, p = masks[0], preds[0], 4
+    assert mask.sum(dim=1).tolist() == [64 - int(64 * 0.25)] * 3  # mask ratio 0.75 of the 8 × 8 patches
+    total, count = 0.0, 0
+    for b in range(3):
+        for i in range(8):
+            for j in range(8):
+                if not mask[b, i * 8 + j]:
+                    continue
+                pixels = images[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).reshape(-1)
+                if norm_pix:
+                    pixels = (pixels - pixels.mean()) / (pixels.var(unbiased=True) + 1e-6) ** 0.5
+                total += ((pred[b, i * 8 + j] - pixels) ** 2).mean().item()
+                count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
 def test_param_groups_exclude_norms_biases_and_tokens():
     mae = MAE(TINY_MAE, build_backbone(TINY))
     decay, no_decay = mae.param_groups(0.05)
