@@ -56,3 +56,35 @@ def test_resume_is_bit_identical(tmp_path, shards, crash_in_step, objective, wor
     assert not different, f"parameters differ after resume: {different[:5]}"
     assert losses(straight) == losses(resumed)
     assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("objective", ["mae", "dino"])
+def test_resume_after_a_stop_off_the_checkpoint_grid_is_bit_identical(tmp_path, shards, monkeypatch, objective):
+    # a stop signal at the end of step 4 is seen in step 5, which then saves, off the save_every=3 grid: the
+    # resume re-reads the stream from step 3 and skips 2 batches (data.num_workers > 0: the loader's random
+    # numbers are its own)
+    import signal
+
+    base = TINY_MODEL + TINY[objective] + TRAIN + [f"data.train={shards}", "data.num_workers=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(load_config(None, base + [f"train.run_dir={straight}"]))
+
+    cls = OBJECTIVES[objective]
+    original = cls.after_step
+
+    def stop_in_step_4(self, step):
+        original(self, step)
+        if step == 3:  # 0-based: the fourth step
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(cls, "after_step", stop_in_step_4)
+    cfg = load_config(None, base + [f"train.run_dir={resumed}"])
+    assert pretrain(cfg).stopped_by == "SIGTERM"
+    assert [s for s, _ in complete_checkpoints(resumed)] == [3, 5]
+    monkeypatch.setattr(cls, "after_step", original)
+    pretrain(cfg)
+
+    a = load_file(straight / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert losses(straight) == losses(resumed)
