@@ -92,13 +92,22 @@ def test_each_op_does_what_it_says():
     torch.testing.assert_close(blurred[1], src[1], atol=1e-4, rtol=0)
     dark = _params(1, jittered=torch.tensor([True]), jitter=torch.tensor([[0.6, 1.0, 1.0, 0.0]]))
     torch.testing.assert_close(_unnormalize(augment_view(src[:1], dark, 16)), src[:1] * 0.6, atol=1e-4, rtol=0)
+    # hue: mid-range colours, which a tenth of a turn never pushes out of [0, 1], against the rotation of the
+    # YIQ chroma plane written out pixel by pixel; the luma (Y) stays as it was
+    mid = 0.35 + 0.3 * src[:1]
     hue = _params(1, jittered=torch.tensor([True]), jitter=torch.tensor([[1.0, 1.0, 1.0, 0.1]]))
-    shifted = _unnormalize(augment_view(src[:1], hue, 16))
-    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    inside = (shifted > 1e-3).all() and (shifted < 1 - 1e-3).all()
-    if inside:  # a hue rotation keeps the luma (where nothing was clipped)
-        torch.testing.assert_close((shifted * luma).sum(1), (src[:1] * luma).sum(1), atol=1e-4, rtol=0)
-    assert not torch.allclose(shifted, src[:1], atol=1e-3)
+    shifted = _unnormalize(augment_view(mid, hue, 16))
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    cos, sin = math.cos(2 * math.pi * 0.1), math.sin(2 * math.pi * 0.1)
+    want = torch.empty_like(mid)
+    for row in range(16):
+        for col in range(16):
+            y, i, q = (to_yiq @ mid[0, :, row, col]).tolist()
+            want[0, :, row, col] = torch.linalg.solve(to_yiq, torch.tensor([y, cos * i - sin * q, sin * i + cos * q]))
+    torch.testing.assert_close(shifted, want, atol=1e-4, rtol=0)
+    luma = to_yiq[0].view(1, 3, 1, 1)
+    torch.testing.assert_close((shifted * luma).sum(1), (mid * luma).sum(1), atol=1e-4, rtol=0)
+    assert (shifted - mid).abs().max() > 0.01  # and the colours did move
 
 
 def test_shapes_dtypes_and_input_check():
@@ -126,9 +135,20 @@ TINY_DINO = [*TINY_MAE, "objective=dino", "dino.out_dim=32", "dino.hidden_dim=32
 
 
 @pytest.mark.parametrize("overrides", [TINY_MAE, TINY_DINO], ids=["mae", "dino"])
-def test_pretrain_with_device_aug(tmp_path, overrides):
+def test_pretrain_with_device_aug(tmp_path, overrides, monkeypatch):
     demo = ensure_demo_data(tmp_path / "demo", n_train=16, n_knn_train=4, n_knn_val=4)
     cfg = load_config(None, [*overrides, "data.device_aug=true", f"data.train={demo.train}",
                              f"train.run_dir={tmp_path / 'run'}"])
+    seen = []
+    real_call = DeviceAugment.__call__
+
+    def spy(self, images):
+        seen.append((tuple(images.shape), images.dtype))
+        return real_call(self, images)
+
+    monkeypatch.setattr(DeviceAugment, "__call__", spy)
     result = pretrain(cfg)
     assert result.step == 2 and (tmp_path / "run" / "log.jsonl").is_file()
+    # the loader sent the cheap uint8 squares (round(32 / 0.875) = 37 px); the views were made here: once a
+    # step, and once more for the image logged at step 2
+    assert seen == [((4, 3, 37, 37), torch.uint8)] * 3
