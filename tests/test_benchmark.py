@@ -38,14 +38,22 @@ def _check(result: dict, synthetic: bool) -> None:
     assert 0 <= result["data_wait_share"] <= 1
     assert result["mfu"] <= 1  # a tiny model on a 1 TFLOP/s peak: far below it
     assert result["peak_tflops_source"] == "flag" and result["synthetic"] is synthetic
+    # the derived figures follow from the measured ones by their definitions
+    assert result["images_per_s"] == pytest.approx(result["batch_size"] / result["step_time_s"])
+    assert result["achieved_tflops"] == pytest.approx(result["flops_per_step"] / result["step_time_s"] / 1e12)
+    assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["peak_tflops"])
     enc = result["encoder"]
     assert enc["mask_ratio"] == 0.75 and enc["masked_fwd_bwd_s"] > 0 and enc["full_fwd_bwd_s"] > 0
-    assert enc["masked_speedup"] > 0
+    assert enc["masked_speedup"] == pytest.approx(enc["full_fwd_bwd_s"] / enc["masked_fwd_bwd_s"])
     if synthetic:
         assert not any(k in result for k in LOADER_FIELDS)
     else:
         assert all(result[k] > 0 for k in LOADER_FIELDS) and result["num_workers"] == 1
-        assert result["loader_vs_workers_x_single_core"] > 0 and result["loader_vs_workers_x_pipeline"] > 0
+        loader, workers = result["loader_images_per_s"], max(result["num_workers"], 1)
+        assert result["loader_vs_workers_x_single_core"] == pytest.approx(
+            loader / (workers * result["single_core_images_per_s"]))
+        assert result["loader_vs_workers_x_pipeline"] == pytest.approx(
+            loader / (workers * result["pipeline_single_core_images_per_s"]))
         assert result["single_core_cpu_ms_per_image"] > 0
         # a 2-batch window of tiny images may fall within one clock tick of worker CPU: then None, not 0
         assert result["loader_cpu_ms_per_image"] is None or result["loader_cpu_ms_per_image"] > 0
@@ -110,7 +118,7 @@ def test_synthetic_batch_mirrors_views():
     assert raw.shape == (5, 3, 37, 37) and raw.dtype == torch.uint8
 
 
-def test_compile_runs_a_few_steps(tmp_path, demo):
+def test_compile_runs_a_few_steps(tmp_path, demo, monkeypatch):
     """train.compile=true: the encoder calls go through torch.compile and training still runs (CPU inductor)."""
     import shutil
 
@@ -123,11 +131,22 @@ def test_compile_runs_a_few_steps(tmp_path, demo):
                              "train.precision=auto", "train.total_steps=2", "train.warmup_steps=1",
                              "train.save_every=0", "train.image_every=0", "train.export=false",
                              f"train.run_dir={tmp_path / 'run'}"])
+    from ssl_vit.backbone import encode
+    from ssl_vit.objectives.base import Objective
+
+    compiled = []
+    real_compile = Objective.compile_encoder
+
+    def spy(self):
+        real_compile(self)
+        compiled.append(self.encode is not encode)  # the encoder calls now go through the compiled function
+
+    monkeypatch.setattr(Objective, "compile_encoder", spy)
     try:
         result = pretrain(cfg)
     except torch._dynamo.exc.BackendCompilerFailed as err:  # toolchain present but unusable
         pytest.skip(f"torch.compile's inductor backend failed here: {str(err).splitlines()[0]}")
-    assert result.step == 2
+    assert result.step == 2 and compiled == [True]
 
 
 def test_compile_and_auto_precision_wiring():
