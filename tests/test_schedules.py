@@ -36,10 +36,19 @@ def test_grad_checkpointing_same_outputs_and_grads():
     ckpt = build_backbone(ModelConfig(**{**cfg.__dict__, "grad_checkpointing": True}))
     ckpt.load_state_dict(plain.state_dict())
     x, keep = torch.randn(2, 3, 32, 32), torch.tensor([[0, 3, 5], [1, 2, 15]])
-    grads = []
+    grads, outs, block_runs = [], [], []
     for model in (plain, ckpt):
+        runs, block_forward = [], model.blocks[0].forward
+
+        def counted(*args, runs=runs, block_forward=block_forward, **kwargs):
+            runs.append(1)  # not a forward hook: the recompute does not fire those
+            return block_forward(*args, **kwargs)
+
+        model.blocks[0].forward = counted
         out = encode(model, x, keep)
         out.square().mean().backward()
+        outs.append(out.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        block_runs.append(len(runs))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert block_runs == [1, 2]  # checkpointed: the block runs again in the backward pass (memory for compute)
