@@ -154,6 +154,7 @@ def test_linear_probe_command_reports_skipped_samples(tmp_path, setup, corrupt_v
     if augment:  # skips met while drawing 2 batches of 8 from a resampled stream: some, of these two reasons
         train = result["skipped"]["train"]
         assert set(train) == set(SKIPPED_VAL) and train["read_error"] == train["no_image"] == train["too_large"] == 0
+        assert train["corrupt_image"] + train["bad_label"] > 0  # 1 shard in 5 is all bad: the seeded draws meet it
     else:
         assert result["n_train"] == 20 and result["skipped"]["train"] == SKIPPED_VAL
         assert "20 train images (5 skipped (corrupt_image 4, bad_label 1))" in capsys.readouterr().out
