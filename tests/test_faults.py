@@ -23,8 +23,6 @@ from ssl_vit.train_monitor import RunAborted
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = str(ROOT / "tests" / "inject_fault.py")
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
         "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
         "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
@@ -79,9 +77,9 @@ def test_sigterm_stops_saves_and_rerun_continues(tmp_path, demo):
     assert logged_steps(run_dir)[-3:] == [step, step + 1, step + 2]
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo):
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo, accelerate_launch):
     run_dir = tmp_path / "run"
-    argv = LAUNCH + [INJECT, "none", str(tmp_path), "pretrain",
+    argv = accelerate_launch() + [INJECT, "none", str(tmp_path), "pretrain",
                      *sets(*TINY, f"data.train={demo.train}", f"train.run_dir={run_dir}",
                            "train.total_steps=100000", "train.save_every=1000")]
     proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -126,14 +124,14 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, demo
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
 
 
-def test_nan_on_one_rank_skips_the_update_everywhere(tmp_path, demo):
+def test_nan_on_one_rank_skips_the_update_everywhere(tmp_path, demo, accelerate_launch):
     """Also: unequal shard counts per rank (3 shards, 2 ranks), disjoint reads, equal steps, equal weights."""
     three = sorted(Path(demo.train.split("train-")[0]).glob("train-*.tar"))[:3]
     assert len(three) == 3
     listing = tmp_path / "three.txt"
     listing.write_text("".join(f"{path}\n" for path in three))
     run_dir = tmp_path / "run"
-    argv = LAUNCH + [INJECT, "nan_rank1", str(tmp_path), "pretrain", "--no-knn",
+    argv = accelerate_launch() + [INJECT, "nan_rank1", str(tmp_path), "pretrain", "--no-knn",
                      *sets(*TINY, f"data.train={listing}", f"train.run_dir={run_dir}",
                            "train.total_steps=6", "train.save_every=3")]
     out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
