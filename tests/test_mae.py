@@ -128,6 +128,37 @@ def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+@torch.no_grad()
+def test_reconstruction_image_shows_the_prediction_in_the_hidden_patches(monkeypatch):
+    import ssl_vit.objectives.mae as mae_module
+    from ssl_vit.data.transforms import denormalize
+
+    torch.manual_seed(0)
+    mae = MAE(TINY_MAE, build_backbone(TINY)).eval()
+    masks, preds = [], []
+    real_masking = mae_module.random_masking
+
+    def spy(*args, **kwargs):
+        masks.append(real_masking(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(mae_module, "random_masking", spy)
+    mae.decoder.register_forward_hook(lambda m, a, out: preds.append(out))
+    images = torch.randn(2, 3, 32, 32)
+    grid = mae.visualize({"image": images})["mae/reconstruction"]  # rows: original, masked, reconstruction
+    mask, pred, p = masks[0][1], preds[0], 4
+    for b in range(2):
+        for patch in (int(mask[b].argmax()), int((1 - mask[b]).argmax())):  # one hidden, one visible
+            i, j = divmod(patch, 8)
+            rows, cols = slice(64 + i * p, 64 + (i + 1) * p), slice(b * 32 + j * p, b * 32 + (j + 1) * p)
+            pixels = images[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]
+            if mask[b, patch]:  # the prediction, mapped back from the patch's normalised space by its own stats
+                flat = pixels.permute(1, 2, 0).reshape(-1)
+                want = pred[b, patch] * (flat.var() + 1e-6) ** 0.5 + flat.mean()
+                pixels = want.reshape(p, p, 3).permute(2, 0, 1)
+            torch.testing.assert_close(grid[:, rows, cols], denormalize(pixels), atol=1e-5, rtol=0)
+
+
 def test_param_groups_exclude_norms_biases_and_tokens():
     mae = MAE(TINY_MAE, build_backbone(TINY))
     decay, no_decay = mae.param_groups(0.05)
