@@ -70,3 +70,11 @@ def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path, shards):
     assert _logged(halves, "train/grad_norm") == pytest.approx(_logged(whole, "train/grad_norm"), rel=1e-4)
     a, b = (load_file(run / "checkpoints" / "step_00000006" / "model.safetensors") for run in (whole, halves))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_peak_lr_scales_with_the_global_batch_unless_an_lr_is_given():
+    from ssl_vit.train import peak_lr
+
+    cfg = load_config(None, ["optim.base_lr=1.5e-4", "data.batch_size=64", "optim.accum_steps=2"])
+    assert peak_lr(cfg, num_processes=8) == pytest.approx(1.5e-4 * 64 * 8 * 2 / 256)  # MAE: blr × 1024 / 256
+    assert peak_lr(load_config(None, ["optim.lr=3e-3", "data.batch_size=64"]), num_processes=8) == 3e-3
