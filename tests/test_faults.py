@@ -77,6 +77,24 @@ def test_sigterm_stops_saves_and_rerun_continues(tmp_path, demo):
     assert logged_steps(run_dir)[-3:] == [step, step + 1, step + 2]
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_whole_process_group_with_loader_workers(tmp_path, demo, stop):
+    # Ctrl-C reaches the terminal's whole process group and SLURM every process of the step: the loader
+    # workers get the signal too, and one that died of it crashed the training process instead of a clean stop
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "ssl_vit", "pretrain", "--no-knn",
+            *sets(*TINY, "data.num_workers=2", f"data.train={demo.train}", f"train.run_dir={run_dir}",
+                  "train.total_steps=100000", "train.save_every=1000")]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal job has
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, proc)
+    os.killpg(proc.pid, stop)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    [(step, path)] = complete_checkpoints(run_dir)
+    assert f"stopped by {stop.name} after step {step}; checkpoint: {path}" in out
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo, accelerate_launch):
     run_dir = tmp_path / "run"
     argv = accelerate_launch() + [INJECT, "none", str(tmp_path), "pretrain",

@@ -7,6 +7,7 @@ are ever decoded; nothing is unpickled. Bad samples are skipped and counted per 
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -209,6 +210,15 @@ def _shard_dicts(urls: list[str]) -> Iterator[dict]:
     return (dict(url=u) for u in mine)
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: ignore SIGINT and SIGTERM. Ctrl-C signals the terminal's whole process
+    group and SLURM every process of the job step, so the workers get the stop signal too; one that died of it
+    (or raised KeyboardInterrupt) would crash the training process mid-step or mid-save, before it could stop
+    cleanly (signals.py). The main process decides; workers still end with the loader or with their parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -248,7 +258,8 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True,
                       collate_fn=PooledCollate() if reuse_memory else collate,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      pin_memory=torch.cuda.is_available(), generator=generator)
+                      pin_memory=torch.cuda.is_available(), generator=generator,
+                      worker_init_fn=leave_stop_signals_to_the_main_process)
 
 
 def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *,
@@ -270,4 +281,5 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
         DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True, lone_skips=True),
     )
     return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=collate,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=leave_stop_signals_to_the_main_process)
