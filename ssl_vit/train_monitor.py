@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +56,9 @@ class StepWindow:
 
     def add_batch(self, batch: dict[str, Any]) -> None:
         images = batch["image"]
-        self.images += (images[0] if isinstance(images, (list, tuple)) else images).shape[0]
+        # rows device decode refilled with a copy of another image are counted as skipped, not as images
+        rows = (images[0] if isinstance(images, (list, tuple)) else images).shape[0]
+        self.images += rows - batch.get("refilled", 0)
         self.skipped += batch["skipped"].sum(0)
 
     def add_step(self, loss: float | None, wait: float, seconds: float, extra: dict[str, torch.Tensor]) -> None:
@@ -75,7 +78,9 @@ class StepWindow:
         """Window means over steps and ranks; adds the window's images and skips to `counters`."""
         n = max(self.finite_steps, 1)
         names = sorted(self.extra)
-        local = torch.tensor([self.loss / n, self.wait, self.time, self.images], device=accelerator.device,
+        # a window of skipped updates only has no loss: NaN, not a perfect 0 (the skip is agreed on every rank)
+        loss = self.loss / self.finite_steps if self.finite_steps else math.nan
+        local = torch.tensor([loss, self.wait, self.time, self.images], device=accelerator.device,
                              dtype=torch.float64)
         if names:
             extras = torch.stack([self.extra[k] for k in names]).to(accelerator.device, torch.float64) / n

@@ -96,6 +96,7 @@ def test_decoder_matches_cpu_path_and_counts_failures(caplog):
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (5, 3, SIZE, SIZE)
     assert torch.equal(out["image"], expected)  # same libjpeg-turbo decode, same antialiased resize
     assert out["label"].tolist() == [0, 0, 2, 3, 4] and out["key"] == ["a", "a", "c", "d", "e"]
+    assert out["refilled"] == 1  # the copy is no image of its own (train_monitor counts 4 images)
     assert "jpeg" not in out and "jpeg_sizes" not in out
     totals = out["skipped"].sum(dim=0)
     assert totals[CORRUPT] == 1 and totals[0] == 2 and totals[3] == 1 and int(totals.sum()) == 4

@@ -168,7 +168,9 @@ class DeviceDecoder:
         squares = {i: (self.square(images[i]) if payloads[i] is not None else images[i]).to(self.device,
                                                                                              non_blocking=True)
                    for i in keep}
-        out = {**batch, "skipped": skipped, "image": torch.stack([squares[i] for i in rows])}
+        # "refilled": rows that are copies, not images of their own (the monitor does not count them as images)
+        out = {**batch, "skipped": skipped, "image": torch.stack([squares[i] for i in rows]),
+               "refilled": len(images) - len(keep)}
         for key in ("label", "key"):
             if key in batch:
                 out[key] = batch[key][rows] if isinstance(batch[key], Tensor) else [batch[key][i] for i in rows]
