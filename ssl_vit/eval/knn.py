@@ -58,8 +58,10 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
         neighbour_labels = train_labels[idx]  # (C, k_max)
         target = val_labels[start:start + chunk].unsqueeze(1)
         for k in ks:
-            weights = (sim_k[:, :k] / temperature).exp()
-            votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
+            # exp(sim / T) relative to each row's nearest neighbour, in float64: the same ranking, and no overflow
+            # to inf (float32 overflowed for T below ~0.011, and tied neighbours at inf voted in arbitrary order)
+            weights = ((sim_k[:, :k].double() - sim_k[:, :1].double()) / temperature).exp()
+            votes = torch.zeros(sim.shape[0], n_classes, device=sim.device, dtype=torch.float64)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights
             top_votes, ranked = votes.topk(top5, dim=1)  # (C, top5)
             # A class no neighbour voted for ties with every other such class: never count it as a hit.
