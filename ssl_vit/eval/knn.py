@@ -58,14 +58,16 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
         neighbour_labels = train_labels[idx]  # (C, k_max)
         target = val_labels[start:start + chunk].unsqueeze(1)
         for k in ks:
-            # exp(sim / T) relative to each row's nearest neighbour, in float64: the same ranking, and no overflow
-            # to inf (float32 overflowed for T below ~0.011, and tied neighbours at inf voted in arbitrary order)
-            weights = ((sim_k[:, :k].double() - sim_k[:, :1].double()) / temperature).exp()
-            votes = torch.zeros(sim.shape[0], n_classes, device=sim.device, dtype=torch.float64)
+            # exp(sim / T) relative to each row's nearest neighbour: the same ranking, and no overflow to inf
+            # (exp(sim / T) overflowed float32 for T below ~0.011, and neighbours tied at inf voted in any order)
+            weights = ((sim_k[:, :k] - sim_k[:, :1]) / temperature).exp()
+            votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights
-            top_votes, ranked = votes.topk(top5, dim=1)  # (C, top5)
-            # A class no neighbour voted for ties with every other such class: never count it as a hit.
-            hits = (ranked == target) & (top_votes > 0)
+            voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, neighbour_labels[:, :k], True)
+            _, ranked = votes.topk(top5, dim=1)  # (C, top5)
+            # A class no neighbour voted for ties with every other such class: never count it as a hit. (Asked of
+            # `voted`, not of the vote: a far neighbour's weight can underflow to 0 at a small T.)
+            hits = (ranked == target) & voted.gather(1, ranked)
             correct[k][0] += int(hits[:, 0].sum())
             correct[k][1] += int(hits.any(dim=1).sum())
     n = val.shape[0]
