@@ -6,6 +6,7 @@ FAULT:
   nan_always  the loss is NaN on every rank at every step
   stall_save  the second checkpoint save stalls after Accelerate wrote its files (before rename + COMPLETE),
               having touched RECORD_DIR/saving, so the test can SIGKILL the process mid-save
+  crash       an error escapes the training step at step 2 (0-based), as a CUDA OOM or a bug would
   none        no fault
 Every rank also writes RECORD_DIR/rank<R>.json: the shard URLs it drew and a hash of its final parameters.
 """
@@ -50,6 +51,16 @@ if fault in ("nan_rank1", "nan_always"):
         return out
 
     Objective.__call__ = nan_call
+
+if fault == "crash":
+    original_crash_impl = Objective.__call__
+
+    def crashing_call(self, batch, step):
+        if step == 2:
+            raise RuntimeError("injected crash in step 2")
+        return original_crash_impl(self, batch, step)
+
+    Objective.__call__ = crashing_call
 
 if fault == "stall_save":
     original_save = accelerate.Accelerator.save_state

@@ -95,6 +95,16 @@ def test_a_stop_signal_to_the_whole_process_group_with_loader_workers(tmp_path, 
     assert f"stopped by {stop.name} after step {step}; checkpoint: {path}" in out
 
 
+def test_a_crash_with_loader_workers_exits_instead_of_waiting_on_them(tmp_path, demo):
+    # at exit after an uncaught error Python terminates the daemon loader workers (SIGTERM from their parent) and
+    # waits for them: workers that ignored every SIGTERM kept the process waiting forever
+    argv = [sys.executable, INJECT, "crash", str(tmp_path), "pretrain", "--no-knn",
+            *sets(*TINY, "data.num_workers=2", f"data.train={demo.train}", f"train.run_dir={tmp_path / 'run'}",
+                  "train.total_steps=10")]
+    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "injected crash in step 2" in out.stderr
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo, accelerate_launch):
     run_dir = tmp_path / "run"
     argv = accelerate_launch() + [INJECT, "none", str(tmp_path), "pretrain",
