@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -178,6 +180,24 @@ def test_a_cut_between_samples_leaves_the_last_whole_sample_counted_as_it_is(tmp
     keys, _, _, skipped = _read_all(eval_stream(str(shard), _size_of, batch_size=4, num_workers=0, rank=0,
                                                 world_size=1))
     assert keys == ["a"] and skipped == _counts(read_error=1, corrupt_image=1)
+
+
+def test_a_compressed_shard_cut_inside_a_sample_counts_one_read_error(tmp_path: Path) -> None:
+    # webdataset reads .tar.gz shards and does not say where they broke off: the last sample counts as torn
+    noisy = io.BytesIO()
+    Image.effect_noise((128, 128), 50).convert("RGB").save(noisy, format="PNG")  # incompressible: a long member
+    raw = _write_tar(tmp_path / "s.tar", [("g1.cls", b"1"), ("g1.png", _image("PNG")), ("x.cls", b"4"),
+                                          ("x.png", noisy.getvalue())]).read_bytes()
+    x_png = tarfile.open(fileobj=io.BytesIO(raw)).getmembers()[-1]
+    packed = gzip.compress(raw, compresslevel=1, mtime=0)
+    for end in range(len(packed), 0, -64):  # the longest cut whose data stops inside x.png
+        out = zlib.decompressobj(31).decompress(packed[:end])
+        if x_png.offset_data < len(out) < x_png.offset_data + x_png.size:
+            break
+    (tmp_path / "cut.tar.gz").write_bytes(packed[:end])
+    keys, _, _, skipped = _read_all(eval_stream(str(tmp_path / "cut.tar.gz"), _size_of, batch_size=4,
+                                                num_workers=0, rank=0, world_size=1))
+    assert keys == ["g1"] and skipped == _counts(read_error=1)  # not also no_image for x's cls
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -30,6 +30,7 @@ from ssl_vit.data.tar_reader import tar_samples
 
 log = logging.getLogger(__name__)
 
+TORN_UNKNOWN = "<a member the reader did not name>"  # SkipCounter.torn after a read error of unknown place
 _MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
 
 
@@ -40,7 +41,7 @@ class SkipCounter:
     def __init__(self, give_up_after: int | None = None) -> None:
         self.pending = [0] * len(SKIP_REASONS)
         self.read_errors = 0  # all time: tells `_TarSamples` that a shard broke off ...
-        self.torn: str | None = None  # ... and in which member, when it broke off inside one
+        self.torn: str | None = None  # ... and in which member, when it broke off inside one (see read_error)
         self.fruitless = 0  # failures (and empty shards) since the last good sample
         self.give_up_after = give_up_after
 
@@ -66,7 +67,9 @@ class SkipCounter:
         """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
         log.warning("skipping the rest of a shard after a read error: %s", exn)
         self.read_errors += 1
-        self.torn = getattr(exn, "member", None)  # set by tar_reader on a member whose data stops early
+        # tar_reader names the member whose data stopped early (None: none did); webdataset's reader of compressed
+        # shards does not say, so the last sample may be torn
+        self.torn = getattr(exn, "member", TORN_UNKNOWN)
         self.add("read_error")
         return False
 
@@ -92,7 +95,7 @@ class _TarSamples:
                 self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
                 continue
             torn = self.counter.torn if self.counter.read_errors != errors else None
-            if torn is not None and base_plus_ext(torn)[0] == last.get("__key__"):
+            if torn is TORN_UNKNOWN or (torn is not None and base_plus_ext(torn)[0] == last.get("__key__")):
                 last["__cut__"] = True
             yield last
 

@@ -257,10 +257,11 @@ def tar_file_expander(sources: Iterable[dict[str, Any]],
     """webdataset's `tar_file_expander` with this reader: {"fname", "data", "__url__"} per regular file and {}
     after each shard's last one. An error is passed to `handler`; it returns True to go on with the next shard."""
     for source in sources:
-        stream, url = source["stream"], source["url"]
+        stream, url, compressed = source["stream"], source["url"], False
         try:
             first = stream.read(6)
-            if first.startswith(_COMPRESSED):
+            compressed = first.startswith(_COMPRESSED)
+            if compressed:
                 files = ((f["fname"], f["data"]) for f in tar_file_iterator(_Replay(first, stream), handler=handler))
             else:
                 files = tar_members(stream, first)
@@ -269,6 +270,8 @@ def tar_file_expander(sources: Iterable[dict[str, Any]],
                     yield {"fname": name, "data": data, "__url__": url}
             yield {}
         except Exception as exn:
+            if not compressed and not hasattr(exn, "member"):
+                exn.member = None  # this reader names the member whose data broke off (tar_members): none did here
             if not handler(exn):
                 break
         finally:
