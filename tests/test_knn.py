@@ -67,6 +67,15 @@ def test_k_equal_to_the_train_size_is_allowed():
     assert out[30]["top1"] == pytest.approx(top1) and out[30]["top5"] == pytest.approx(top5)
 
 
+def test_a_class_voted_for_stays_in_the_top_5_when_its_weight_underflows():
+    # k=2, T=0.005: the second neighbour's weight exp((0.3 - 1) / 0.005) is 0 in float32, yet it voted
+    train = torch.tensor([[1.0, 0.0], [0.3, (1 - 0.09) ** 0.5]])
+    for c in range(1, 10):
+        out = knn_classify(train, torch.tensor([0, c]), torch.tensor([[1.0, 0.0]]), torch.tensor([c]), ks=(2,),
+                           temperature=0.005)
+        assert out[2] == {"top1": 0.0, "top5": 100.0}, c
+
+
 def test_unlabelled_is_refused():
     with pytest.raises(ValueError, match="labelled shards"):
         knn_classify(torch.randn(4, 3), torch.tensor([0, 1, -1, 0]), torch.randn(2, 3), torch.tensor([0, 1]))

@@ -64,7 +64,8 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
             votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights
             voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, neighbour_labels[:, :k], True)
-            _, ranked = votes.topk(top5, dim=1)  # (C, top5)
+            # a class voted for ranks above every class that was not, even where its weight underflowed to 0
+            _, ranked = votes.masked_fill(~voted, -1.0).topk(top5, dim=1)  # (C, top5)
             # A class no neighbour voted for ties with every other such class: never count it as a hit. (Asked of
             # `voted`, not of the vote: a far neighbour's weight can underflow to 0 at a small T.)
             hits = (ranked == target) & voted.gather(1, ranked)
