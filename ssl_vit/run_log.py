@@ -37,7 +37,9 @@ class RunLog:
             return
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        # strict JSON: a NaN/inf (the loss of a window of skipped updates) is null there; TensorBoard keeps it
+        finite = {tag: value if math.isfinite(value) else None for tag, value in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **finite}) + "\n")
         self.jsonl.flush()
 
     def image(self, step: int, tag: str, image: Tensor) -> None:

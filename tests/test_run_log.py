@@ -1,6 +1,7 @@
 """The run log on resume: what a killed run logged after its checkpoint is dropped, the checkpoint step kept."""
 
 import json
+import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -38,3 +39,18 @@ def test_a_restart_before_the_first_checkpoint_starts_the_log_afresh(tmp_path):
     restarted.close()
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [20]
     assert _tensorboard_steps(tmp_path) == [20]
+
+
+def test_a_nan_is_null_in_the_jsonl_log_and_nan_in_tensorboard(tmp_path):
+    log = RunLog(tmp_path)
+    log.scalars(5, {"train/loss": float("nan")})
+    log.close()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    line = json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=refuse)
+    assert line["step"] == 5 and line["train/loss"] is None
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert math.isnan(events.Scalars("train/loss")[0].value)
