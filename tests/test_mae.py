@@ -90,17 +90,10 @@ def test_mae_objective_trains_every_parameter():
     assert grid.shape == (3, 3 * 32, 3 * 32) and 0 <= grid.min() and grid.max() <= 1
 
 
-@pytest.mark.parametrize("norm_pix", [True, False])
-@torch.no_grad()
-def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix):
-    # the whole forward against the paper, written out: each hidden patch's pixels (normalised by the patch's
-    # own mean and unbiased variance + 1e-6 with norm_pix_loss), squared error averaged over its pixels, then
-    # over the hidden patches only
+def _capture_masks_and_predictions(mae: MAE, monkeypatch) -> tuple[list, list]:
+    """Lists that fill with each forward's (keep_idx, mask, restore) and decoder output."""
     import ssl_vit.objectives.mae as mae_module
 
-    torch.manual_seed(0)
-    mae = MAE(MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix),
-              build_backbone(TINY))
     masks, preds = [], []
     real_masking = mae_module.random_masking
 
@@ -110,6 +103,19 @@ def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix
 
     monkeypatch.setattr(mae_module, "random_masking", spy)
     mae.decoder.register_forward_hook(lambda m, a, out: preds.append(out))
+    return masks, preds
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@torch.no_grad()
+def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix):
+    # the whole forward against the paper, written out: each hidden patch's pixels (normalised by the patch's
+    # own mean and unbiased variance + 1e-6 with norm_pix_loss), squared error averaged over its pixels, then
+    # over the hidden patches only
+    torch.manual_seed(0)
+    mae = MAE(MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix),
+              build_backbone(TINY))
+    masks, preds = _capture_masks_and_predictions(mae, monkeypatch)
     images = torch.randn(3, 3, 32, 32)
     loss = mae({"image": images}, step=0)["loss"]
     (_, mask, _), pred, p = masks[0], preds[0], 4
@@ -130,20 +136,11 @@ def test_forward_loss_is_the_papers_on_the_decoders_output(monkeypatch, norm_pix
 
 @torch.no_grad()
 def test_reconstruction_image_shows_the_prediction_in_the_hidden_patches(monkeypatch):
-    import ssl_vit.objectives.mae as mae_module
     from ssl_vit.data.transforms import denormalize
 
     torch.manual_seed(0)
     mae = MAE(TINY_MAE, build_backbone(TINY)).eval()
-    masks, preds = [], []
-    real_masking = mae_module.random_masking
-
-    def spy(*args, **kwargs):
-        masks.append(real_masking(*args, **kwargs))
-        return masks[-1]
-
-    monkeypatch.setattr(mae_module, "random_masking", spy)
-    mae.decoder.register_forward_hook(lambda m, a, out: preds.append(out))
+    masks, preds = _capture_masks_and_predictions(mae, monkeypatch)
     images = torch.randn(2, 3, 32, 32)
     grid = mae.visualize({"image": images})["mae/reconstruction"]  # rows: original, masked, reconstruction
     mask, pred, p = masks[0][1], preds[0], 4
