@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import (
     check_fsdp_supported,
-    check_resume_model,
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
@@ -40,6 +39,7 @@ from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
+from ssl_vit.resume_check import check_resume_model
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import cosine, warmup_cosine
 from ssl_vit.signals import StopRequest

@@ -1,0 +1,71 @@
+"""Refuse a resume whose model differs from the checkpoint's: by tensor shapes, or by the config keys that change
+a model while keeping every shape (heads, the DINO head's weight norm), before anything is loaded or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ssl_vit.checkpoint import model_mismatch
+from ssl_vit.config_schema import ConfigError
+
+if TYPE_CHECKING:
+    from ssl_vit.config import Config
+    from ssl_vit.objectives import Objective
+
+
+def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: bool = False) -> None:
+    """Refuse, in one line, to resume from the checkpoint at `path` with a model of another architecture (the
+    run dir reused with a new model.depth or model.num_heads), naming what differs from the run's config.yaml,
+    before anything is loaded or written. `sharded` (FSDP) checkpoints have no tensor shapes to read: Accelerate
+    checks those when loading, and only the config is compared here."""
+    from ssl_vit.config import load_config
+    from ssl_vit.config_schema import differences
+
+    try:
+        saved: Config | None = load_config(Path(cfg.train.run_dir) / "config.yaml")
+    except (ConfigError, OSError):
+        saved = None
+    shapes = None if sharded else model_mismatch(objective, path)
+    if shapes is not None:  # name the keys that changed since the run's config.yaml, when it can be read
+        changed = [] if saved is None else differences(saved, cfg, ("objective", "model.", f"{cfg.objective}."))
+        why = (f"{', '.join(changed)} since the run's config.yaml; " if changed else "") + shapes
+    elif saved is not None and (same_shapes := shapeless_changes(saved, cfg)):
+        why = f"{', '.join(same_shapes)} since the run's config.yaml"
+    else:
+        return
+    raise ValueError(f"checkpoint {path} was made with a different model config ({why}); resume with the run's "
+                     "own config, or set a new train.run_dir")
+
+
+# Config keys that change a model without changing any tensor's shape, which `model_mismatch` therefore cannot
+# see (objective: where the key applies). A checkpoint loads into such a model, and its training breaks.
+_SHAPELESS = {"model.name": None, "model.num_heads": None, "mae.decoder_heads": "mae", "dino.norm_last_layer": "dino"}
+
+
+def shapeless_changes(saved: Config, cfg: Config) -> list[str]:
+    """`key old → new` for each of those keys in which `cfg` differs from a run's `saved` config (heads
+    compared as built: model.num_heads null is the timm model's own number)."""
+    changed = []
+    for key, objective in _SHAPELESS.items():
+        section, name = key.split(".")
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if objective not in (None, cfg.objective) or old == new:
+            continue
+        if key == "model.num_heads" and _heads(saved) == _heads(cfg):
+            continue
+        changed.append(f"{key} {old} → {new}")
+    return changed
+
+
+def _heads(cfg: Config) -> list[int]:
+    from ssl_vit.backbone import build_backbone
+
+    try:
+        with torch.device("meta"):  # the structure without allocating or initialising any weight
+            vit = build_backbone(cfg.model)
+    except ValueError:  # older timm (1.0.16 at least) calls .item() while building, which meta tensors refuse
+        vit = build_backbone(cfg.model)
+    return [block.attn.num_heads for block in vit.blocks]
