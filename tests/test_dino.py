@@ -147,6 +147,15 @@ def test_head_uses_weight_norm_parametrization():
     assert free.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_cls_token_drawn_like_the_reference():
+    # DINO's reference: trunc_normal(std=0.02), where timm's default is normal(std=1e-6)
+    backbone = build_backbone(dataclasses.replace(TINY_VIT, embed_dim=192, num_heads=3))
+    assert backbone.cls_token.std() < 1e-5
+    torch.manual_seed(0)
+    DINO(TINY_DINO, backbone)
+    assert 0.015 < backbone.cls_token.std() < 0.025
+
+
 def test_teacher_starts_equal_has_no_grads_and_stays_in_eval():
     dino = _dino()
     for (name, s), (_, t) in zip(dino.backbone.state_dict().items(), dino.teacher["backbone"].state_dict().items(),

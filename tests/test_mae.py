@@ -1,11 +1,21 @@
 """MAE pieces against naive re-statements of the paper."""
 
+import math
+
 import pytest
 import torch
 
 from ssl_vit.backbone import build_backbone, encode
 from ssl_vit.config import MAEConfig, ModelConfig
-from ssl_vit.objectives.mae import MAE, masked_mse, patchify, pixel_target, random_masking, unpatchify
+from ssl_vit.objectives.mae import (
+    MAE,
+    masked_mse,
+    patchify,
+    pixel_target,
+    random_masking,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 TINY_MAE = MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -28,6 +38,19 @@ def test_random_masking(ratio):
     assert torch.equal(shuffle[:, :n_keep], keep)
     if 0 < ratio:
         assert len({tuple(m.tolist()) for m in mask}) == b, "every sample draws its own mask"
+
+
+def test_sincos_pos_embed_is_the_reference_layout_per_position():
+    """MAE's reference: token (row i, column j) of a row-major grid gets [sin(j·ω), cos(j·ω), sin(i·ω), cos(i·ω)]
+    with ω_k = 1 / 10000^(k / (dim/4)): the column in the first half, as its released weights have it."""
+    dim, rows, cols = 16, 3, 5
+    got = sincos_pos_embed_2d(dim, (rows, cols))
+    omega = [1 / 10000 ** (k / (dim // 4)) for k in range(dim // 4)]
+    for i in range(rows):
+        for j in range(cols):
+            want = ([math.sin(j * w) for w in omega] + [math.cos(j * w) for w in omega]
+                    + [math.sin(i * w) for w in omega] + [math.cos(i * w) for w in omega])
+            torch.testing.assert_close(got[i * cols + j], torch.tensor(want))
 
 
 def test_patchify_round_trip_and_layout():

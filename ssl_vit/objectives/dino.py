@@ -84,6 +84,8 @@ class DINO(Objective):
                              f"{collapse_window}")
         self.cfg, self.total_steps, self.collapse_window = cfg, total_steps, collapse_window
         self.backbone = backbone
+        if backbone.cls_token is not None:  # DINO's reference draws it like its other weights; timm's std is 1e-6
+            nn.init.trunc_normal_(backbone.cls_token, std=0.02)
         self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                              cfg.head_layers, cfg.norm_last_layer)
         # Same initial weights as the student; its drop-path is inert because it always stays in eval mode.

@@ -23,7 +23,9 @@ from ssl_vit.objectives.base import Objective
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sine-cosine position embedding (L, dim): half the channels encode the row, half the column."""
+    """Fixed 2-D sine-cosine position embedding (L, dim), tokens in row-major order. The first half of the
+    channels encodes the column and the second half the row, the layout of MAE's reference code, so that its
+    released weights (encoder `pos_embed`, decoder positions) line up with ours."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(
@@ -35,7 +37,7 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
         angles = pos.reshape(-1, 1) * freqs  # (L, dim/4)
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, dim/2)
 
-    return torch.cat([embed_1d(rows), embed_1d(cols)], dim=1).float()  # (L, dim)
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (L, dim)
 
 
 def random_masking(batch: int, length: int, mask_ratio: float, device: torch.device | None = None,
