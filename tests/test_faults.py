@@ -362,5 +362,6 @@ def test_pipe_urls_refused_unless_allowed(tmp_path, capsys):
     assert main(["pretrain", "--no-knn", "--set", f"train.run_dir={tmp_path / 'run'}", "--set",
                  f"data.train={url}"]) == 2
     assert capsys.readouterr().err.strip() == (f"ssl-vit pretrain: error: refusing shard URL {url!r}: pipe: runs a "
-                                               "shell command; set data.allow_pipe=true if you trust it")
+                                               "shell command; set data.allow_pipe=true (--allow-pipe for knn, "
+                                               "linear-probe and visualize) if you trust it")
     assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()

@@ -31,8 +31,9 @@ def _resolve_item(item: str, allow_pipe: bool, base: Path | None) -> list[str]:
             continue
         if entry.startswith("pipe:"):
             if not allow_pipe:
-                raise ValueError(f"refusing shard URL {entry!r}: pipe: runs a shell command; "
-                                 "set data.allow_pipe=true if you trust it")
+                raise ValueError(f"refusing shard URL {entry!r}: pipe: runs a shell command; set "
+                                 "data.allow_pipe=true (--allow-pipe for knn, linear-probe and visualize) if you "
+                                 "trust it")
             urls.append(entry)
         elif _URL.match(entry):
             urls.append(entry)
