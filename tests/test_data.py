@@ -182,6 +182,24 @@ def test_a_cut_between_samples_leaves_the_last_whole_sample_counted_as_it_is(tmp
     assert keys == ["a"] and skipped == _counts(read_error=1, corrupt_image=1)
 
 
+@pytest.mark.parametrize("where", ["at a header", "inside a header"])
+def test_a_cut_between_members_counts_one_read_error_and_drops_the_torn_sample(tmp_path: Path, where: str) -> None:
+    # image before label: b's image arrived, its label did not; tarfile would end such a shard quietly
+    shard = _write_tar(tmp_path / "s.tar", [("a.png", _image("PNG")), ("a.cls", b"1"), ("b.png", _image("PNG")),
+                                            ("b.cls", b"2"), ("c.png", _image("PNG")), ("c.cls", b"3")])
+    b_cls = tarfile.open(shard).getmembers()[3].offset
+    shard.write_bytes(shard.read_bytes()[:b_cls + (0 if where == "at a header" else 100)])
+    keys, labels, _, skipped = _read_all(eval_stream(str(shard), _size_of, batch_size=4, num_workers=0, rank=0,
+                                                     world_size=1))
+    assert keys == ["a"] and labels == {"a": 1} and skipped == _counts(read_error=1)
+    # pretraining needs no label: the torn sample's image is whole, and it is used. A batch is a pass over the
+    # shard, one read error each (the first batch also carries the second pass's: a sample is held until the next)
+    cfg = DataConfig(train=str(shard), batch_size=2, num_workers=0, shuffle_buffer=0)
+    batches = list(itertools.islice(train_stream(cfg, _size_of, rank=0, world_size=1, seed=0), 4))
+    assert [len(b["image"]) for b in batches] == [2] * 4
+    assert [b["skipped"].sum(0).tolist() for b in batches[1:]] == [list(_counts(read_error=1).values())] * 3
+
+
 def test_a_compressed_shard_cut_inside_a_sample_counts_one_read_error(tmp_path: Path) -> None:
     # webdataset reads .tar.gz shards and does not say where they broke off: the last sample counts as torn
     noisy = io.BytesIO()

@@ -1,5 +1,6 @@
 """The tar reader against webdataset's own (Python's tarfile): the same samples and the same errors, for every
-tar format tarfile writes, long names, odd members, compression, and shards cut off or damaged anywhere."""
+tar format tarfile writes, long names, odd members, compression, and shards cut off or damaged anywhere, but
+one difference on purpose: where tarfile ends a cut or damaged shard quietly, ours raises a read error."""
 
 import io
 import random
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from webdataset.handlers import reraise_exception
 
 from ssl_vit.data.tar_reader import tar_samples
 
@@ -58,9 +60,17 @@ def _read(path: Path, reader: str) -> tuple[list[dict], list[str]]:
 
 
 def _same(path: Path) -> list[dict]:
-    ours, reference = _read(path, "ours"), _read(path, "webdataset")
+    (ours, errors), (reference, their_errors) = _read(path, "ours"), _read(path, "webdataset")
+    assert ours == reference and errors == their_errors
+    return ours
+
+
+def _same_but_broken_off(path: Path) -> tuple[list[dict], list[str]]:
+    """A damaged shard: the same samples, and the same errors but where tarfile ends quietly (ours: ReadError)."""
+    (ours, errors), (reference, their_errors) = _read(path, "ours"), _read(path, "webdataset")
     assert ours == reference
-    return ours[0]
+    assert errors == their_errors or (their_errors == [] and errors == ["ReadError"])
+    return ours, errors
 
 
 FORMATS = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}
@@ -90,7 +100,28 @@ def test_cut_anywhere_reads_the_same(tmp_path, fmt):
                    *range(511, len(data), 512)})
     for cut in cuts:
         path.write_bytes(data[:cut])
-        _same(path)
+        assert _same_but_broken_off(path)[1]  # never read as a whole shard (some cuts meet the duplicate first)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_cut_is_a_read_error_wherever_it_falls(tmp_path, fmt):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=FORMATS[fmt]) as tar:
+        for i in range(3):
+            _add(tar, f"{LONG_DIR}/s{i}.jpg", bytes(range(256)) * (i + 1))
+            _add(tar, f"{LONG_DIR}/s{i}.cls", b"%d" % i)
+    data = buf.getvalue()
+    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    end = members[-1].offset_data + 512  # the end-of-archive block (each member's data fits one block)
+    path = tmp_path / "cut.tar"
+    for cut in sorted({*range(0, end + 1024, 512), *range(300, end + 1024, 512)}):
+        path.write_bytes(data[:cut])
+        samples, errors = _same_but_broken_off(path)
+        assert errors == ([] if cut >= end + 512 else ["ReadError"]), cut
+    path.write_bytes(data[:members[3].offset])  # the cut falls just before s1.cls's headers
+    with pytest.raises(tarfile.ReadError, match="ends without an end-of-archive block after member") as err:
+        list(tar_samples([{"url": str(path)}], reraise_exception))
+    assert err.value.member == f"{LONG_DIR}/s1.jpg"  # its sample may be torn (shards._TarSamples marks it)
 
 
 def test_damaged_blocks_read_the_same(tmp_path):
@@ -100,7 +131,7 @@ def test_damaged_blocks_read_the_same(tmp_path):
     for block in range(len(data) // 512):
         for garbage in (bytes(512), bytes(rng.randrange(256) for _ in range(512))):
             path.write_bytes(data[:block * 512] + garbage + data[(block + 1) * 512:])
-            _same(path)
+            _same_but_broken_off(path)
 
 
 def test_empty_and_non_tar_files_fail_the_same(tmp_path):
@@ -132,11 +163,12 @@ def test_signed_checksums_and_non_ascii_names_read_the_same(tmp_path):
         (tmp_path / name).write_bytes(data)
         samples = _same(tmp_path / name)
         assert [s["__key__"] for s in samples] == ["ünï/çödé", "plain"]
-    # the second header (at 1024) with a sum that is neither: the archive ends there, quietly
+    # the second header (at 1024) with a sum that is neither: the archive breaks off there (tarfile: quietly)
     broken = bytearray(signed)
     broken[1024 + 148:1024 + 156] = b"%06o\x00 " % 1
     (tmp_path / "broken.tar").write_bytes(bytes(broken))
-    assert [s["__key__"] for s in _same(tmp_path / "broken.tar")] == ["ünï/çödé"]
+    samples, errors = _same_but_broken_off(tmp_path / "broken.tar")
+    assert [s["__key__"] for s in samples] == ["ünï/çödé"] and errors == ["ReadError"]
 
 
 def _with_checksum(block: bytearray) -> bytearray:
@@ -147,7 +179,8 @@ def _with_checksum(block: bytearray) -> bytearray:
 
 def test_damaged_fields_under_a_matching_checksum_read_the_same(tmp_path):
     # a field tarfile parses but this reader has no use for (mode, uid, gid, mtime, device numbers), damaged in
-    # every header in turn with the checksum made to match: tarfile ends the archive there, and so must we
+    # every header in turn with the checksum made to match: tarfile ends the archive there, and so must we (with
+    # a read error, or the duplicate's error where that comes first)
     data = _tar(tarfile.USTAR_FORMAT)
     path = tmp_path / "fields.tar"
     headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()]
@@ -158,17 +191,17 @@ def test_damaged_fields_under_a_matching_checksum_read_the_same(tmp_path):
             damaged[offset + start] = ord("9")  # not an octal digit
             damaged[offset:offset + 512] = _with_checksum(bytearray(damaged[offset:offset + 512]))
             path.write_bytes(bytes(damaged))
-            _same(path)
+            assert _same_but_broken_off(path)[1]
 
 
-def test_unicode_digits_in_a_header_number_end_the_archive_as_in_tarfile(tmp_path):
+def test_unicode_digits_in_a_header_number_break_the_archive_off_as_in_tarfile(tmp_path):
     data = bytearray(_tar(tarfile.USTAR_FORMAT))
     second = tarfile.open(fileobj=io.BytesIO(bytes(data))).getmembers()[1].offset
     data[second + 108:second + 110] = "٣".encode()  # an Arabic-Indic three in the uid: int() takes it, tarfile not
     data[second:second + 512] = _with_checksum(bytearray(data[second:second + 512]))
     (tmp_path / "digits.tar").write_bytes(bytes(data))
-    samples = _same(tmp_path / "digits.tar")  # the archive ends at that header: s000 without its cls
-    assert [s["__key__"] for s in samples] == ["s000"] and "cls" not in samples[0]
+    samples, errors = _same_but_broken_off(tmp_path / "digits.tar")  # it ends at that header: s000 without its cls
+    assert [s["__key__"] for s in samples] == ["s000"] and "cls" not in samples[0] and errors == ["ReadError"]
 
 
 def _pax_tar(members: list[tuple[str, bytes, dict]], global_headers: dict | None = None,
@@ -193,7 +226,10 @@ REST = [("a.cls", b"1", {}), ("b.jpg", b"B" * 10, {}), ("b.cls", b"2", {})]
 ])
 def test_pax_records_apply_as_tarfile_applies_them(tmp_path, first):
     (tmp_path / "pax.tar").write_bytes(_pax_tar([first, *REST]))
-    assert _same(tmp_path / "pax.tar")[0]["__key__"] in ("a", "z", "q")
+    samples, errors = _same_but_broken_off(tmp_path / "pax.tar")
+    assert samples[0]["__key__"] in ("a", "z", "q")
+    # a size that disagrees with the data leaves the next header inside it: the shard breaks off there
+    assert errors == (["ReadError"] if "size" in first[2] else [])
 
 
 def test_pax_global_path_and_a_pax_sparse_member(tmp_path):

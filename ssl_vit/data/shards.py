@@ -131,6 +131,8 @@ class DecodeStage:
     def convert(self, sample: dict) -> dict[str, Any]:
         """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
         label = read_label(sample.get("cls")) if self.with_label else None  # first: bad_label wins over the image
+        if label is None and self.with_label and sample.get("__cut__"):  # its cls may have been cut off
+            raise SampleError("read_error", "the shard broke off after its image")
         payload = jpeg_payload(sample, self.max_pixels) if self.pass_jpeg or self.to_tensor else None
         if payload is not None and self.pass_jpeg:
             out: dict[str, Any] = {"image": None, "jpeg": payload}

@@ -5,10 +5,12 @@ reader for every member: about 63 µs a sample (a 73 KB JPEG and its label) on t
 loader worker's time once its images are cheap to process (device augmentation, device decode;
 docs/benchmarks.md). This reader takes 21 µs.
 It returns what webdataset's `tar_file_expander` returns, so webdataset's own `group_by_keys` still forms the
-samples, and it keeps `tarfile`'s rules for damaged shards:
+samples. It keeps `tarfile`'s rules for damaged shards but one:
 
-- a header that is empty, short or fails its checksum ends the archive quietly, except at the start of the
-  file or right after a GNU long-name or pax header, where it is a `tarfile.ReadError`;
+- a header that is empty, short, fails its checksum or holds an unreadable number is a `tarfile.ReadError`
+  (at the start of the file or right after a GNU long-name or pax header, as tarfile; elsewhere tarfile ends
+  the archive quietly, but a shard that stops before its all-zero end-of-archive block was cut short or is
+  damaged there, and whatever followed would be lost uncounted: the error carries the last member's name);
 - a member whose data stops early is a `tarfile.ReadError` ("unexpected end of data").
 
 Understood: ustar (with its name prefix), GNU long names, pax `path`/`size` records (local and global) and
@@ -171,6 +173,7 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
     """(name, data) of each regular file of an uncompressed tar stream; `first`: its first bytes, already read."""
     head = first + stream.read(BLOCK - len(first))
     at_start, pending = True, False  # pending: a long-name or pax header waits for the member it describes
+    last: str | None = None  # the last regular member read: its sample may be torn where the shard breaks off
     pax_global: dict[str, str] = {}
     # the GNU long names and local pax headers (each with the global records of its time) before a member
     extended: list[str | dict[str, str]] = []
@@ -178,10 +181,10 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
         problem = _check(head)
         if problem is not None:
             if pending:  # tarfile: a SubsequentHeaderError, whatever the problem
-                raise tarfile.ReadError(f"subsequent header: {problem}")
-            if at_start and problem != "end":
-                raise tarfile.ReadError(problem)
-            return  # the end, or damage that tarfile reads as the end
+                raise _broken_off(f"subsequent header: {problem}", at_start, last)
+            if problem == "end":
+                return
+            raise _broken_off(problem, at_start, last)
         kind, size = head[156:157], _number(head[124:136])
         if kind in (_LONG_NAME, _LONG_LINK, _PAX_GLOBAL, *_PAX_LOCAL):
             data = _read_up_to(stream, size + (-size) % BLOCK)  # as tarfile: the padded blocks, a name ends at its NUL
@@ -193,9 +196,7 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
                 elif kind != _LONG_LINK:
                     extended.append({**pax_global, **_pax_records(data)})
             except tarfile.InvalidHeaderError:
-                if at_start:
-                    raise tarfile.ReadError("invalid header") from None
-                return
+                raise _broken_off("invalid header", at_start, last) from None
             at_start, pending = False, True
             head = stream.read(BLOCK)
             continue
@@ -224,11 +225,25 @@ def tar_members(stream: IO[bytes], first: bytes = b"") -> Iterator[tuple[str, by
             except tarfile.ReadError as err:
                 err.member = name  # the member the shard broke off in: its sample is torn (shards._TarSamples)
                 raise
+            last = name
             yield name, data
             _read_exactly(stream, (-size) % BLOCK)
         elif kind not in _NO_DATA:
             _read_exactly(stream, size + (-size) % BLOCK)
         head = stream.read(BLOCK)
+
+
+def _broken_off(problem: str, at_start: bool, last: str | None) -> tarfile.ReadError:
+    """The read error of a shard whose headers stop being readable; `member`: the last member read before
+    (None: none), whose sample may lack members that came after it (shards._TarSamples)."""
+    if at_start:
+        err = tarfile.ReadError(problem)
+    else:
+        problem = "the file ends without an end-of-archive block" if problem == "empty file" else problem
+        after = f" after member {last!r}" if last is not None else ""
+        err = tarfile.ReadError(f"{problem}{after}: the shard was cut short or is damaged")
+    err.member = last
+    return err
 
 
 class _Replay:
