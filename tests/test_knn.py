@@ -77,5 +77,6 @@ def test_a_class_voted_for_stays_in_the_top_5_when_its_weight_underflows():
 
 
 def test_unlabelled_is_refused():
-    with pytest.raises(ValueError, match="labelled shards"):
+    with pytest.raises(ValueError, match=r"k-NN needs labelled shards \(samples with a `cls` member\): 1 of 4 "
+                                         "train samples have none"):
         knn_classify(torch.randn(4, 3), torch.tensor([0, 1, -1, 0]), torch.randn(2, 3), torch.tensor([0, 1]))

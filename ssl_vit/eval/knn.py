@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ssl_vit.config import EvalConfig
 from ssl_vit.eval.features import FeatureSpec, extract_features
+from ssl_vit.eval.metrics import check_labelled
 
 
 def check_knn_args(ks: Sequence[int], temperature: float, n_train: int | None = None) -> None:
@@ -43,8 +44,8 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
     """Top-1 / top-5 accuracy (%) of the val set for each k, in one pass over the similarity matrix."""
     if train_feats.shape[0] == 0 or val_feats.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty train and val set")
-    if (train_labels < 0).any() or (val_labels < 0).any():
-        raise ValueError("k-NN needs labelled shards (samples with a `cls` member)")
+    check_labelled(train_labels, "k-NN", "train")
+    check_labelled(val_labels, "k-NN", "val")
     check_knn_args(ks, temperature, train_feats.shape[0])
     n_classes = int(max(train_labels.max(), val_labels.max())) + 1
     train = F.normalize(train_feats.float(), dim=1)

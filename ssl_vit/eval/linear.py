@@ -24,7 +24,7 @@ from timm.optim import Lars
 from torch import Tensor, nn
 
 from ssl_vit.eval.features import Features, FeatureSpec, extract_features
-from ssl_vit.eval.metrics import topk_hits
+from ssl_vit.eval.metrics import check_labelled, topk_hits
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import warmup_cosine
 
@@ -198,8 +198,8 @@ def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_cla
                    device: torch.device | str = "cpu", seed: int = 0, log: RunLog | None = None,
                    ) -> tuple[dict[str, Any], HeadTrainer]:
     """Fast path: train the whole grid on fixed features; returns the summary and the trainer (heads inside)."""
-    if (train.labels < 0).any() or (val.labels < 0).any():
-        raise ValueError("the linear probe needs labelled shards (samples with a `cls` member)")
+    check_labelled(train.labels, "the linear probe", "train")
+    check_labelled(val.labels, "the linear probe", "val")
     if train.features.shape[0] == 0 or val.features.shape[0] == 0:
         raise ValueError("the linear probe needs a non-empty train and val set")
     num_classes = num_classes or int(max(train.labels.max(), val.labels.max())) + 1

@@ -6,11 +6,18 @@ import torch
 from torch import Tensor
 
 
+def check_labelled(labels: Tensor, task: str, split: str) -> None:
+    """Refuse a set with unlabelled samples (label -1: no `cls` member), saying how many of how many."""
+    missing = int((labels < 0).sum())
+    if missing:
+        raise ValueError(f"{task} needs labelled shards (samples with a `cls` member): {missing} of "
+                         f"{labels.numel()} {split} samples have none")
+
+
 @torch.no_grad()
 def topk_hits(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """Number of rows of (N, C) `logits` whose label is among the k highest, for each k (capped at C)."""
-    if (labels < 0).any():
-        raise ValueError("accuracy needs labelled shards (samples with a `cls` member)")
+    check_labelled(labels, "accuracy", "evaluated")
     ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, k) best first
     hits = ranked == labels.unsqueeze(1)
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
