@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from ssl_vit.backbone import backbone_kwargs, build_backbone
 from ssl_vit.checkpoint import (
-    check_fsdp_supported,
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
@@ -37,9 +36,10 @@ from ssl_vit.checkpoint import (
 from ssl_vit.config import Config, dump_config
 from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shard_urls import resolve_shards
-from ssl_vit.distributed import make_accelerator
+from ssl_vit.distributed import check_fsdp_supported, make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.resume_check import check_resume_model
+from ssl_vit.run_dir import check_new_pretraining_dir, keep_changed_config
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import cosine, warmup_cosine
 from ssl_vit.signals import StopRequest
@@ -98,6 +98,9 @@ class Trainer:
         resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
         check_fsdp_supported(cfg, accelerator)  # not after days of training
         self.run_dir = Path(cfg.train.run_dir)
+        found = latest_checkpoint(self.run_dir)
+        if found is None:  # a new run: it must not overwrite what the directory already holds
+            check_new_pretraining_dir(self.run_dir)
         _share_cpu_cores(accelerator, cfg.data.num_workers)
         # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
         set_seed(cfg.train.seed)
@@ -110,7 +113,6 @@ class Trainer:
         self.objective: Objective = accelerator.unwrap_model(self.model)
         set_seed(cfg.train.seed + accelerator.process_index)
         self.step, self.counters, self.checkpoint = 0, Counters(), None
-        found = latest_checkpoint(self.run_dir)
         if found is not None:
             sharded = accelerator.distributed_type == DistributedType.FSDP
             check_resume_model(self.objective, cfg, found[1], sharded)  # before anything is loaded or written
@@ -121,6 +123,8 @@ class Trainer:
         # Only now: a resume that fails must leave the run's config.yaml (what export rebuilds the model from) alone.
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if found is not None and (notice := keep_changed_config(self.run_dir, cfg, self.step)):
+                accelerator.print(notice)
             dump_config(cfg, self.run_dir / "config.yaml")
         # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
         # and one resumed from any checkpoint then read the same batches.

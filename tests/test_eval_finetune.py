@@ -92,6 +92,17 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
         assert torch.equal(plain(x), ours.eval()(x)) and torch.equal(overlay(x), plain(x))
     assert plain(x).shape == (2, 10)
 
+    # A rerun into the same directory is refused before it writes anything; so is a start whose data is missing.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds a fine-tuning result \(best, finetune.json\)"):
+        ft.finetune(cfg, Accelerator())
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    missing = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(tmp_path / "nope.tar")),
+                                  train=dataclasses.replace(cfg.train, run_dir=str(tmp_path / "run2")))
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        ft.finetune(missing, Accelerator())
+    assert not (tmp_path / "run2").exists()
+
 
 def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     from PIL import Image

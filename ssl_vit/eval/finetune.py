@@ -40,6 +40,7 @@ from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_tr
 from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
 from ssl_vit.finetune_config import FinetuneConfig, FTAugmentConfig, FTModelConfig
+from ssl_vit.run_dir import check_finetune_dir
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import warmup_cosine
 
@@ -155,9 +156,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
     """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch."""
     accelerator = accelerator or make_accelerator(cfg.train.precision)
     run_dir = Path(cfg.train.run_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    check_finetune_dir(run_dir)  # before anything is written: a rerun must not replace an earlier best model
     d, opt = cfg.data, cfg.optim
     num_classes = d.num_classes or classes_file_count(d.train, d.allow_pipe)
     if not num_classes:
@@ -165,6 +164,9 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
     n_train = d.train_size or count_samples(d.train, d.allow_pipe)
     set_seed(cfg.train.seed)  # the same head init on every rank
     model, model_name, model_kwargs = build_classifier(cfg.model, num_classes)
+    if accelerator.is_main_process:  # only once the inputs have checked out: a failed start writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     img_size = model.patch_embed.img_size[0]
     groups = param_groups_lrd(model, opt.weight_decay, model.no_weight_decay(), opt.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas)  # lr comes from the schedule every step

@@ -1,0 +1,132 @@
+"""What a run directory holds is never overwritten unasked, changed settings on a resume are named, and a damaged
+checkpoint or backbone is a one-line error naming the file and what to fall back on."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ssl_vit.checkpoint import complete_checkpoints, export_backbone, export_run, load_backbone
+from ssl_vit.config import load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.run_dir import check_finetune_dir
+from ssl_vit.train import pretrain
+
+TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
+        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
+        "train.warmup_steps=1", "train.log_every=1", "train.image_every=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=32, n_knn_train=8, n_knn_val=8).train
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shards):
+    """A 4-step run with checkpoints at steps 2 and 4 and its exported backbone; copy it before changing it."""
+    run = tmp_path_factory.mktemp("runs") / "finished"
+    pretrain(load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}", "train.total_steps=4",
+                                       "train.save_every=2", "train.keep_last=2"]))
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_pretraining_refuses_a_directory_that_holds_another_run_or_an_export(tmp_path, shards, finished):
+    finetuned = tmp_path / "ft"
+    finetuned.mkdir()
+    (finetuned / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": "runs/x"}}))
+    pruned = _copy(finished, tmp_path / "pruned")
+    shutil.rmtree(pruned / "checkpoints")  # an export whose checkpoints are gone: the only copy of the weights
+    for run, why in ((finetuned, "holds a fine-tuning run, not a pretraining run's"),
+                     (pruned, "holds an exported backbone.safetensors but no checkpoint to resume from")):
+        before = _files(run)
+        with pytest.raises(ValueError, match=f"train.run_dir {run} {why}"):
+            pretrain(load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}",
+                                               "train.total_steps=2"]))
+        assert _files(run) == before
+
+
+def test_a_resume_with_changed_settings_names_them_and_keeps_the_old_config(tmp_path, shards, finished, capsys):
+    run = _copy(finished, tmp_path / "run")
+    old = (run / "config.yaml").read_text()
+    pretrain(load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}", "train.total_steps=6",
+                                       "train.save_every=2", "train.keep_last=2", "optim.lr=2e-3"]))
+    out = capsys.readouterr().out
+    assert ("resuming with settings that differ from the run's config.yaml (optim.lr: 0.001 → 0.002; "
+            "train.total_steps: 4 → 6)") in out
+    assert "the old config is kept as config.before_step_00000004.yaml" in out
+    assert (run / "config.before_step_00000004.yaml").read_text() == old
+    assert load_config(run / "config.yaml").optim.lr == 2e-3
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin"])
+def test_a_damaged_checkpoint_names_itself_and_the_one_to_fall_back_on(tmp_path, shards, finished, victim):
+    run = _copy(finished, tmp_path / "run")
+    (_, older), (_, newest) = complete_checkpoints(run)
+    data = (newest / victim).read_bytes()
+    (newest / victim).write_bytes(data[:len(data) // 2])  # cut short, as by a full disk
+    cfg = load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}", "train.total_steps=6"])
+    with pytest.raises(ValueError, match=rf"^checkpoint {newest} does not load \(\w+: .*\); if it is damaged, "
+                                         rf"delete it to fall back on {older.name}$"):
+        pretrain(cfg)
+    if victim == "model.safetensors":
+        with pytest.raises(ValueError, match=rf"^checkpoint {newest} does not load .* fall back on {older.name}$"):
+            export_run(run, tmp_path / "out")
+    shutil.rmtree(newest)
+    pretrain(cfg)  # what the message says works
+    assert [s for s, _ in complete_checkpoints(run)][-1] == 6
+
+
+def test_a_bad_backbone_is_one_line_naming_the_file(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0)
+    weights = export_backbone(timm.create_model("vit_tiny_patch16_224", **kwargs), tmp_path, "vit_tiny_patch16_224",
+                              kwargs)
+    meta = tmp_path / "backbone.json"
+    good_meta, good_weights = meta.read_text(), weights.read_bytes()
+    meta.write_text(json.dumps({"model_name": "vit_tiny_patch16_224", "model_kwargs": {**kwargs, "embed_dim": 64}}))
+    with pytest.raises(ValueError, match=rf"^{weights} does not fit the model backbone.json describes: "
+                                         r"\S+: \[48(, \d+)*\] in the weights, \[64(, \d+)*\] in the model$"):
+        load_backbone(tmp_path)
+    meta.write_text("{model_name: 1")
+    with pytest.raises(ValueError, match=rf"^{meta}: not a backbone description \(JSONDecodeError: "):
+        load_backbone(tmp_path)
+    meta.write_text(good_meta)
+    weights.write_bytes(good_weights[:100])
+    with pytest.raises(ValueError, match=rf"^{weights} does not load \(SafetensorError: "):
+        load_backbone(tmp_path)
+    weights.write_bytes(good_weights)
+    model, _ = load_backbone(tmp_path)  # restored: it loads again
+    saved = load_file(weights)
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_finetuning_refuses_another_run_and_an_earlier_result(tmp_path, finished):
+    check_finetune_dir(tmp_path / "new")  # nothing there yet: fine
+    with pytest.raises(ValueError, match=f"train.run_dir {finished} holds a pretraining run, not a fine-tuning"):
+        check_finetune_dir(finished)
+    done = tmp_path / "done"
+    (done / "best").mkdir(parents=True)
+    (done / "finetune.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a fine-tuning result \(best, finetune.json\); "
+                                         "fine-tuning does not resume"):
+        check_finetune_dir(done)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=f"train.run_dir {afile} is a file, not a directory"):
+        check_finetune_dir(afile)
