@@ -19,16 +19,12 @@ from typing import TYPE_CHECKING, Any
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from accelerate.utils.other import load as safe_load  # torch.load(weights_only=True) + numpy RNG types
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from ssl_vit.config_schema import ConfigError
-
 if TYPE_CHECKING:
-    from ssl_vit.config import Config
     from ssl_vit.objectives import Objective
 
 COMPLETE = "COMPLETE"
@@ -114,7 +110,23 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0][:120]
         raise ValueError(f"checkpoint {path}: refusing a file that is not plain tensors ({first}); "
                          "delete this checkpoint to resume from an older one") from None
+    except _UNREADABLE as err:
+        raise unreadable_checkpoint(path, err) from None
     return json.loads((path / COMPLETE).read_text())
+
+
+# What a checkpoint file cut short (a full disk, an interrupted copy) or missing raises while it is read.
+_UNREADABLE = (SafetensorError, RuntimeError, OSError, EOFError)
+
+
+def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:
+    """One line for a checkpoint whose files do not read, naming the older checkpoint to fall back on."""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else None
+    older = [p for s, p in complete_checkpoints(path.parent.parent) if step is None or s < step]
+    fallback = f"delete it to fall back on {older[-1].name}" if older else "delete it to start afresh"
+    return ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {first}); if it is damaged, "
+                      f"{fallback}")
 
 
 def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str, model_kwargs: dict[str, Any],
@@ -156,8 +168,11 @@ def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
     weights = path / "model.safetensors"
     if not weights.is_file():
         return None
-    with safe_open(str(weights), "pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except _UNREADABLE as err:
+        raise unreadable_checkpoint(path, err) from None
     state = model.state_dict()
     ours = {k: tuple(v.shape) for k, v in state.items()}
     # Tensors sharing memory (tied weights) are saved once, under one of their names: the others are not missing.
@@ -194,11 +209,33 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
     `random_init=True` builds the same architecture untrained: the baseline every evaluation compares with.
     """
     weights, meta_path = _resolve(path)
-    meta = json.loads(meta_path.read_text())
-    model = timm.create_model(meta["model_name"], pretrained=False, **meta["model_kwargs"])
+    try:
+        meta = json.loads(meta_path.read_text())
+        name, kwargs = meta["model_name"], dict(meta["model_kwargs"])
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{meta_path}: not a backbone description ({type(err).__name__}: {err})") from None
+    model = timm.create_model(name, pretrained=False, **kwargs)
     if not random_init:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        try:
+            state = load_file(str(weights))
+        except _UNREADABLE as err:
+            raise ValueError(f"{weights} does not load ({type(err).__name__}: {err})") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError:  # torch lists every tensor that differs: name the first
+            raise ValueError(f"{weights} does not fit the model {meta_path.name} describes: "
+                             f"{_first_mismatch(model, state)}") from None
     return model, meta
+
+
+def _first_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    ours = model.state_dict()
+    for key in sorted(ours.keys() | state.keys()):
+        if key not in state or key not in ours:
+            return f"{key} is only in the {'model' if key in ours else 'weights'}"
+        if ours[key].shape != state[key].shape:
+            return f"{key}: {list(state[key].shape)} in the weights, {list(ours[key].shape)} in the model"
+    return ""
 
 
 def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
@@ -220,7 +257,11 @@ def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
     mismatch = model_mismatch(objective, path)
     if mismatch is not None:
         raise ValueError(f"checkpoint {path} does not fit {Path(run_dir) / 'config.yaml'}: {mismatch}")
-    objective.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except _UNREADABLE as err:
+        raise unreadable_checkpoint(path, err) from None
+    objective.load_state_dict(state, strict=True)
     return objective.eval(), step
 
 
@@ -234,17 +275,3 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     return export_backbone(objective.export_backbone(), out_dir or run_dir, cfg.model.name,
                            backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": step})
 
-
-def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:
-    """What reads the whole model on the main process alone fails under FSDP, whose ranks each hold a shard
-    (docs/distributed.md): the end-of-run export, and MAE's reconstruction images (the encoder and decoder run
-    outside the root module's forward, on rank 0 only: it fails, and the other ranks wait in the next
-    collective). Refused before training rather than at the first image or after days of training."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if cfg.train.export:
-        raise ConfigError("train.export: the backbone export does not work under FSDP (each rank holds a shard); "
-                          "set train.export=false (docs/distributed.md)")
-    if cfg.objective == "mae" and cfg.train.image_every:
-        raise ConfigError("train.image_every: MAE's reconstruction images do not work under FSDP (each rank holds "
-                          "a shard); set train.image_every=0 (docs/distributed.md)")

@@ -1,12 +1,20 @@
-"""Building the Accelerator: the one place that knows how processes find each other."""
+"""Building the Accelerator: the one place that knows how processes find each other, and what a run cannot do
+under FSDP."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from ssl_vit.config_schema import ConfigError
+
+if TYPE_CHECKING:
+    from ssl_vit.config import Config
 
 
 def _has_accelerator() -> bool:
@@ -43,3 +51,18 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=resolve_precision(mixed_precision),
                        cpu=multi_process and not _has_accelerator())
+
+
+def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:
+    """What reads the whole model on the main process alone fails under FSDP, whose ranks each hold a shard
+    (docs/distributed.md): the end-of-run export, and MAE's reconstruction images (the encoder and decoder run
+    outside the root module's forward, on rank 0 only: it fails, and the other ranks wait in the next
+    collective). Refused before training rather than at the first image or after days of training."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if cfg.train.export:
+        raise ConfigError("train.export: the backbone export does not work under FSDP (each rank holds a shard); "
+                          "set train.export=false (docs/distributed.md)")
+    if cfg.objective == "mae" and cfg.train.image_every:
+        raise ConfigError("train.image_every: MAE's reconstruction images do not work under FSDP (each rank holds "
+                          "a shard); set train.image_every=0 (docs/distributed.md)")

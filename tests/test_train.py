@@ -150,8 +150,8 @@ def test_whole_model_reads_under_fsdp_are_refused_before_training():
 
     from accelerate.utils import DistributedType
 
-    from ssl_vit.checkpoint import check_fsdp_supported
     from ssl_vit.config import ConfigError
+    from ssl_vit.distributed import check_fsdp_supported
 
     fsdp, ddp = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP, DistributedType.MULTI_GPU))
     with pytest.raises(ConfigError, match="train.export: the backbone export does not work under FSDP"):
