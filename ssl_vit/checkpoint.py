@@ -195,10 +195,15 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
     weights = path / "backbone.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise FileNotFoundError(f"no backbone weights at {weights}")
-    if weights.suffix != ".safetensors":
+    if weights.suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle"):
         raise ValueError(f"{weights}: backbones load from .safetensors only (no pickled checkpoints)")
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"{weights}: not a backbone; give a run directory or its backbone.safetensors")
     meta = weights.with_suffix(".json")
     if not meta.is_file():
+        if weights.name == "model.safetensors" and weights.parent.name.startswith(_PREFIX):
+            raise FileNotFoundError(f"{weights} is a training checkpoint, not an exported backbone; export it with "
+                                    f"`ssl-vit export {weights.parent.parent.parent}` and use that run directory")
         raise FileNotFoundError(f"{weights}: missing {meta.name} beside it (timm model name and kwargs)")
     return weights, meta
 

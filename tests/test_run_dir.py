@@ -116,6 +116,16 @@ def test_a_bad_backbone_is_one_line_naming_the_file(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
+def test_a_path_that_is_no_backbone_says_what_to_give(finished):
+    [*_, (_, newest)] = complete_checkpoints(finished)
+    with pytest.raises(FileNotFoundError, match=rf"^{newest}/model.safetensors is a training checkpoint, not an "
+                                                rf"exported backbone; export it with `ssl-vit export {finished}`"):
+        load_backbone(newest / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"^{finished}/config.yaml: not a backbone; give a run directory or its "
+                                         "backbone.safetensors$"):
+        load_backbone(finished / "config.yaml")
+
+
 def test_finetuning_refuses_another_run_and_an_earlier_result(tmp_path, finished):
     check_finetune_dir(tmp_path / "new")  # nothing there yet: fine
     with pytest.raises(ValueError, match=f"train.run_dir {finished} holds a pretraining run, not a fine-tuning"):
