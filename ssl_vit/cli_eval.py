@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ssl_vit.eval.baseline import RANDOM_INIT_SEED
 
 FINETUNE_DEMO_RECIPE = "finetune_demo_tiny.yaml"
+
+
+def check_output(path: str | Path | None, flag: str, *, folder: bool) -> None:
+    """Refuse an output path that could not be written, before any work: failing there at the end would lose
+    the features and scores computed by then. A folder (`folder`) or a file; missing parents are made later."""
+    if path is None:
+        return
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {target} is a file, not a folder")
+    if not folder and target.is_dir():
+        raise ValueError(f"{flag} {target} is a folder; give a file path, e.g. {target / 'knn.json'}")
+    existing = target if target.is_dir() else target.parent
+    while not existing.exists() and existing != existing.parent:  # the nearest part of it that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.is_file() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {target}: {target if target.is_file() else existing} is not writable")
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
@@ -20,6 +40,8 @@ def _cmd_knn(args: argparse.Namespace) -> int:
     from ssl_vit.eval.features import FeatureSpec, describe_skipped
     from ssl_vit.eval.knn import knn_report
 
+    check_output(args.out, "--out", folder=False)
+    check_output(args.cache_dir, "--cache-dir", folder=True)
     cfg = dataclasses.replace(EvalConfig(), knn_train=args.train, knn_val=args.val, knn_k=args.k[0],
                               knn_temperature=args.temperature, pool=args.pool, batch_size=args.batch_size,
                               num_workers=args.num_workers, crop_ratio=args.crop_ratio)
@@ -35,6 +57,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
             print(f"k-NN k={k} T={args.temperature} ({spec.describe()}): top-1 {r['top1']:.2f}%  "
                   f"top-5 {r['top5']:.2f}%")
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return 0
 
@@ -47,6 +70,8 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
     from ssl_vit.eval.features import describe_skipped
     from ssl_vit.eval.linear import ProbeData, customize, linear_probe, probe_protocol
 
+    check_output(args.out, "--out", folder=True)
+    check_output(args.cache_dir, "--cache-dir", folder=True)
     # a reproducible random init (the baseline), hence a feature-cache hit next time; as for `knn --seed`
     vit, meta = load_eval_backbone(args.backbone, random_init=args.random_init, seed=args.seed)
     torch.manual_seed(args.seed)  # views the --augment probe draws in this process (num_workers 0)
@@ -97,6 +122,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     if not args.backbone and not args.mae_run:
         raise ValueError("give --backbone (attention maps) and/or --mae-run (MAE reconstructions)")
+    check_output(args.out, "--out", folder=True)
     if not make_accelerator().is_main_process:  # under a launcher, one process draws
         return 0
     source = dict(paths=args.images, shards=args.shards, n=args.n, crop_ratio=args.crop_ratio,

@@ -1,11 +1,13 @@
 """Linear probe: separable features are learnt; the LR-grid equals each head trained alone; the commands run."""
 
 import dataclasses
+import io
 import json
 
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from ssl_vit.checkpoint import export_backbone
 from ssl_vit.cli import main
@@ -186,3 +188,88 @@ def test_knn_random_init_baseline_is_reproducible(tmp_path, setup, capsys):
         vits.append(vit.state_dict())
     assert all(torch.equal(vits[0][k], vits[1][k]) for k in vits[0])
     assert not torch.equal(vits[0]["blocks.0.attn.qkv.weight"], vits[2]["blocks.0.attn.qkv.weight"])
+
+
+def _shards(folder, labels, classes=None):
+    """Shards of one black PNG per label (bytes, as stored in `cls`), with `classes` as classes.txt beside them."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    write_samples([{"__key__": f"s{i}", "png": buf.getvalue(), "cls": label} for i, label in enumerate(labels)],
+                  folder)
+    if classes is not None:
+        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    return str(folder)
+
+
+def _no_extraction(*args, **kwargs):
+    raise AssertionError("features were extracted before the input was checked")
+
+
+@pytest.mark.parametrize("command", ["knn", "linear-probe"])
+def test_train_and_val_with_different_class_lists_are_refused_before_any_work(tmp_path, setup, capsys,
+                                                                               monkeypatch, command):
+    _, backbone = setup
+    train = _shards(tmp_path / "A", [b"0", b"1", b"2"], ["cat", "dog", "emu"])
+    val = _shards(tmp_path / "B", [b"0", b"1"], ["dog", "emu"])  # dog is 1 in A, 0 here: scored 0% silently
+    monkeypatch.setattr(f"ssl_vit.eval.{'knn' if command == 'knn' else 'linear'}.extract_features", _no_extraction)
+    assert main([command, "--backbone", str(backbone), "--train", train, "--val", val, "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err == (
+        f"ssl-vit {command}: error: train and val shards list different classes (labels are indices into them): "
+        f"{tmp_path}/A/classes.txt (3 classes) vs {tmp_path}/B/classes.txt (2), first difference at line 1: "
+        "'cat' vs 'dog'\n")
+
+
+@pytest.mark.parametrize("command", ["knn", "linear-probe"])
+def test_a_label_beyond_the_class_list_is_refused(tmp_path, setup, capsys, command):
+    _, backbone = setup
+    classes = ["cat", "dog", "emu"]
+    train = _shards(tmp_path / "A", [b"0", b"1", b"2", b"1"], classes)
+    val = _shards(tmp_path / "B", [b"0", b"999"], classes)
+    argv = [command, "--backbone", str(backbone), "--train", train, "--val", val, "--num-workers", "0"]
+    assert main(argv + (["--epochs", "1", "--warmup-epochs", "0"] if command == "linear-probe" else ["--k", "1"])) == 2
+    task = "k-NN" if command == "knn" else "linear-probe"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ssl-vit {command}: error: {task} val labels must be < the 3 classes in {tmp_path}/A/classes.txt: 1 of 2 "
+        "samples have a larger one (up to 999)")
+
+
+@pytest.mark.parametrize("command", ["knn", "linear-probe"])
+def test_train_shards_without_one_usable_sample_give_the_skip_counts(tmp_path, setup, capsys, command):
+    demo, backbone = setup
+    train = _shards(tmp_path / "T", [b"cat"] * 36)  # text labels: every sample is a bad_label
+    argv = [command, "--backbone", str(backbone), "--train", train, "--val", demo.knn_val, "--num-workers", "0"]
+    assert main(argv + (["--epochs", "1", "--warmup-epochs", "0"] if command == "linear-probe" else [])) == 2
+    task = "k-NN" if command == "knn" else "linear-probe"
+    # was "k-NN k=20 exceeds the 0 train samples; choose k ≤ 0" (knn) and "needs a non-empty train and val set"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ssl-vit {command}: error: no usable {task} train sample was read: all 36 train samples were skipped: "
+        "{'bad_label': 36}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["knn", "--out", "{d}"], "--out {d} is a folder; give a file path, e.g. {d}/knn.json"),
+    (["knn", "--out", "{f}/knn.json"], "--out {f}/knn.json: {f} is a file, not a folder"),
+    (["knn", "--cache-dir", "{f}"], "--cache-dir {f} is a file, not a folder"),
+    (["linear-probe", "--out", "{f}"], "--out {f} is a file, not a folder"),
+    (["linear-probe", "--cache-dir", "{f}/sub/cache"], "--cache-dir {f}/sub/cache: {f} is a file, not a folder"),
+])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, setup, capsys, monkeypatch, argv, message):
+    # an IsADirectoryError after every feature was computed lost the result
+    demo, backbone = setup
+    d, f = tmp_path / "dir", tmp_path / "file"
+    d.mkdir()
+    f.write_text("")
+    for module in ("knn", "linear"):
+        monkeypatch.setattr(f"ssl_vit.eval.{module}.extract_features", _no_extraction)
+    argv = [a.format(d=d, f=f) for a in argv]
+    assert main([*argv, "--backbone", str(backbone), "--train", demo.knn_train, "--val", demo.knn_val]) == 2
+    assert capsys.readouterr().err == f"ssl-vit {argv[0]}: error: {message.format(d=d, f=f)}\n"
+
+
+def test_knn_out_in_a_folder_yet_to_be_made(tmp_path, setup):
+    demo, backbone = setup
+    out = tmp_path / "results" / "knn.json"
+    argv = ["knn", "--backbone", str(backbone), "--train", demo.knn_train, "--val", demo.knn_val, "--k", "5",
+            "--num-workers", "0", "--crop-ratio", "1.0", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["n_train"] == 40

@@ -132,6 +132,32 @@ def test_visualize_image_files_and_errors(tmp_path, runs, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, runs, capsys, monkeypatch):
+    # not skipped: rows follow the order of --images, and a row left out would put later images under wrong names
+    _, backbone, _ = runs
+    good, empty = tmp_path / "good.png", tmp_path / "empty.png"
+    Image.new("RGB", (64, 64), (0, 100, 200)).save(good)
+    empty.write_bytes(b"")
+    argv = ["visualize", "--backbone", str(backbone), "--out", str(tmp_path / "o"), "--images", str(good)]
+    assert main([*argv, str(empty)]) == 2
+    assert capsys.readouterr().err == (f"ssl-vit visualize: error: image {empty} cannot be read: "
+                                       f"UnidentifiedImageError: cannot identify image file '{empty}'\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above twice this: 64 × 64 is a "bomb"
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"ssl-vit visualize: error: image {good} is too large to decode safely: "
+                                       "Image size (4096 pixels) exceeds limit of 2000 pixels, could be "
+                                       "decompression bomb DOS attack.\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, runs, capsys):
+    _, backbone, _ = runs
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["visualize", "--backbone", str(backbone), "--images", "missing.png", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err == f"ssl-vit visualize: error: --out {taken} is a file, not a folder\n"
+
+
 def test_attention_maps_are_refused_for_a_model_without_a_cls_token():
     # with registers and no cls token, row 0 of the attention would be a register's
     vit = timm.create_model("vit_tiny_patch16_224", **{**KW, "class_token": False, "reg_tokens": 2,

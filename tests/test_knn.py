@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from ssl_vit.data.writer import write_samples
+from ssl_vit.eval.features import Features, no_skips
 from ssl_vit.eval.knn import knn_classify
+from ssl_vit.eval.labelled import ClassList, check_class_lists, check_label_range, check_usable
 
 
 def naive_knn(train, train_labels, val, val_labels, k, t, n_classes):
@@ -80,3 +83,52 @@ def test_unlabelled_is_refused():
     with pytest.raises(ValueError, match=r"k-NN needs labelled shards \(samples with a `cls` member\): 1 of 4 "
                                          "train samples have none"):
         knn_classify(torch.randn(4, 3), torch.tensor([0, 1, -1, 0]), torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def _listed(folder, classes):
+    """A one-sample shard in `folder`, with a classes.txt of `classes` beside it (None: no classes.txt)."""
+    write_samples([{"__key__": "a", "png": b"x", "cls": b"0"}], folder)
+    if classes is not None:
+        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    return str(folder / "train-000000.tar")
+
+
+@pytest.mark.parametrize("val_classes, difference", [
+    (["dog", "emu"], "first difference at line 1: 'cat' vs 'dog'"),  # every val label shifted: 0% silently
+    (["cat", "dog"], "first difference at line 3: 'emu' vs nothing (end of list)"),
+])
+def test_train_and_val_with_different_class_lists_are_refused(tmp_path, val_classes, difference):
+    train, val = _listed(tmp_path / "A", ["cat", "dog", "emu"]), _listed(tmp_path / "B", val_classes)
+    with pytest.raises(ValueError) as err:
+        check_class_lists(train, val)
+    assert str(err.value) == ("train and val shards list different classes (labels are indices into them): "
+                              f"{tmp_path}/A/classes.txt (3 classes) vs {tmp_path}/B/classes.txt (2), {difference}")
+
+
+def test_one_class_list_is_taken_from_either_side_and_none_without_any(tmp_path):
+    listed, bare = _listed(tmp_path / "A", ["cat", "", "dog"]), _listed(tmp_path / "B", None)
+    expected = ClassList(tmp_path / "A" / "classes.txt", ["cat", "dog"])  # blank lines are no classes
+    assert check_class_lists(listed, bare) == expected == check_class_lists(bare, listed)
+    assert check_class_lists(listed, listed) == expected
+    assert check_class_lists(bare, bare) is None
+
+
+def test_a_label_beyond_the_class_list_is_refused(tmp_path):
+    classes = ClassList(tmp_path / "classes.txt", ["cat", "dog", "emu"])
+    check_label_range(torch.tensor([0, 2, -1]), classes, "k-NN", "val")  # -1 (no label) is check_labelled's
+    check_label_range(torch.tensor([999]), None, "k-NN", "val")  # no list: nothing to check against
+    with pytest.raises(ValueError) as err:
+        check_label_range(torch.tensor([0, 999, 3, 1]), classes, "k-NN", "val")
+    assert str(err.value) == (f"k-NN val labels must be < the 3 classes in {tmp_path}/classes.txt: 2 of 4 "
+                              "samples have a larger one (up to 999)")
+
+
+def test_a_set_with_no_usable_sample_says_why():
+    empty = Features(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), [])
+    with pytest.raises(ValueError) as err:
+        check_usable(Features(empty.features, empty.labels, [], {**no_skips(), "bad_label": 36}), "k-NN", "train")
+    assert str(err.value) == ("no usable k-NN train sample was read: all 36 train samples were skipped: "
+                              "{'bad_label': 36}")
+    with pytest.raises(ValueError, match="^no k-NN val sample was read: the val shards hold no samples$"):
+        check_usable(empty, "k-NN", "val")
+    check_usable(Features(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), ["a"]), "k-NN", "train")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ssl_vit.config import EvalConfig
 from ssl_vit.eval.features import FeatureSpec, extract_features
+from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
 from ssl_vit.eval.metrics import check_labelled
 
 
@@ -93,7 +94,8 @@ def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator
                ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
                cache_dir: str | Path | None = None) -> KnnReport:
     """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN;
-    with the set sizes and the samples the loader could not use.
+    with the set sizes and the samples the loader could not use. Train and val must list the same classes
+    (`check_class_lists`) and keep their labels below that count.
 
     `spec` defaults to `cfg.pool` of the last block; `cache_dir` caches the features (see extract_features).
     """
@@ -101,11 +103,16 @@ def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator
         raise ValueError("k-NN needs labelled shards: set eval.knn_train and eval.knn_val (or --train/--val)")
     ks = tuple(ks or (cfg.knn_k,))
     check_knn_args(ks, cfg.knn_temperature)  # before the backbone runs
+    classes = check_class_lists(cfg.knn_train, cfg.knn_val, allow_pipe)
     kwargs = dict(spec=spec or FeatureSpec(pool=cfg.pool), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                   crop_ratio=cfg.crop_ratio, allow_pipe=allow_pipe, cache_dir=cache_dir)
     train = extract_features(vit, cfg.knn_train, accelerator, desc="k-NN train features", **kwargs)
+    check_usable(train, "k-NN", "train")  # else "k exceeds the 0 train samples", which hides why there are none
+    check_label_range(train.labels, classes, "k-NN", "train")
     check_knn_args(ks, cfg.knn_temperature, train.features.shape[0])
     val = extract_features(vit, cfg.knn_val, accelerator, desc="k-NN val features", **kwargs)
+    check_usable(val, "k-NN", "val")
+    check_label_range(val.labels, classes, "k-NN", "val")
     scores = knn_classify(train.features, train.labels, val.features, val.labels, ks, cfg.knn_temperature)
     return KnnReport(scores, train.features.shape[0], val.features.shape[0],
                      {"train": train.skipped, "val": val.skipped})

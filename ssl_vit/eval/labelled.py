@@ -1,13 +1,16 @@
-"""Labelled shards for supervised training on top of a backbone (augmented linear probe, fine-tuning)."""
+"""Labelled shards for supervised training on top of a backbone (augmented linear probe, fine-tuning), and the
+checks every evaluation makes of their labels (class lists of train and val, label range, a set left empty)."""
 
 from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
@@ -15,6 +18,7 @@ from ssl_vit.data.batches import reuses_memory
 from ssl_vit.data.samples import IMAGE_EXTS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.shards import train_stream
+from ssl_vit.eval.features import Features
 
 _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream with the same seed
 
@@ -56,10 +60,74 @@ def count_samples(shards: str | Sequence[str], allow_pipe: bool = False) -> int:
     return total
 
 
-def classes_file_count(shards: str | Sequence[str], allow_pipe: bool = False) -> int | None:
-    """Number of classes in the `classes.txt` that `make-shards` writes beside the shards; None if absent."""
+def classes_file(shards: str | Sequence[str], allow_pipe: bool = False) -> Path | None:
+    """The `classes.txt` that `make-shards` writes beside the (first) shard; None if there is none."""
     first = Path(resolve_shards(shards, allow_pipe)[0].removeprefix("file:"))
     listing = first.parent / "classes.txt"
-    if not listing.is_file():
+    return listing if listing.is_file() else None
+
+
+def read_classes(listing: Path) -> list[str]:
+    """Class i = the i-th non-blank line (blank lines are not classes, as for `classes_file_count`)."""
+    return [line for line in listing.read_text().splitlines() if line.strip()]
+
+
+def classes_file_count(shards: str | Sequence[str], allow_pipe: bool = False) -> int | None:
+    """Number of classes in the `classes.txt` that `make-shards` writes beside the shards; None if absent."""
+    listing = classes_file(shards, allow_pipe)
+    return None if listing is None else len(read_classes(listing))
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """The classes of a labelled set: label i names `names[i]`, as listed in `path`."""
+
+    path: Path
+    names: list[str]
+
+
+def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
+                      allow_pipe: bool = False) -> ClassList | None:
+    """The class list of the train shards (else of the val shards), refusing train and val lists that differ.
+
+    Labels are indices into classes.txt: with [cat, dog, emu] beside the train shards and [dog, emu] beside the
+    val shards, every val label names another class and the score is wrong without any other sign. None when
+    neither set has a classes.txt (nothing to compare: the labels are taken as they are).
+    """
+    train_file, val_file = classes_file(train, allow_pipe), classes_file(val, allow_pipe)
+    if train_file is None and val_file is None:
         return None
-    return sum(1 for line in listing.read_text().splitlines() if line.strip())
+    lists = [ClassList(f, read_classes(f)) for f in (train_file, val_file) if f is not None]
+    if len(lists) == 2 and lists[0].names != lists[1].names:
+        a, b = lists[0].names, lists[1].names
+        i = next(i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i])
+        shown = [repr(n[i]) if i < len(n) else "nothing (end of list)" for n in (a, b)]
+        raise ValueError(f"train and val shards list different classes (labels are indices into them): "
+                         f"{train_file} ({len(a)} classes) vs {val_file} ({len(b)}), first difference at "
+                         f"line {i + 1}: {shown[0]} vs {shown[1]}")
+    return lists[0]
+
+
+def check_label_range(labels: Tensor, classes: ClassList | None, task: str, split: str) -> None:
+    """Refuse labels ≥ the number of listed classes: such a label names no class, so the shards and their
+    classes.txt disagree (a stale or foreign list), and no share of skipped samples would make the score right."""
+    if classes is None or labels.numel() == 0:
+        return
+    n = len(classes.names)
+    beyond = labels >= n
+    if beyond.any():
+        raise ValueError(f"{task} {split} labels must be < the {n} classes in {classes.path}: "
+                         f"{int(beyond.sum())} of {labels.numel()} samples have a larger one "
+                         f"(up to {int(labels.max())})")
+
+
+def check_usable(feats: Features, task: str, split: str) -> None:
+    """Refuse a set of which no sample could be used, saying why (skip counts by reason), before any k or
+    batch size is checked against its size of 0."""
+    if feats.features.shape[0]:
+        return
+    skipped = {reason: n for reason, n in feats.skipped.items() if n}
+    if not skipped:
+        raise ValueError(f"no {task} {split} sample was read: the {split} shards hold no samples")
+    raise ValueError(f"no usable {task} {split} sample was read: all {sum(skipped.values())} {split} samples "
+                     f"were skipped: {skipped}")

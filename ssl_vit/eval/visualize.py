@@ -27,16 +27,13 @@ _PAD = 2  # pixels between tiles (make_grid's default)
 
 def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = None, n: int = 4,
                 crop_ratio: float = 0.875, allow_pipe: bool = False) -> Tensor:
-    """(B, 3, S, S) normalised images: the files in `paths`, else the first `n` samples of `shards`."""
+    """(B, 3, S, S) normalised images: the files in `paths`, else the first `n` samples of `shards`.
+
+    A file that cannot be read is a one-line error naming it, not a skipped image: the figure's rows follow the
+    order of `paths`, and a row left out would put every later image under the wrong name."""
     transform = eval_transform(img_size, crop_ratio)
     if paths:
-        images = []
-        for path in paths:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"image not found: {path}")
-            with Image.open(path) as img:
-                images.append(transform(to_rgb(img)))
-        return torch.stack(images)
+        return torch.stack([transform(read_image(path)) for path in paths])
     if not shards:
         raise ValueError("give image files or shards to take the images from")
     loader = eval_stream(shards, transform, batch_size=n, num_workers=0, rank=0, world_size=1,
@@ -45,6 +42,19 @@ def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = N
     if batch is None:
         raise ValueError(f"no readable image in {shards}")
     return batch["image"][:n]
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB, fully decoded; a one-line error naming it when it cannot be."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img)  # decodes every pixel: a truncated file fails here, not in the transform
+    except Image.DecompressionBombError as err:  # PIL's own limit (Image.MAX_IMAGE_PIXELS), not a broken file
+        raise ValueError(f"image {path} is too large to decode safely: {err}") from None
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ... for broken data
+        raise ValueError(f"image {path} cannot be read: {type(err).__name__}: {err}") from None
 
 
 def colorize(maps: Tensor) -> Tensor:
