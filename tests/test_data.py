@@ -218,6 +218,17 @@ def test_a_compressed_shard_cut_inside_a_sample_counts_one_read_error(tmp_path: 
     assert keys == ["g1"] and skipped == _counts(read_error=1)  # not also no_image for x's cls
 
 
+def test_a_shard_that_is_not_a_tar_is_named_in_its_read_error_warning(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    shard = tmp_path / "notes.tar"
+    shard.write_bytes(b"not a tar file at all " * 3)
+    with caplog.at_level("WARNING", logger="ssl_vit.data.shards"):
+        keys, _, _, skipped = _read_all(eval_stream(str(shard), _size_of, batch_size=4, num_workers=0, rank=0,
+                                                    world_size=1))
+    assert keys == [] and skipped == _counts(read_error=1)
+    assert caplog.messages == [f"skipping the rest of shard {shard} after a read error: truncated header"]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_stream_counts_the_skips_of_a_worker_with_no_usable_sample(tmp_path: Path, num_workers: int) -> None:
     # with 2 workers, worker 1 reads only the bad shard: it has no sample to carry its counts on

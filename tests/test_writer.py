@@ -4,6 +4,7 @@ import io
 import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ssl_vit.data.shards import eval_stream
@@ -46,3 +47,26 @@ def test_two_class_folders_linking_to_one_folder_both_keep_it_and_loops_end(tmp_
     summary = write_shards(src, tmp_path / "out", progress=False)
     labels, _ = _read(summary.pattern)
     assert labels == {"a_class/img": 0, "b_class/img": 1}
+
+
+def test_an_image_beside_the_class_folders_says_why_the_set_is_unlabeled(tmp_path, caplog):
+    for name in ("cat/a.png", "cat/b.png", "dog/c.png", "stray.png", "zz.png"):
+        _png(tmp_path / "src" / name)
+    (tmp_path / "src" / "dog" / "empty.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="ssl_vit.data.writer"):
+        summary = write_shards(tmp_path / "src", tmp_path / "out", progress=False)
+    assert summary.classes is None and (summary.n_samples, summary.n_skipped) == (5, 1)
+    src = tmp_path / "src"
+    assert caplog.messages == [
+        f"2 of 6 images sit at the top of {src} (e.g. stray.png), not in a class sub-folder: writing all "
+        "unlabeled; move or remove them to keep the sub-folder names as classes",
+        f"skipping {src / 'dog' / 'empty.png'}: not a JPEG, PNG or WEBP image (empty, or another format)"]
+
+
+@pytest.mark.parametrize("names", [["a.png", "b.png"], ["cat/a.png", "dog/b.png"]])
+def test_a_plain_folder_or_class_folders_alone_give_no_warning(tmp_path, caplog, names):
+    for name in names:
+        _png(tmp_path / "src" / name)
+    with caplog.at_level("WARNING", logger="ssl_vit.data.writer"):
+        write_shards(tmp_path / "src", tmp_path / "out", progress=False)
+    assert caplog.messages == []

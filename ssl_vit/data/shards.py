@@ -61,9 +61,10 @@ class SkipCounter:
         self.fruitless = 0
         return out
 
-    def read_error(self, exn: Exception) -> bool:
-        """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
-        log.warning("skipping the rest of a shard after a read error: %s", exn)
+    def read_error(self, exn: Exception, url: str | None = None) -> bool:
+        """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept). `url`: the
+        shard's, which `_TarSamples` binds (our tar reader's errors do not carry it, webdataset's only some)."""
+        log.warning("skipping the rest of shard %s after a read error: %s", url or "<unknown>", exn)
         self.read_errors += 1
         # tar_reader names the member whose data stopped early (None: none did); webdataset's reader of compressed
         # shards does not say, so the last sample may be torn
@@ -85,7 +86,8 @@ class _TarSamples:
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
             errors, last = self.counter.read_errors, None
-            for sample in tar_samples([dict(shard)], self.counter.read_error):
+            handler = partial(self.counter.read_error, url=shard.get("url"))  # so that its warning names the shard
+            for sample in tar_samples([dict(shard)], handler):
                 if last is not None:
                     yield last
                 last = sample

@@ -153,6 +153,7 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
         random.Random(seed).shuffle(files)  # same folder + seed → same shards
     rels = [f.relative_to(src) for f in files]
     labelled = all(len(r.parts) > 1 for r in rels)
+    _warn_of_top_level_images(src, rels)
     classes = sorted({r.parts[0] for r in rels}) if labelled else None
     if classes is not None:
         _check_classes_file(out / "classes.txt", classes)
@@ -167,7 +168,10 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
             try:
                 data, ext = _encode(path.read_bytes(), _EXTS[path.suffix.lower()], max_side)
             except Exception as err:  # unreadable or undecodable: PIL raises many exception types
-                log.warning("skipping %s: %s: %s", path, type(err).__name__, err)
+                # UnidentifiedImageError's own message names the in-memory buffer, not the file
+                why = ("not a JPEG, PNG or WEBP image (empty, or another format)"
+                       if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}")
+                log.warning("skipping %s: %s", path, why)
                 skipped += 1
                 continue
             sample = {"__key__": _make_key(rel, used), ext: data}
@@ -182,6 +186,16 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     if classes is not None:
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
     return ShardSummary(n_samples, n_shards, skipped, classes, shard_pattern(out, prefix, n_shards))
+
+
+def _warn_of_top_level_images(src: Path, rels: list[Path]) -> None:
+    """Say why a folder of class folders comes out unlabeled: one stray image beside them is enough (a folder
+    is labelled only when every image sits in a sub-folder), and the summary alone says only "unlabeled"."""
+    stray = sorted(r.as_posix() for r in rels if len(r.parts) == 1)
+    if stray and len(stray) < len(rels):
+        log.warning("%d of %d images sit at the top of %s (e.g. %s), not in a class sub-folder: writing all "
+                    "unlabeled; move or remove them to keep the sub-folder names as classes",
+                    len(stray), len(rels), src, stray[0])
 
 
 def _check_classes_file(path: Path, classes: list[str]) -> None:
