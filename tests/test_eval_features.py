@@ -201,6 +201,25 @@ def test_a_loader_worker_with_only_bad_samples_still_has_its_skips_counted(tmp_p
     assert feats.features.shape[0] == 6 and feats.skipped["corrupt_image"] == 3
 
 
+def test_the_loader_is_iterated_once(tmp_path, monkeypatch):
+    # each iter() of a DataLoader starts its workers, which then read shards for nothing
+    calls = []
+    real = features_mod.eval_stream
+
+    class Counted:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            calls.append(1)
+            return iter(self.loader)
+
+    monkeypatch.setattr(features_mod, "eval_stream", lambda *a, **kw: Counted(real(*a, **kw)))
+    shard = _write(tmp_path, "val", _labelled("knn_val", 6))
+    feats = extract_features(tiny_vit(), shard, Accelerator(), batch_size=4, num_workers=0, crop_ratio=1.0)
+    assert feats.features.shape[0] == 6 and calls == [1]
+
+
 def test_cache_files_are_readable_by_others_as_the_umask_allows(tmp_path, demo):
     # 0o666 & ~umask; safetensors alone makes it 0o600
     for umask, mode in [(0o027, 0o640), (0o022, 0o644)]:

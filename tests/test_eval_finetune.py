@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import webdataset as wds
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
@@ -102,6 +103,29 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     with pytest.raises(FileNotFoundError, match="nope.tar"):
         ft.finetune(missing, Accelerator())
     assert not (tmp_path / "run2").exists()
+
+
+def test_val_shards_that_do_not_fit_the_train_classes_are_refused(tmp_path, setup):
+    demo, backbone = setup
+    first = resolve_shards(demo.knn_val)[0]
+    png = next(iter(wds.WebDataset(first, shardshuffle=False)))["png"]
+    other = tmp_path / "other"
+    write_samples(({"__key__": f"v{i}", "png": png, "cls": b"12"} for i in range(2)), other, "val")
+
+    def run(name: str) -> None:
+        cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
+            f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={other}",
+            "data.batch_size=4", "data.num_workers=0", "train.max_steps=1", f"train.run_dir={tmp_path / name}"])
+        ft.finetune(cfg, Accelerator())
+
+    (other / "classes.txt").write_text("only\ntwo\n")
+    with pytest.raises(ValueError, match="train and val shards list different classes"):
+        run("a")
+    assert not (tmp_path / "a").exists()
+    (other / "classes.txt").unlink()  # no list to compare: the label 12 is checked against the model's 10 classes
+    with pytest.raises(ValueError, match=r"fine-tuning val labels must be < the model's 10 classes: 2 of 2 samples "
+                                         r"have a larger one \(up to 12\)"):
+        run("b")
 
 
 def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():

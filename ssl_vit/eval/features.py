@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio flavour calls iter() on the loader twice (workers twice)
 
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shard_urls import resolve_shards

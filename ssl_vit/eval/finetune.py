@@ -36,7 +36,7 @@ from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key, skip_totals
-from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
+from ssl_vit.eval.labelled import check_class_lists, count_samples, labelled_train_stream
 from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
 from ssl_vit.finetune_config import FinetuneConfig, FTAugmentConfig, FTModelConfig
@@ -137,6 +137,10 @@ def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accele
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     result = gather_by_key(accelerator, local_logits, local_labels, keys, skipped)
     model.train(was_training)
+    beyond = result.labels >= n_classes  # would only ever count as a miss: the val set does not fit the model
+    if beyond.any():
+        raise ValueError(f"fine-tuning val labels must be < the model's {n_classes} classes: {int(beyond.sum())} of "
+                         f"{beyond.numel()} samples have a larger one (up to {int(result.labels.max())})")
     return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0]),
             "skipped": result.skipped}
 
@@ -158,9 +162,11 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
     run_dir = Path(cfg.train.run_dir)
     check_finetune_dir(run_dir)  # before anything is written: a rerun must not replace an earlier best model
     d, opt = cfg.data, cfg.optim
-    num_classes = d.num_classes or classes_file_count(d.train, d.allow_pipe)
+    classes = check_class_lists(d.train, d.val, d.allow_pipe)  # train and val labels must name the same classes
+    num_classes = d.num_classes or (len(classes.names) if classes is not None else None)
     if not num_classes:
-        raise ValueError("data.num_classes: no classes.txt beside the train shards; set the number of classes")
+        raise ValueError("data.num_classes: no classes.txt beside the train or val shards; set the number of "
+                         "classes")
     n_train = d.train_size or count_samples(d.train, d.allow_pipe)
     set_seed(cfg.train.seed)  # the same head init on every rank
     model, model_name, model_kwargs = build_classifier(cfg.model, num_classes)
