@@ -12,11 +12,13 @@ from pathlib import Path
 
 import yaml
 
+from ssl_vit import config_checks as checks
+
 # ConfigError and to_dict are part of this module's interface (most callers import them from here)
 from ssl_vit.config_schema import ConfigError, load_dataclass, to_dict
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DINOConfig", "EvalConfig", "MAEConfig", "ModelConfig",
-           "OptimConfig", "TrainConfig", "dump_config", "load_config", "to_dict", "validate"]
+           "OptimConfig", "TrainConfig", "doubtful_settings", "dump_config", "load_config", "to_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -156,20 +158,7 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             names = ", ".join("null" if a is None else repr(a) for a in allowed)
             raise ConfigError(f"{key}: {value!r} is not one of [{names}]")
-    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
-        raise ConfigError(f"mae.mask_ratio: must be in [0, 1), got {cfg.mae.mask_ratio}")
-    if cfg.model.img_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"model.img_size {cfg.model.img_size} is not a multiple of model.patch_size {cfg.model.patch_size}"
-        )
-    if cfg.data.device_decode and cfg.data.device_aug is False:
-        raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
-    if cfg.data.device_decode:
-        from ssl_vit.data.device_decode import torchvision_decodes_jpeg  # the data package imports torch and PIL
-
-        if not torchvision_decodes_jpeg():
-            raise ConfigError("data.device_decode: this torchvision has no torchvision.io.decode_jpeg (its image "
-                              "codecs moved to TorchCodec); use a torchvision that has it, or turn this off")
+    checks.check_finite(cfg)
     t = cfg.train
     for key, value in (("train.total_steps", t.total_steps), ("data.batch_size", cfg.data.batch_size),
                        ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", t.log_every),
@@ -178,13 +167,93 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     for key, value in (("train.warmup_steps", t.warmup_steps), ("train.image_every", t.image_every),
                        ("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
-                       ("data.num_workers", cfg.data.num_workers)):
+                       ("data.num_workers", cfg.data.num_workers), ("eval.num_workers", cfg.eval.num_workers)):
         if value < 0:
             raise ConfigError(f"{key}: must be at least 0 (0: {_ZERO_MEANS[key]}), got {value}")
+    checks.check_ranges(cfg, _RANGES, _NULL_MEANS)
+    for key in ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale"):
+        checks.check_scale(key, checks.lookup(cfg, key))
+    checks.check_run_dir(t.run_dir)
+    _check_architecture(cfg)
+    _check_data(cfg)
+
+
+def doubtful_settings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not meant, one line each, for a command to show before it trains.
+    Not errors: a smoke test (`--set train.total_steps=2` of a recipe) or a run to be extended on resume may
+    mean them. Not warnings in `validate` either: every load of a run's config.yaml would repeat them."""
+    t = cfg.train
+    notes = []
+    if t.warmup_steps >= t.total_steps:
+        notes.append(f"train.warmup_steps {t.warmup_steps} >= train.total_steps {t.total_steps}: the lr never gets "
+                     "out of warmup (it stays below its peak for the whole run)")
+    return notes
 
 
 _ZERO_MEANS = {"train.warmup_steps": "no warmup", "train.image_every": "never", "train.save_every": "only at the end",
-               "train.keep_last": "keep all", "data.num_workers": "load in the training process"}
+               "train.keep_last": "keep all", "data.num_workers": "load in the training process",
+               "eval.num_workers": "load in the evaluating process"}
+
+# Every number whose nonsense values would not fail on their own but train wrongly or crash late. Intervals as
+# the error shows them; null (where a key takes it) is always allowed, and _NULL_MEANS says what it means.
+_RANGES = {
+    "model.img_size": "[1, inf)", "model.patch_size": "[1, inf)", "model.embed_dim": "[1, inf)",
+    "model.depth": "[1, inf)", "model.num_heads": "[1, inf)",
+    "model.drop_path_rate": "[0, 1)",  # 1 drops every block and divides by keep-probability 0
+    "mae.mask_ratio": "(0, 1)",  # 0 masks no patch: the loss over masked patches is 0 / 0
+    "mae.decoder_dim": "[1, inf)", "mae.decoder_depth": "[0, inf)", "mae.decoder_heads": "[1, inf)",
+    "dino.out_dim": "[1, inf)", "dino.hidden_dim": "[1, inf)", "dino.bottleneck_dim": "[1, inf)",
+    "dino.head_layers": "[1, inf)", "dino.student_temp": "(0, inf)", "dino.teacher_temp": "(0, inf)",
+    "dino.warmup_teacher_temp": "(0, inf)", "dino.warmup_teacher_temp_steps": "[0, inf)",
+    "dino.center_momentum": "[0, 1]", "dino.momentum_teacher": "[0, 1]", "dino.freeze_last_layer_steps": "[0, inf)",
+    "dino.local_crops_number": "[0, inf)", "dino.local_crops_size": "[1, inf)", "dino.color_jitter_prob": "[0, 1]",
+    "dino.grayscale_prob": "[0, 1]", "dino.blur_probs": "[0, 1]", "dino.solarize_prob": "[0, 1]",
+    "data.shuffle_buffer": "[0, inf)", "data.max_image_pixels": "[1, inf)", "data.max_skip_rate": "[0, 1]",
+    "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.weight_decay_end": "[0, inf)", "optim.betas": "[0, 1)",
+    "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+    "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.crop_ratio": "(0, 1]",
+    "eval.batch_size": "[1, inf)",
+}
+_NULL_MEANS = {"optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping",
+               "optim.weight_decay_end": "or null: constant", "model.embed_dim": "or null: the timm model's own",
+               "model.depth": "or null: the timm model's own", "model.num_heads": "or null: the timm model's own"}
+
+
+def _check_architecture(cfg: Config) -> None:
+    """What timm and the objectives' heads would assert (or divide by) when the model is built."""
+    m = cfg.model
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size {m.img_size} is not a multiple of model.patch_size {m.patch_size}")
+    width, heads = m.embed_dim, m.num_heads
+    if (width is None) != (heads is None):  # one is the timm model's own: ask timm (only then: it is slow)
+        own = checks.timm_width_and_heads(m.name)
+        width, heads = (width or own[0], heads or own[1]) if own else (None, None)
+    if width is not None and heads is not None:
+        checks.check_divides("model.num_heads", heads, "model.embed_dim", width)
+    checks.check_divides("mae.decoder_heads", cfg.mae.decoder_heads, "mae.decoder_dim", cfg.mae.decoder_dim)
+    if cfg.mae.decoder_dim % 4:  # the decoder's fixed 2-D sin-cos position embedding: sin and cos of rows, cols
+        raise ConfigError(f"mae.decoder_dim: must be a multiple of 4 (sin-cos position embedding), "
+                          f"got {cfg.mae.decoder_dim}")
+    d = cfg.dino
+    if cfg.objective == "dino" and d.local_crops_number and d.local_crops_size > m.img_size:
+        raise ConfigError(f"dino.local_crops_size: must be at most model.img_size {m.img_size} (local crops are "
+                          f"the small ones), got {d.local_crops_size}")
+
+
+def _check_data(cfg: Config) -> None:
+    if cfg.data.device_decode and cfg.data.device_aug is False:
+        raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
+    if cfg.data.device_decode:
+        from ssl_vit.data.device_decode import torchvision_decodes_jpeg  # the data package imports torch and PIL
+
+        if not torchvision_decodes_jpeg():
+            raise ConfigError("data.device_decode: this torchvision has no torchvision.io.decode_jpeg (its image "
+                              "codecs moved to TorchCodec); use a torchvision that has it, or turn this off")
+    ev = cfg.eval
+    if bool(ev.knn_train) != bool(ev.knn_val):  # k-NN after training would be skipped without a word
+        given, missing = ("eval.knn_train", "eval.knn_val") if ev.knn_train else ("eval.knn_val", "eval.knn_train")
+        raise ConfigError(f"{missing}: empty while {given} is set; k-NN needs both (or neither)")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

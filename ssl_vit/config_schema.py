@@ -43,13 +43,14 @@ def _unknown_key(key: str, root: type) -> ConfigError:
     # (`evl.batch_size` → eval's, `dat.batch_size` → data's); when none is (`train.batch_size`, a bare
     # `batch_size`), every key with that leaf, as guessing one would quietly set the wrong thing. Otherwise the
     # closest full key.
-    section, _, leaf = key.rpartition(".")
+    # Schema keys are lower case: match on the lower-cased key (`model.IMG_SIZE` → `model.img_size`).
+    section, _, leaf = key.lower().rpartition(".")
     leaf_matches = [k for k in valid if k.rpartition(".")[2] == leaf]
     if leaf_matches:
         near = [k for k in leaf_matches if difflib.SequenceMatcher(None, section, k.rpartition(".")[0]).ratio() >= 0.6]
-        close = difflib.get_close_matches(key, near, n=1, cutoff=0.0) if near else leaf_matches
+        close = difflib.get_close_matches(key.lower(), near, n=1, cutoff=0.0) if near else leaf_matches
     else:
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.5)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -165,14 +166,38 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text YAML recipe (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start} is not UTF-8)") from None
+    try:
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not a valid YAML recipe ({str(err).splitlines()[0]})") from None
-    if data is None:
-        return {}
+    if data is None:  # empty or only comments: most likely a truncated or wrong file, not "all defaults"
+        raise ConfigError(f"{path}: the recipe is empty; it must set at least one key (docs/config.md lists them)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
+    """YAML lets a later `key:` silently replace an earlier one in the same mapping (`objective: mae` ...
+    `objective: dino`): refuse it, naming the full key and both lines, as one of them is a mistake."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        line = key_node.start_mark.line + 1
+        if key in seen and key_node.value != "<<":  # `<<` merge keys may repeat
+            raise ConfigError(f"{path}: key {key!r} is set twice (lines {seen[key]} and {line}); remove one")
+        seen[key] = line
+        _refuse_duplicate_keys(value_node, path, f"{key}.")
 
 
 def load_dataclass(cls: type[T], recipe: str | Path | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssl_vit import config_checks as checks
 from ssl_vit.config_schema import ConfigError, load_dataclass
 
 
@@ -109,6 +110,10 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
                        ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", cfg.train.log_every)):
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    checks.check_finite(cfg)
+    checks.check_ranges(cfg, _RANGES, _NULL_MEANS)
+    checks.check_scale("augment.crop_scale", cfg.augment.crop_scale)
+    checks.check_run_dir(cfg.train.run_dir)
     if not 0 <= cfg.train.warmup_epochs <= cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs], got {cfg.train.warmup_epochs}")
     if not 0.0 < cfg.optim.layer_decay <= 1.0:
@@ -116,3 +121,23 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     mixing = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
     if mixing and cfg.data.batch_size % 2:
         raise ConfigError(f"data.batch_size: mixup/cutmix pair images, so it must be even, got {cfg.data.batch_size}")
+    checks.check_auto_augment(cfg.augment.auto_augment)
+
+
+# As in config.py: intervals as the error shows them; null (where a key takes it) is always allowed.
+_RANGES = {
+    "model.drop_path_rate": "[0, 1)", "model.head_init_std": "[0, inf)",
+    # 0 is no size and no class, not "auto": null is auto, as the docs say
+    "data.train_size": "[1, inf)", "data.num_classes": "[1, inf)",
+    "data.num_workers": "[0, inf)", "data.shuffle_buffer": "[0, inf)", "data.crop_ratio": "(0, 1]",
+    "augment.color_jitter": "[0, inf)", "augment.reprob": "[0, 1]", "augment.recount": "[1, inf)",
+    "augment.mixup": "[0, inf)", "augment.cutmix": "[0, inf)",  # Beta(α, α) parameters; 0 = off
+    "augment.mixup_prob": "[0, 1]", "augment.mixup_switch_prob": "[0, 1]",
+    "augment.smoothing": "[0, 1)",  # 1 spreads every label uniformly: nothing left to learn
+    "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
+    "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+}
+_NULL_MEANS = {"data.train_size": "or null: counted from the tar headers",
+               "data.num_classes": "or null: lines of classes.txt beside the train shards",
+               "optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping"}
