@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,12 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
     for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
         if candidate.is_file():
             return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(path.name.removesuffix(".yaml"), known, n=1, cutoff=0.6)
+    if close:  # a mistyped recipe name: name the shipped one it most likely means
+        from ssl_vit.config_schema import ConfigError
+
+        raise ConfigError(f"recipe not found: {recipe}; did you mean {close[0]!r}?")
     return path  # load_config reports it as not found
 
 
@@ -52,6 +59,11 @@ def recipe_kind(path: Path, overrides: Sequence[str] = ()) -> str:
     """"finetune" when more of the keys in the recipe and the overrides exist only in the fine-tuning schema
     (data.val, model.backbone, augment.*) than only in the pretraining one (objective, mae.*, train.total_steps),
     else "pretrain". Misspelled keys are in neither, so they do not sway it."""
+    return "finetune" if _finetune_votes(path, overrides) > 0 else "pretrain"
+
+
+def _finetune_votes(path: Path, overrides: Sequence[str]) -> int:
+    """Keys only the fine-tuning schema has minus keys only the pretraining one has (see `recipe_kind`)."""
     import yaml
 
     from ssl_vit.config import Config
@@ -64,8 +76,7 @@ def recipe_kind(path: Path, overrides: Sequence[str] = ()) -> str:
         data = None
     keys = [o.split("=", 1)[0].strip() for o in overrides] + _leaf_keys(data)
     finetune, pretrain = set(all_keys(FinetuneConfig)), set(all_keys(Config))
-    votes = sum(k in finetune - pretrain for k in keys) - sum(k in pretrain - finetune for k in keys)
-    return "finetune" if votes > 0 else "pretrain"
+    return sum(k in finetune - pretrain for k in keys) - sum(k in pretrain - finetune for k in keys)
 
 
 def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
@@ -84,11 +95,17 @@ def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ssl_vit.config import doubtful_settings
     from ssl_vit.distributed import make_accelerator
     from ssl_vit.train import pretrain, resolve_demo
 
     cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
+    if not args.no_knn:
+        _check_knn_shards(cfg)
     accelerator = make_accelerator(cfg.train.precision)
+    if accelerator.is_main_process:  # valid, but probably not meant: say so once, before training
+        for note in doubtful_settings(cfg):
+            print(f"ssl-vit pretrain: warning: {note}", file=sys.stderr)
     result = pretrain(cfg, accelerator)
     if args.no_knn or not (cfg.eval.knn_train and cfg.eval.knn_val) or result.backbone is None:
         return 0
@@ -109,6 +126,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
               f"{scores['random init']['top1']:.1f}%  (top-5: {scores['pretrained']['top5']:.1f}% vs "
               f"{scores['random init']['top5']:.1f}%)")
     return 0
+
+
+def _check_knn_shards(cfg: Any) -> None:
+    """Resolve the k-NN shards now: a missing one would otherwise fail only after the whole training run."""
+    from ssl_vit.config import ConfigError
+    from ssl_vit.data.shard_urls import resolve_shards
+
+    for key, spec in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
+        if spec:
+            try:
+                resolve_shards(spec, cfg.data.allow_pipe)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{key}: {err}") from None
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """`ssl-vit finetune`, naming a pretraining recipe as one (not its `objective` as an unknown key) first."""
+    from ssl_vit import cli_eval
+    from ssl_vit.config import ConfigError
+
+    if _finetune_votes(recipe_path(args.recipe, cli_eval.FINETUNE_DEMO_RECIPE), args.set) < 0:
+        raise ConfigError(f"{args.recipe} is a pretraining recipe: run `ssl-vit pretrain {args.recipe}`")
+    return cli_eval._cmd_finetune(args)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -211,11 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     add_eval_commands(sub)
+    sub.choices["finetune"].set_defaults(func=_cmd_finetune)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        # parsing imports the evaluation commands, hence torch: seconds in which a Ctrl-C is likely
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C before training handles it (or a second one during training)
+        words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+        print(f"ssl-vit {words[0]}: interrupted" if words else "ssl-vit: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its expected failures as one line each: no traceback for what the user can fix."""
     from ssl_vit.config import ConfigError
     from ssl_vit.train_monitor import RunAborted
 
@@ -227,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunAborted as err:  # the run stopped itself (bad data, diverged): one line naming what to do
         print(f"ssl-vit {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the filesystem said no (read-only, full, a file where a folder goes): not a bug
+        print(f"ssl-vit {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(err: OSError) -> str:
+    """`strerror: path` (`No space left on device: runs/x/checkpoints/...`), or the message where it has none."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return str(err) if err.strerror is None else f"{err.strerror}: {paths}" if paths else err.strerror
 
 
 def run_tool(command: str) -> None:

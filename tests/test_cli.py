@@ -1,5 +1,6 @@
 """Every command answers --help; user errors are one line with exit code 2."""
 
+import errno
 import subprocess
 import sys
 
@@ -70,3 +71,84 @@ def test_pretrain_refuses_a_fine_tuning_recipe_naming_the_command(capsys):
     assert main(["pretrain", "finetune_demo_tiny"]) == 2
     assert capsys.readouterr().err.strip() == ("ssl-vit pretrain: error: finetune_demo_tiny is a fine-tuning recipe: "
                                                "run `ssl-vit finetune finetune_demo_tiny`")
+
+
+def test_finetune_refuses_a_pretraining_recipe_naming_the_command(capsys):
+    # the mirror of the case above; it used to say "unknown config key 'objective'"
+    assert main(["finetune", "mae_demo_tiny"]) == 2
+    assert capsys.readouterr().err.strip() == ("ssl-vit finetune: error: mae_demo_tiny is a pretraining recipe: "
+                                               "run `ssl-vit pretrain mae_demo_tiny`")
+
+
+def test_a_mistyped_recipe_name_names_the_closest_recipe(capsys):
+    assert main(["config", "mae_vit_bse_p16"]) == 2
+    assert capsys.readouterr().err.strip() == ("ssl-vit config: error: recipe not found: mae_vit_bse_p16; "
+                                               "did you mean 'mae_vit_base_p16'?")
+    assert main(["config", "nothing_like_any_recipe"]) == 2
+    assert capsys.readouterr().err.strip() == "ssl-vit config: error: recipe not found: nothing_like_any_recipe"
+
+
+def test_config_refuses_a_value_that_would_train_wrongly(capsys):
+    assert main(["config", "--set", "model.patch_size=0"]) == 2  # was a ZeroDivisionError traceback
+    assert capsys.readouterr().err.strip() == "ssl-vit config: error: model.patch_size: must be at least 1, got 0"
+
+
+def test_missing_knn_shards_fail_before_training(tmp_path, capsys):
+    run_dir, shards = tmp_path / "run", tmp_path / "shards"
+    shards.mkdir()
+    argv = ["pretrain", "--set", f"train.run_dir={run_dir}", "--set", f"data.train={shards}",
+            "--set", f"eval.knn_train={shards}", "--set", f"eval.knn_val={tmp_path / 'missing.tar'}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("ssl-vit pretrain: error: eval.knn_train: no *.tar shards in "
+                                               f"directory {shards}")
+    (shards / "a.tar").write_bytes(b"")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("ssl-vit pretrain: error: eval.knn_val: shard not found: "
+                                               f"{tmp_path / 'missing.tar'}")
+    assert not run_dir.exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/.tmp_step_5/model.safetensors"),
+     "No space left on device: runs/x/checkpoints/.tmp_step_5/model.safetensors"),
+    (OSError(errno.EROFS, "Read-only file system", "runs/x"), "Read-only file system: runs/x"),
+    (PermissionError(errno.EACCES, "Permission denied", "runs/x/config.yaml"), "Permission denied: runs/x/config.yaml"),
+    (FileExistsError(errno.EEXIST, "File exists", "runs/x"), "File exists: runs/x"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "runs/x/log.jsonl"), "Not a directory: runs/x/log.jsonl"),
+])
+def test_a_filesystem_error_is_one_line_with_exit_1(monkeypatch, capsys, error, line):
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr("ssl_vit.cli._cmd_config", fails)
+    assert main(["config"]) == 1
+    assert capsys.readouterr().err.strip() == f"ssl-vit config: error: {line}"
+
+
+def test_a_real_filesystem_error_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "cat" / "a.png")
+    afile = tmp_path / "afile"
+    afile.write_text("x")  # the output folder's parent is a file
+    assert main(["make-shards", str(tmp_path / "src"), str(afile / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"ssl-vit make-shards: error: Not a directory: {afile / 'out'}"
+
+
+def test_a_bug_is_not_hidden_as_a_filesystem_error(monkeypatch):
+    def buggy(args):
+        raise TypeError("a real bug")
+
+    monkeypatch.setattr("ssl_vit.cli._cmd_config", buggy)
+    with pytest.raises(TypeError, match="a real bug"):
+        main(["config"])
+
+
+def test_ctrl_c_during_startup_is_one_line_with_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ssl_vit.cli._cmd_config", interrupted)
+    assert main(["config"]) == 130
+    assert capsys.readouterr().err.strip() == "ssl-vit config: interrupted"
