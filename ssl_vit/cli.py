@@ -181,7 +181,8 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     summary = write_shards(args.src, args.out, prefix=args.prefix, max_count=args.max_count,
                            max_size=int(args.max_size_mb * 2**20), max_side=args.max_side,
                            shuffle=not args.no_shuffle)
-    labels = f"{len(summary.classes)} classes" if summary.classes else "unlabeled"
+    n = len(summary.classes or ())
+    labels = f"{n} class{'es' if n != 1 else ''}" if n else "unlabeled"
     print(f"wrote {summary.n_samples} samples ({labels}) to {summary.n_shards} shards: {summary.pattern}; "
           f"skipped {summary.n_skipped} unreadable files")
     return 0
