@@ -13,6 +13,7 @@ import accelerate
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from tiny_runs import TINY_MAE
 
 from ssl_vit.checkpoint import complete_checkpoints, load_backbone
 from ssl_vit.config import load_config
@@ -23,10 +24,9 @@ from ssl_vit.train_monitor import RunAborted
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = str(ROOT / "tests" / "inject_fault.py")
-TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
-        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
-        "train.warmup_steps=1", "train.log_every=1", "train.image_every=0", "train.export=false"]
+TINY = TINY_MAE + [
+    "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
+    "train.warmup_steps=1", "train.log_every=1", "train.image_every=0", "train.export=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

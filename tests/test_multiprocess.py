@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_MAE
 
 from ssl_vit.data.demo import ensure_demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
-        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
-        "data.batch_size=8", "data.num_workers=1", "data.shuffle_buffer=16", "train.total_steps=4",
-        "train.warmup_steps=1", "train.log_every=2", "train.image_every=0", "train.save_every=2",
-        "eval.pool=avg", "eval.crop_ratio=1.0", "eval.num_workers=1", "eval.batch_size=16"]
+TINY = TINY_MAE + [
+    "data.batch_size=8", "data.num_workers=1", "data.shuffle_buffer=16", "train.total_steps=4",
+    "train.warmup_steps=1", "train.log_every=2", "train.image_every=0", "train.save_every=2",
+    "eval.pool=avg", "eval.crop_ratio=1.0", "eval.num_workers=1", "eval.batch_size=16"]
 
 
 def run(argv, timeout=240):

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import TINY_MAE
 
 from ssl_vit.config import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.train import pretrain
 
-TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
-        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
-        "data.shuffle_buffer=16", "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1",
-        "train.image_every=0", "train.save_every=0", "train.export=false"]
+TINY = TINY_MAE + [
+    "data.shuffle_buffer=16", "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1",
+    "train.image_every=0", "train.save_every=0", "train.export=false"]
 
 
 @pytest.fixture(scope="module")

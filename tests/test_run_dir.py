@@ -10,6 +10,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_runs import TINY_MAE
 
 from ssl_vit.checkpoint import complete_checkpoints, export_backbone, export_run, load_backbone
 from ssl_vit.config import load_config
@@ -17,10 +18,9 @@ from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.run_dir import check_finetune_dir
 from ssl_vit.train import pretrain
 
-TINY = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
-        "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
-        "train.warmup_steps=1", "train.log_every=1", "train.image_every=0"]
+TINY = TINY_MAE + [
+    "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
+    "train.warmup_steps=1", "train.log_every=1", "train.image_every=0"]
 
 
 @pytest.fixture(scope="module")

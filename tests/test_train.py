@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from tiny_runs import TINY_MAE
 
 from ssl_vit.checkpoint import complete_checkpoints, export_run, load_backbone
 from ssl_vit.config import load_config
@@ -14,9 +15,7 @@ from ssl_vit.eval.knn import knn_eval
 from ssl_vit.objectives.mae import MAE
 from ssl_vit.train import pretrain
 
-TINY = [
-    "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
-    "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
+TINY = TINY_MAE + [
     "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16", "optim.lr=1e-3", "optim.clip_grad=1.0",
     "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.image_every=3",
     "train.save_every=3", "train.keep_last=1", "eval.pool=avg", "eval.crop_ratio=1.0", "eval.num_workers=0",
