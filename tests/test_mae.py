@@ -53,6 +53,23 @@ def test_sincos_pos_embed_is_the_reference_layout_per_position():
             torch.testing.assert_close(got[i * cols + j], torch.tensor(want))
 
 
+def test_a_checkpoint_in_the_old_row_first_layout_gives_its_decoder_that_layout():
+    # until 2026-11-21 the row came first; the encoder's embedding is checkpointed, the decoder's rebuilt
+    torch.manual_seed(0)
+    state = MAE(TINY_MAE, build_backbone(TINY)).state_dict()
+    half = state["backbone.pos_embed"].shape[-1] // 2
+    old = state["backbone.pos_embed"].clone()
+    old = torch.cat([old[..., half:], old[..., :half]], dim=-1)  # the prefix row is zero either way
+    fresh = MAE(TINY_MAE, build_backbone(TINY))
+    new_decoder = fresh.decoder.pos_embed.clone()
+    with pytest.warns(UserWarning, match="row-first position-embedding layout"):
+        fresh.load_state_dict({**state, "backbone.pos_embed": old})
+    d = new_decoder.shape[-1] // 2
+    torch.testing.assert_close(fresh.decoder.pos_embed, torch.cat([new_decoder[..., d:], new_decoder[..., :d]], -1))
+    fresh.load_state_dict(state)  # a checkpoint in today's layout: the decoder's is today's again
+    torch.testing.assert_close(fresh.decoder.pos_embed, new_decoder)
+
+
 def test_patchify_round_trip_and_layout():
     x = torch.randn(2, 3, 32, 24)
     p = patchify(x, 8)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -119,6 +120,32 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, self.n_prefix:])  # (B, L, p·p·3)
 
 
+def _row_first(pos: Tensor) -> Tensor:
+    """A sin-cos embedding in the layout ssl_vit used until 2026-11-21: the row in the first half of the channels."""
+    half = pos.shape[-1] // 2
+    return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)
+
+
+def _decoder_layout_as_loaded(mae: MAE, _incompatible: Any) -> None:
+    """After a load: give the decoder the position-embedding layout of the loaded encoder. The encoder's fixed
+    embedding is checkpointed, the decoder's is rebuilt (not checkpointed), so a run begun before the layout
+    changed would otherwise resume (or be visualised) with the two disagreeing: every mask token misplaced."""
+    n = mae.backbone.num_prefix_tokens
+    loaded = mae.backbone.pos_embed.detach()[0, n:]
+    column_first = sincos_pos_embed_2d(loaded.shape[-1], mae.grid).to(loaded)
+    if loaded.shape != column_first.shape or loaded.device.type == "meta":  # sharded (FSDP): nothing to compare
+        return
+    row_first = torch.allclose(loaded, _row_first(column_first), atol=1e-5)
+    if not row_first and not torch.allclose(loaded, column_first, atol=1e-5):
+        return  # not a sin-cos embedding at all (another model's weights): leave the decoder as it is
+    decoder = mae.decoder.pos_embed
+    pos = sincos_pos_embed_2d(decoder.shape[-1], mae.grid).to(decoder)
+    decoder[0, mae.decoder.n_prefix:] = _row_first(pos) if row_first else pos
+    if row_first:
+        warnings.warn("this MAE checkpoint has the row-first position-embedding layout of ssl_vit before "
+                      "2026-11-21; its decoder keeps that layout", stacklevel=2)
+
+
 def _init_like_mae(module: nn.Module) -> None:
     # MAE initialises every linear layer (and the patch projection, seen as a linear map) with Xavier-uniform.
     if isinstance(module, nn.Linear):
@@ -155,6 +182,7 @@ class MAE(Objective):
         proj = backbone.patch_embed.proj.weight
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         nn.init.normal_(backbone.cls_token, std=0.02)
+        self.register_load_state_dict_post_hook(_decoder_layout_as_loaded)
 
     @property
     def views(self) -> Callable[[Any], Tensor]:
