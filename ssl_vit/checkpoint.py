@@ -13,6 +13,8 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,20 +105,34 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     it is checked explicitly.
     """
     rng = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():  # saved by fewer processes than this run has: not a damaged checkpoint
+        saved = len(list(path.glob("random_states_*.pkl")))
+        raise ValueError(f"checkpoint {path} holds the RNG states of {saved} process(es), none for process "
+                         f"{accelerator.process_index}: resume with the number of processes it was saved by")
     try:
-        accelerator.load_state(str(path))
-        safe_load(rng)
+        with reading(path):
+            accelerator.load_state(str(path))
+            safe_load(rng)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0][:120]
         raise ValueError(f"checkpoint {path}: refusing a file that is not plain tensors ({first}); "
                          "delete this checkpoint to resume from an older one") from None
-    except _UNREADABLE as err:
-        raise unreadable_checkpoint(path, err) from None
     return json.loads((path / COMPLETE).read_text())
 
 
-# What a checkpoint file cut short (a full disk, an interrupted copy) or missing raises while it is read.
-_UNREADABLE = (SafetensorError, RuntimeError, OSError, EOFError)
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Around reads of the checkpoint at `path`: a file cut short, garbled or gone (a full disk, an interrupted
+    copy, a file deleted by hand) becomes one line naming the checkpoint and the older one to fall back on.
+    Other failures (memory running out, say) pass through as they are."""
+    try:
+        yield
+    except (SafetensorError, EOFError, FileNotFoundError, RuntimeError) as err:
+        # torch.load of a cut zip says "PytorchStreamReader failed reading zip archive"
+        signs = ("PytorchStreamReader", "zip archive", "unexpected pos")
+        if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in signs):
+            raise
+        raise unreadable_checkpoint(path, err) from None
 
 
 def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:
@@ -168,11 +184,8 @@ def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
     weights = path / "model.safetensors"
     if not weights.is_file():
         return None
-    try:
-        with safe_open(str(weights), "pt") as f:
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except _UNREADABLE as err:
-        raise unreadable_checkpoint(path, err) from None
+    with reading(path), safe_open(str(weights), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     state = model.state_dict()
     ours = {k: tuple(v.shape) for k, v in state.items()}
     # Tensors sharing memory (tied weights) are saved once, under one of their names: the others are not missing.
@@ -223,7 +236,7 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
     if not random_init:
         try:
             state = load_file(str(weights))
-        except _UNREADABLE as err:
+        except (SafetensorError, EOFError, RuntimeError) as err:
             raise ValueError(f"{weights} does not load ({type(err).__name__}: {err})") from None
         try:
             model.load_state_dict(state, strict=True)
@@ -262,10 +275,8 @@ def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
     mismatch = model_mismatch(objective, path)
     if mismatch is not None:
         raise ValueError(f"checkpoint {path} does not fit {Path(run_dir) / 'config.yaml'}: {mismatch}")
-    try:
+    with reading(path):
         state = load_file(str(path / "model.safetensors"))
-    except _UNREADABLE as err:
-        raise unreadable_checkpoint(path, err) from None
     objective.load_state_dict(state, strict=True)
     return objective.eval(), step
 

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_runs import TINY_MAE
 
-from ssl_vit.checkpoint import complete_checkpoints, export_backbone, export_run, load_backbone
+from ssl_vit.checkpoint import complete_checkpoints, export_backbone, export_run, load_backbone, reading
 from ssl_vit.config import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.run_dir import check_finetune_dir
@@ -90,6 +90,22 @@ def test_a_damaged_checkpoint_names_itself_and_the_one_to_fall_back_on(tmp_path,
     shutil.rmtree(newest)
     pretrain(cfg)  # what the message says works
     assert [s for s, _ in complete_checkpoints(run)][-1] == 6
+
+
+def test_only_what_says_damage_is_called_damage(tmp_path, shards, finished):
+    (_, older), (_, newest) = complete_checkpoints(finished)
+    with pytest.raises(ValueError, match=rf"^checkpoint {newest} does not load \(FileNotFoundError: .*optimizer.bin"
+                                         rf".*\); if it is damaged, delete it to fall back on {older.name}$"):
+        with reading(newest):
+            open(newest / "gone" / "optimizer.bin")  # a file deleted by hand
+    with pytest.raises(RuntimeError, match="out of memory"), reading(newest):  # not damage: passes through as is
+        raise RuntimeError("CUDA out of memory")
+    run = _copy(finished, tmp_path / "run")
+    (_, newest) = complete_checkpoints(run)[-1]
+    (newest / "random_states_0.pkl").rename(newest / "random_states_1.pkl")  # as if saved by rank 1 of 2 only
+    with pytest.raises(ValueError, match=rf"^checkpoint {newest} holds the RNG states of 1 process\(es\), none for "
+                                         "process 0: resume with the number of processes it was saved by$"):
+        pretrain(load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}", "train.total_steps=6"]))
 
 
 def test_a_bad_backbone_is_one_line_naming_the_file(tmp_path):
