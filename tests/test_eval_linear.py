@@ -215,7 +215,7 @@ def test_train_and_val_with_different_class_lists_are_refused_before_any_work(tm
     assert main([command, "--backbone", str(backbone), "--train", train, "--val", val, "--num-workers", "0"]) == 2
     assert capsys.readouterr().err == (
         f"ssl-vit {command}: error: train and val shards list different classes (labels are indices into them): "
-        f"{tmp_path}/A/classes.txt (3 classes) vs {tmp_path}/B/classes.txt (2), first difference at line 1: "
+        f"{tmp_path}/A/classes.txt (3 classes) vs {tmp_path}/B/classes.txt (2), first difference at class 0: "
         "'cat' vs 'dog'\n")
 
 

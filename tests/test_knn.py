@@ -94,8 +94,8 @@ def _listed(folder, classes):
 
 
 @pytest.mark.parametrize("val_classes, difference", [
-    (["dog", "emu"], "first difference at line 1: 'cat' vs 'dog'"),  # every val label shifted: 0% silently
-    (["cat", "dog"], "first difference at line 3: 'emu' vs nothing (end of list)"),
+    (["dog", "emu"], "first difference at class 0: 'cat' vs 'dog'"),  # every val label shifted: 0% silently
+    (["cat", "dog"], "first difference at class 2: 'emu' vs nothing (end of list)"),
 ])
 def test_train_and_val_with_different_class_lists_are_refused(tmp_path, val_classes, difference):
     train, val = _listed(tmp_path / "A", ["cat", "dog", "emu"]), _listed(tmp_path / "B", val_classes)

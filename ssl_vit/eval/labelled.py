@@ -104,7 +104,7 @@ def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
         shown = [repr(n[i]) if i < len(n) else "nothing (end of list)" for n in (a, b)]
         raise ValueError(f"train and val shards list different classes (labels are indices into them): "
                          f"{train_file} ({len(a)} classes) vs {val_file} ({len(b)}), first difference at "
-                         f"line {i + 1}: {shown[0]} vs {shown[1]}")
+                         f"class {i}: {shown[0]} vs {shown[1]}")
     return lists[0]
 
 
