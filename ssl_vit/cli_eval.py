@@ -101,10 +101,10 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from ssl_vit.cli import recipe_path
     from ssl_vit.distributed import make_accelerator
     from ssl_vit.eval.finetune import finetune, resolve_finetune_demo
     from ssl_vit.finetune_config import load_finetune_config
+    from ssl_vit.recipes import recipe_path
 
     cfg = resolve_finetune_demo(load_finetune_config(recipe_path(args.recipe, FINETUNE_DEMO_RECIPE), args.set))
     accelerator = make_accelerator(cfg.train.precision)
