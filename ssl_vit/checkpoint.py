@@ -132,10 +132,10 @@ def reading(path: Path) -> Iterator[None]:
         signs = ("PytorchStreamReader", "zip archive", "unexpected pos")
         if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in signs):
             raise
-        raise unreadable_checkpoint(path, err) from None
+        raise _unreadable(path, err) from None
 
 
-def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:
+def _unreadable(path: Path, err: BaseException) -> ValueError:
     """One line for a checkpoint whose files do not read, naming the older checkpoint to fall back on."""
     first = (str(err).strip().splitlines() or [""])[0][:160]
     step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else None
@@ -186,6 +186,11 @@ def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
         return None
     with reading(path), safe_open(str(weights), "pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return shape_mismatch(model, saved, "the checkpoint")
+
+
+def shape_mismatch(model: torch.nn.Module, saved: dict[str, tuple[int, ...]], where: str) -> str | None:
+    """The first tensor in which `model` and the `saved` shapes (of `where`: "the checkpoint") differ, or None."""
     state = model.state_dict()
     ours = {k: tuple(v.shape) for k, v in state.items()}
     # Tensors sharing memory (tied weights) are saved once, under one of their names: the others are not missing.
@@ -194,12 +199,12 @@ def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
         same_memory.setdefault((v.data_ptr(), ours[k]), []).append(k)
     for key in sorted(saved.keys() | ours.keys()):
         if key not in ours:
-            return f"{key} is in the checkpoint, not in this model"
+            return f"{key} is in {where}, not in this model"
         if key in saved:
             if saved[key] != ours[key]:
-                return f"{key} has shape {list(saved[key])} in the checkpoint, {list(ours[key])} in this model"
+                return f"{key} has shape {list(saved[key])} in {where}, {list(ours[key])} in this model"
         elif not any(k in saved for k in same_memory[(state[key].data_ptr(), ours[key])]):
-            return f"{key} is in this model, not in the checkpoint"
+            return f"{key} is in this model, not in {where}"
     return None
 
 
@@ -241,19 +246,9 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError:  # torch lists every tensor that differs: name the first
-            raise ValueError(f"{weights} does not fit the model {meta_path.name} describes: "
-                             f"{_first_mismatch(model, state)}") from None
+            first = shape_mismatch(model, {k: tuple(v.shape) for k, v in state.items()}, "the weights")
+            raise ValueError(f"{weights} does not fit the model {meta_path.name} describes: {first}") from None
     return model, meta
-
-
-def _first_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
-    ours = model.state_dict()
-    for key in sorted(ours.keys() | state.keys()):
-        if key not in state or key not in ours:
-            return f"{key} is only in the {'model' if key in ours else 'weights'}"
-        if ours[key].shape != state[key].shape:
-            return f"{key}: {list(state[key].shape)} in the weights, {list(ours[key].shape)} in the model"
-    return ""
 
 
 def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:

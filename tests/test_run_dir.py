@@ -116,7 +116,7 @@ def test_a_bad_backbone_is_one_line_naming_the_file(tmp_path):
     good_meta, good_weights = meta.read_text(), weights.read_bytes()
     meta.write_text(json.dumps({"model_name": "vit_tiny_patch16_224", "model_kwargs": {**kwargs, "embed_dim": 64}}))
     with pytest.raises(ValueError, match=rf"^{weights} does not fit the model backbone.json describes: "
-                                         r"\S+: \[48(, \d+)*\] in the weights, \[64(, \d+)*\] in the model$"):
+                                         r"\S+ has shape \[48(, \d+)*\] in the weights, \[64(, \d+)*\] in this model$"):
         load_backbone(tmp_path)
     meta.write_text("{model_name: 1")
     with pytest.raises(ValueError, match=rf"^{meta}: not a backbone description \(JSONDecodeError: "):
