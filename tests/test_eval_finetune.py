@@ -123,8 +123,8 @@ def test_val_shards_that_do_not_fit_the_train_classes_are_refused(tmp_path, setu
         run("a")
     assert not (tmp_path / "a").exists()
     (other / "classes.txt").unlink()  # no list to compare: the label 12 is checked against the model's 10 classes
-    with pytest.raises(ValueError, match=r"fine-tuning val labels must be < the model's 10 classes: 2 of 2 samples "
-                                         r"have a larger one \(up to 12\)"):
+    with pytest.raises(ValueError, match=r"fine-tuning val labels must be < the 10 classes of the model: 2 of 2 "
+                                         r"samples have a larger one \(up to 12\)"):
         run("b")
 
 

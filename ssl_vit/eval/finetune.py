@@ -36,7 +36,7 @@ from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key, skip_totals
-from ssl_vit.eval.labelled import check_class_lists, count_samples, labelled_train_stream
+from ssl_vit.eval.labelled import check_class_lists, check_label_count, count_samples, labelled_train_stream
 from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
 from ssl_vit.finetune_config import FinetuneConfig, FTAugmentConfig, FTModelConfig
@@ -137,10 +137,8 @@ def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accele
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     result = gather_by_key(accelerator, local_logits, local_labels, keys, skipped)
     model.train(was_training)
-    beyond = result.labels >= n_classes  # would only ever count as a miss: the val set does not fit the model
-    if beyond.any():
-        raise ValueError(f"fine-tuning val labels must be < the model's {n_classes} classes: {int(beyond.sum())} of "
-                         f"{beyond.numel()} samples have a larger one (up to {int(result.labels.max())})")
+    # a label beyond the head would only ever count as a miss: the val set does not fit the model
+    check_label_count(result.labels, n_classes, "of the model", "fine-tuning", "val")
     return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0]),
             "skipped": result.skipped}
 

@@ -111,14 +111,16 @@ def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
 def check_label_range(labels: Tensor, classes: ClassList | None, task: str, split: str) -> None:
     """Refuse labels ≥ the number of listed classes: such a label names no class, so the shards and their
     classes.txt disagree (a stale or foreign list), and no share of skipped samples would make the score right."""
-    if classes is None or labels.numel() == 0:
-        return
-    n = len(classes.names)
+    if classes is not None:
+        check_label_count(labels, len(classes.names), f"in {classes.path}", task, split)
+
+
+def check_label_count(labels: Tensor, n: int, where: str, task: str, split: str) -> None:
+    """Refuse labels ≥ `n`, the number of classes `where` ("in A/classes.txt", "of the model")."""
     beyond = labels >= n
     if beyond.any():
-        raise ValueError(f"{task} {split} labels must be < the {n} classes in {classes.path}: "
-                         f"{int(beyond.sum())} of {labels.numel()} samples have a larger one "
-                         f"(up to {int(labels.max())})")
+        raise ValueError(f"{task} {split} labels must be < the {n} classes {where}: {int(beyond.sum())} of "
+                         f"{labels.numel()} samples have a larger one (up to {int(labels.max())})")
 
 
 def check_usable(feats: Features, task: str, split: str) -> None:
