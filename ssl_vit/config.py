@@ -209,15 +209,13 @@ _RANGES = {
     "dino.local_crops_number": "[0, inf)", "dino.local_crops_size": "[1, inf)", "dino.color_jitter_prob": "[0, 1]",
     "dino.grayscale_prob": "[0, 1]", "dino.blur_probs": "[0, 1]", "dino.solarize_prob": "[0, 1]",
     "data.shuffle_buffer": "[0, inf)", "data.max_image_pixels": "[1, inf)", "data.max_skip_rate": "[0, 1]",
-    "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
-    "optim.weight_decay": "[0, inf)", "optim.weight_decay_end": "[0, inf)", "optim.betas": "[0, 1)",
-    "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+    **checks.OPTIM_RANGES, "optim.weight_decay_end": "[0, inf)",
     "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.crop_ratio": "(0, 1]",
     "eval.batch_size": "[1, inf)",
 }
-_NULL_MEANS = {"optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping",
-               "optim.weight_decay_end": "or null: constant", "model.embed_dim": "or null: the timm model's own",
-               "model.depth": "or null: the timm model's own", "model.num_heads": "or null: the timm model's own"}
+_NULL_MEANS = {**checks.OPTIM_NULL_MEANS, "optim.weight_decay_end": "or null: constant",
+               "model.embed_dim": "or null: the timm model's own", "model.depth": "or null: the timm model's own",
+               "model.num_heads": "or null: the timm model's own"}
 
 
 def _check_architecture(cfg: Config) -> None:

@@ -15,6 +15,14 @@ from typing import Any
 
 from ssl_vit.config_schema import ConfigError
 
+# The optimizer keys pretraining and fine-tuning share, with their intervals and what null means there.
+OPTIM_RANGES = {
+    "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
+    "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+}
+OPTIM_NULL_MEANS = {"optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping"}
+
 
 def lookup(cfg: Any, key: str) -> Any:
     """The value of a dotted key (`optim.lr`) in a config dataclass."""

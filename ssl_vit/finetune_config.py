@@ -28,7 +28,7 @@ class FTDataConfig:
     train: str = ""  # labelled train shards; "" = the built-in demo's labelled k-NN train split
     val: str = ""  # labelled val shards; "" = the built-in demo's k-NN val split
     train_size: int | None = None  # samples per epoch; None = counted from the tar headers (local shards)
-    num_classes: int | None = None  # None = lines of classes.txt beside the train shards (make-shards writes it)
+    num_classes: int | None = None  # None = lines of classes.txt beside the train (else val) shards
     batch_size: int = 32  # per-device batch; global batch = batch_size × processes × accum_steps
     num_workers: int = 10  # loader processes per rank
     shuffle_buffer: int = 5000  # samples held per worker for shuffling across shards
@@ -134,10 +134,8 @@ _RANGES = {
     "augment.mixup": "[0, inf)", "augment.cutmix": "[0, inf)",  # Beta(α, α) parameters; 0 = off
     "augment.mixup_prob": "[0, 1]", "augment.mixup_switch_prob": "[0, 1]",
     "augment.smoothing": "[0, 1)",  # 1 spreads every label uniformly: nothing left to learn
-    "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
-    "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
-    "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+    **checks.OPTIM_RANGES,
 }
 _NULL_MEANS = {"data.train_size": "or null: counted from the tar headers",
-               "data.num_classes": "or null: lines of classes.txt beside the train shards",
-               "optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping"}
+               "data.num_classes": "or null: lines of classes.txt beside the train or val shards",
+               **checks.OPTIM_NULL_MEANS}

@@ -260,7 +260,7 @@ def test_warmup_as_long_as_the_run_is_named_but_loads():
     ("augment.crop_scale=[2, 3]", "augment.crop_scale: must be [min, max] with 0 < min <= max <= 1, got [2.0, 3.0]"),
     ("optim.lr=-1", "optim.lr: must be greater than 0 (or null: base_lr × global batch / 256), got -1.0"),
     ("data.num_classes=0",
-     "data.num_classes: must be at least 1 (or null: lines of classes.txt beside the train shards), got 0"),
+     "data.num_classes: must be at least 1 (or null: lines of classes.txt beside the train or val shards), got 0"),
     ("data.train_size=0", "data.train_size: must be at least 1 (or null: counted from the tar headers), got 0"),
     ("model.drop_path_rate=1.5", "model.drop_path_rate: must be in [0, 1), got 1.5"),
     ("train.run_dir= ", "train.run_dir: must not be empty (it would write the run into the current directory)"),
