@@ -54,6 +54,10 @@ def test_crops_of_channels_last_images_stack_channels_last():
     assert stack.is_contiguous(memory_format=torch.channels_last) and torch.equal(stack, torch.stack(crops))
     (plain,), _ = BatchPool(slots=1).stack([[c.contiguous() for c in crops]])
     assert plain.is_contiguous() and torch.equal(plain, stack)
+    # unpooled (num_workers=0, or a pool's slots all held): the same layout, in ordinary memory outside a worker
+    fresh = collate([{"image": c, "skipped": [0] * len(SKIP_REASONS)} for c in crops])["image"]
+    assert fresh.is_contiguous(memory_format=torch.channels_last) and not fresh.is_contiguous()
+    assert torch.equal(fresh, stack) and not fresh.is_shared()
 
 
 def test_collate_pools_every_stack_of_multi_crop_views():
@@ -111,8 +115,11 @@ def test_pooled_stream_equals_plain_stream_with_and_without_release(shards):
     assert {slot for _, slot in plain} == {None}
     for (want, _), (got, _), (kept, _) in zip(plain, released, held, strict=True):
         assert torch.equal(got, want) and torch.equal(kept, want)
-    # PIL views are (C, H, W) views of (H, W, C) memory: pooled batches keep that layout (a copy, not a transpose)
-    assert released[0][0].is_contiguous(memory_format=torch.channels_last) and plain[0][0].is_contiguous()
+    # PIL views are (C, H, W) views of (H, W, C) memory: batches keep that layout (a copy, not a transpose),
+    # pooled or not, and a worker's unpooled batch is made in shared memory (no second copy to hand it over)
+    for batch in (held[0][0], plain[0][0], held[-1][0]):  # pooled, a plain loader's, after the pool ran full
+        assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+        assert batch.is_shared()
     slots = [slot for _, slot in released]
     assert None not in slots and len(set(slots)) < len(slots)  # every batch pooled, buffers reused
     held_slots = [slot for _, slot in held]

@@ -20,12 +20,14 @@ name (`_RECEIVED`), and later batches in that slot name the slot only; labels an
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 # Slots a worker needs when its consumer releases on the next request: the batch the consumer holds, the
 # DataLoader's prefetched ones (prefetch_factor, 2 by default) and one in the making. One more is slack.
@@ -73,7 +75,7 @@ class BatchPool:
             self.buffers.append([])
             self.generations.append(-1)
         if self.layouts[slot] != layout:  # a new slot, or new shapes
-            self.layouts[slot], self.buffers[slot] = layout, [_shared_empty(*spec) for spec in layout]
+            self.layouts[slot], self.buffers[slot] = layout, [_empty(*spec) for spec in layout]
             self.generations[slot] += 1
         stacks = [_stack_into(group, buffer, channels_last)
                   for group, buffer, (_, _, channels_last) in zip(groups, self.buffers[slot], layout, strict=True)]
@@ -96,11 +98,14 @@ def _layout(group: Sequence[Tensor]) -> Layout:
     return (len(group), *first.shape), first.dtype, channels_last
 
 
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> Tensor:
-    if channels_last:
-        b, c, h, w = shape
-        return torch.empty(b, h, w, c, dtype=dtype).share_memory_().permute(0, 3, 1, 2)
-    return torch.empty(shape, dtype=dtype).share_memory_()
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, shared: bool = True) -> Tensor:
+    dims = (shape[0], *shape[2:], shape[1]) if channels_last else shape  # channels last: (B, H, W, C) memory
+    if shared:  # allocated in shared memory: share_memory_() would fill ordinary memory, then copy it over
+        storage = torch.UntypedStorage._new_shared(math.prod(dims) * dtype.itemsize)
+        memory = torch.empty(0, dtype=dtype).set_(storage, 0, dims)
+    else:
+        memory = torch.empty(dims, dtype=dtype)
+    return memory.permute(0, 3, 1, 2) if channels_last else memory
 
 
 def _stack_into(group: Sequence[Tensor], buffer: Tensor, channels_last: bool) -> Tensor:
@@ -108,6 +113,16 @@ def _stack_into(group: Sequence[Tensor], buffer: Tensor, channels_last: bool) ->
         torch.stack([t.permute(1, 2, 0) for t in group], out=buffer.permute(0, 2, 3, 1))
         return buffer
     return torch.stack(list(group), out=buffer)
+
+
+def stack_new(group: Sequence[Tensor]) -> Tensor:
+    """`group` stacked into new memory, channels-last where its tensors are (see `Layout`): shared memory inside
+    a loader worker, so that the batch crosses to the consumer without another copy (as default_collate does),
+    ordinary memory in the main process. For batches a pool does not take: its slots all held, num_workers=0,
+    or device-decode batches, whose length varies."""
+    layout = _layout(group)
+    buffer = _empty(*layout, shared=get_worker_info() is not None)
+    return _stack_into(group, buffer, layout[2])
 
 
 def released_after_use(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import get_worker_info
 
-from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool, PooledBatch
+from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool, PooledBatch, stack_new
 from ssl_vit.data.device_decode import pack_payloads
 
 
@@ -19,9 +19,7 @@ def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch:
         if pooled is not None:
             stacks, batch["lease"] = pooled
             return stacks
-    # default_collate stacks straight into shared memory inside a loader worker: one copy of the batch fewer
-    # than torch.stack, whose result would be copied again to cross the process boundary.
-    return [default_collate(group) for group in groups]
+    return [stack_new(group) for group in groups]
 
 
 def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any]:
@@ -40,7 +38,7 @@ def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any
                 "label": torch.empty(0, dtype=torch.long), "key": []}
     if "jpeg" in samples[0]:  # its stacks vary in length from batch to batch: never pooled
         decoded = [s["image"] for s in samples if s["image"] is not None]
-        images: Any = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
+        images: Any = stack_new(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
     elif isinstance(first, (list, tuple)):
         images = _stack_groups([[s["image"][i] for s in samples] for i in range(len(first))], pool, batch)
     else:
