@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_vit.backbone import build_backbone, encode
-from ssl_vit.bench_data import loader_report
+from ssl_vit.bench_data import loader_report, warmup_batches
 from ssl_vit.config import Config
 from ssl_vit.data.batches import training_batches
 from ssl_vit.distributed import make_accelerator
@@ -131,7 +131,8 @@ def _build(cfg: Config) -> tuple[Objective, Any, Any]:
 
 
 def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
-    """Train `steps` real optimizer steps (after two warm-up steps, one of them FLOP-counted) and measure them."""
+    """Train `steps` real optimizer steps and measure them, after two warm-up steps (one of them FLOP-counted)
+    and, with real data, after the loader's shuffle buffers are full and its queue is as training keeps it."""
     torch.manual_seed(cfg.train.seed)
     model, optimizer, acc = _build(cfg)
     objective: Objective = acc.unwrap_model(model)
@@ -144,6 +145,10 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
     else:
         loader = training_batches(cfg.data, objective.views, device, img_size=cfg.model.img_size, rank=0,
                                   world_size=1, seed=cfg.train.seed)
+        # The loader is timed as a long run meets it: once every worker's shuffle buffer is full (while one
+        # fills, its worker reads two samples per one it yields). Those batches need no model step.
+        for _ in range(warmup_batches(cfg.data)):
+            next(loader)
     model.train()
 
     def one_step(step: int, batch: dict[str, Any]) -> None:
@@ -160,12 +165,18 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
     # A plain warm-up step too: torch.compile (train.compile) traces anew outside the FLOP counter's mode, and
     # that compile time must not land in the timed steps.
     one_step(1, first)
+    # The DataLoader's queue (2 batches a worker) filled while the model was built and warmed up; batches from
+    # it would come free in the timed steps. Untimed steps take them, so timing starts with the queue as
+    # training keeps it: full if the loader is faster than the model, empty if it is slower.
+    start = 2 + (0 if synthetic else 2 * cfg.data.num_workers)
+    for step in range(2, start):
+        one_step(step, _to_device(next(loader), device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wait = 0.0
     _sync(device)
     t0 = time.perf_counter()
-    for step in range(2, steps + 2):
+    for step in range(start, start + steps):
         t_wait = time.perf_counter()
         batch = _to_device(next(loader), device)
         wait += time.perf_counter() - t_wait
@@ -177,7 +188,8 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
             else "cpu", "precision": acc.mixed_precision, "step_time_s": total / steps,
             "images_per_s": bs * steps / total, "data_wait_share": wait / total, "flops_per_step": flops,
             "achieved_tflops": flops * steps / total / 1e12, "peak_memory_bytes": memory,
-            "peak_memory_kind": memory_kind}
+            "peak_memory_kind": memory_kind, "warmup_steps": start,
+            "loader_warmup_batches": 0 if synthetic else warmup_batches(cfg.data)}
 
 
 def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak_tflops: float | None = None,

@@ -197,3 +197,24 @@ def test_peak_table_tells_the_pcie_and_nvl_cards_from_the_sxm_parts():
     assert peak_tflops_for("NVIDIA H200") == 989.0
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops_for("NVIDIA GeForce RTX 4090") is None
+
+
+def test_real_data_is_timed_once_the_shuffle_buffers_are_full_and_the_queue_drained(tmp_path, demo, monkeypatch):
+    # Each batch the benchmark draws is counted: a timed window that began while the shuffle buffers filled (a
+    # worker reads two samples per one it yields) or with the queue the idle loader filled would flatter or
+    # blame the loader. TINY: 1 worker, shuffle buffer 8, batch 4 → 2 buffer batches; 2 queued ones.
+    import ssl_vit.benchmark as benchmark
+    from ssl_vit.config import load_config
+
+    drawn, real = [], benchmark.training_batches
+
+    def counted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            drawn.append(1)
+            yield batch
+
+    monkeypatch.setattr(benchmark, "training_batches", counted)
+    cfg = load_config("recipes/mae_demo_tiny.yaml", [*TINY, f"data.train={demo.train}"])
+    result = benchmark.time_steps(cfg, steps=3, synthetic=False)
+    assert result["loader_warmup_batches"] == 2 and result["warmup_steps"] == 2 + 2
+    assert len(drawn) == 2 + 1 + 2 + 3  # buffer fill, the first (FLOP-counted, then repeated) step, queue, timed
