@@ -22,6 +22,7 @@ from ssl_vit.backbone import build_backbone
 from ssl_vit.config import Config, DataConfig, DINOConfig, ModelConfig, OptimConfig, TrainConfig
 from ssl_vit.data.multicrop import MultiCropViews
 from ssl_vit.objectives import build_objective
+from ssl_vit.objectives.collapse import CollapseWatch
 from ssl_vit.objectives.dino import DINO, CollapseWarning, teacher_momentum, teacher_temperature
 from ssl_vit.objectives.dino_head import DINOHead, center_stats, dino_loss, teacher_targets, update_center
 
@@ -280,21 +281,32 @@ def test_forward_loss_and_entropy_are_the_papers_on_the_heads_outputs():
 
 
 def test_collapse_warning_once_per_episode():
+    # The watch counts on the device and reads it every `window` steps (no host sync per step): the warnings
+    # come at steps 9 and 24 here, each naming its episode's first window, as a per-step check would.
     dino = DINO(TINY_DINO, build_backbone(TINY_VIT), collapse_window=5)
     log_k = math.log(64)
+    entropies = [0.99] * 4 + [0.5] + [0.99] * 15 + [0.01] * 6  # steps 0-3 short, 5-19 uniform, 20-25 one-hot
+    seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(4):
-            dino._watch_collapse(0.99 * log_k, step)  # uniform, but not yet for a whole window
-        dino._watch_collapse(0.5 * log_k, 4)  # healthy: the episode ends
-        for step in range(5, 20):
-            dino._watch_collapse(0.99 * log_k, step)  # uniform for 15 steps: one warning
-        for step in range(20, 26):
-            dino._watch_collapse(0.01 * log_k, step)  # a new (one-hot) episode: a second warning
+        for step, fraction in enumerate(entropies):
+            dino._entropy = torch.tensor(fraction * log_k)  # what forward leaves for the step
+            dino.after_skipped_step(step) if step == 4 else dino._watch_collapse(step)
+            seen.append(sum(issubclass(w.category, CollapseWarning) for w in caught))
     messages = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
-    assert len(messages) == 2
+    assert len(messages) == 2 and seen.index(1) == 9 and seen.index(2) == 24
     assert "uniform" in messages[0] and "steps 5-9" in messages[0]
     assert "one-hot" in messages[1] and "steps 20-24" in messages[1]
+
+
+def test_collapse_watch_reads_the_device_only_every_window_steps(monkeypatch):
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
+    watch = CollapseWatch(out_dim=64, window=50)
+    for step in range(200):
+        watch.update(torch.tensor(0.5), step)
+    assert len(reads) == 200 // 50
 
 
 def test_build_objective_passes_total_steps():

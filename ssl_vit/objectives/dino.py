@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
@@ -29,6 +26,8 @@ from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_v
 from ssl_vit.data.multicrop import MultiCropViews
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.objectives.base import Objective
+from ssl_vit.objectives.collapse import COLLAPSE_WINDOW, CollapseWatch
+from ssl_vit.objectives.collapse import CollapseWarning as CollapseWarning  # where users filter it
 from ssl_vit.objectives.dino_head import (
     DINOHead,
     center_stats,
@@ -40,17 +39,6 @@ from ssl_vit.objectives.dino_head import (
 from ssl_vit.schedules import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
-# Steps the teacher entropy must stay in a collapsed band before we warn: long enough to ride out the first
-# steps (a random teacher maps all images alike, so its centered output starts near uniform), short next to
-# a run.
-COLLAPSE_WINDOW = 200
-COLLAPSE_LOW, COLLAPSE_HIGH = 0.05, 0.98  # collapsed bands, as fractions of log(out_dim): one-hot / uniform
-
-
-class CollapseWarning(UserWarning):
-    """The teacher's output looks collapsed (one-hot or uniform) for a sustained window of steps."""
-
-
 def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
     """Linear warmup of the teacher temperature from `start` to `end` over `warmup_steps`, then constant."""
     if step >= warmup_steps:
@@ -61,10 +49,6 @@ def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) 
 def teacher_momentum(step: int, total_steps: int, base: float) -> float:
     """EMA momentum of the teacher: half-cosine from `base` at step 0 to 1 at `total_steps`."""
     return cosine(step, total_steps, base, 1.0)
-
-
-def _is_main_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class DINO(Objective):
@@ -82,7 +66,7 @@ class DINO(Objective):
         if total_steps < 1 or collapse_window < 1:
             raise ValueError(f"total_steps and collapse_window must be ≥ 1, got {total_steps}, "
                              f"{collapse_window}")
-        self.cfg, self.total_steps, self.collapse_window = cfg, total_steps, collapse_window
+        self.cfg, self.total_steps = cfg, total_steps
         self.backbone = backbone
         if backbone.cls_token is not None:  # DINO's reference draws it like its other weights; timm's std is 1e-6
             nn.init.trunc_normal_(backbone.cls_token, std=0.02)
@@ -96,8 +80,8 @@ class DINO(Objective):
         # This step's teacher-output sums (all its micro-batches), applied to the center in `after_step` only: a
         # skipped step (NaN/inf) must leave the center as it was, or one overflow poisons every later target.
         self._center_sums: Tensor | None = None
-        self._collapse: tuple[str, int] | None = None  # (kind, first step) of the current collapsed episode
-        self._warned = False
+        self.collapse = CollapseWatch(cfg.out_dim, collapse_window)
+        self._entropy: Tensor | None = None  # this step's teacher entropy, for the collapse watch after it
         self.device_aug = DeviceAugment(device_views(cfg, backbone.patch_embed.img_size[0])) if device_aug else None
 
     def train(self, mode: bool = True) -> DINO:
@@ -141,7 +125,7 @@ class DINO(Objective):
         if self.training:
             sums = center_stats(teacher_out)
             self._center_sums = sums if self._center_sums is None else self._center_sums + sums
-            self._watch_collapse(float(entropy), step)
+            self._entropy = entropy.detach()
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
             "loss": loss,
@@ -169,24 +153,16 @@ class DINO(Objective):
         student = [p for part in (self.backbone, self.head) for p in part.parameters()]
         teacher = [p for part in (self.teacher["backbone"], self.teacher["head"]) for p in part.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - m)  # θt ← θt + (1 − m)(θs − θt) = m·θt + (1 − m)·θs
+        self._watch_collapse(step)
 
     def after_skipped_step(self, step: int) -> None:
         self._center_sums = None
+        self._watch_collapse(step)  # a skipped step's entropy counts too (a NaN one ends an episode)
 
-    def _watch_collapse(self, entropy: float, step: int) -> None:
-        """Warn once per episode of ≥ `collapse_window` steps with the teacher entropy in a collapsed band."""
-        log_k = math.log(self.cfg.out_dim)
-        kind = ("one-hot" if entropy < COLLAPSE_LOW * log_k else
-                "uniform" if entropy > COLLAPSE_HIGH * log_k else None)
-        if kind is None or self._collapse is None or self._collapse[0] != kind:
-            self._collapse, self._warned = ((kind, step) if kind else None), False
-        if self._collapse is None or self._warned or step - self._collapse[1] + 1 < self.collapse_window:
-            return
-        self._warned = True
-        if _is_main_rank():
-            warnings.warn(f"DINO looks collapsed ({kind}): teacher entropy {entropy:.3f} nats (log K = "
-                          f"{log_k:.2f}) for steps {self._collapse[1]}-{step}; see docs/dino.md",
-                          CollapseWarning, stacklevel=2)
+    def _watch_collapse(self, step: int) -> None:
+        if self._entropy is not None:
+            self.collapse.update(self._entropy, step)
+            self._entropy = None
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:

@@ -77,7 +77,9 @@ def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: 
 def center_stats(teacher_out: Tensor) -> Tensor:
     """(K + 1,): the teacher outputs' column sums, then their row count. Sums of these over micro-batches and
     ranks give the step's true mean, even if ranks hold unequal batches."""
-    return torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
+    # new_full is a fill kernel; new_tensor([rows]) would be a blocking host-to-device copy every micro-batch
+    rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=torch.float32)
+    return torch.cat([teacher_out.float().sum(dim=0), rows])
 
 
 @torch.no_grad()
