@@ -12,7 +12,6 @@ re-running the same command resumes from the newest complete checkpoint. Guarant
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -157,9 +156,11 @@ class Trainer:
             group["weight_decay"] = wd if group["apply_wd"] else 0.0
         return lr, wd
 
-    def _forward_backward(self, window: StepWindow) -> tuple[dict[str, torch.Tensor], dict[str, Any], float, float]:
-        """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss, wait."""
-        accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, 0.0
+    def _forward_backward(self, window: StepWindow) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor,
+                                                             float]:
+        """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss (on the
+        device: reading it here would stall the GPU every micro-batch), wait."""
+        accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, None
         for micro in range(accum):
             t_wait = time.perf_counter()
             batch = _to_device(next(self.loader), self.acc.device)
@@ -170,7 +171,8 @@ class Trainer:
             with sync, self.acc.autocast():
                 out = self.model(batch, self.step)
                 self.acc.backward(out["loss"] / accum)
-            loss_sum += out["loss"].detach().float().item()
+            loss = out["loss"].detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
         return out, batch, loss_sum / accum, wait
 
     def _grad_norm(self) -> torch.Tensor:
@@ -178,11 +180,13 @@ class Trainer:
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
         return self.acc.clip_grad_norm_(self.model.parameters(), clip)
 
-    def _agree(self, stop: StopRequest, finite: bool) -> tuple[bool, bool]:
-        """One small all-reduce per step: does any rank want to stop, did any rank see a non-finite value?"""
-        flags = torch.tensor([float(stop.requested), float(not finite)], device=self.acc.device)
-        flags = self.acc.reduce(flags, reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+    def _agree(self, stop: StopRequest, nonfinite: torch.Tensor) -> tuple[bool, bool]:
+        """One small all-reduce per step: does any rank want to stop, did any rank see a non-finite value?
+        Its one read to the host is the step's only host-device sync."""
+        # torch.full is a fill kernel: torch.tensor([...], device=...) would be a blocking copy besides
+        flags = torch.stack([torch.full((), float(stop.requested), device=self.acc.device), nonfinite.float()])
+        stop_now, skip = (flag > 0 for flag in self.acc.reduce(flags, reduction="sum").tolist())
+        return stop_now, skip
 
     def run(self) -> PretrainResult:
         cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
@@ -199,8 +203,8 @@ class Trainer:
                 grad_norm = self._grad_norm()
                 # fp16: the grad scaler already skips steps with inf/NaN gradients (and lowers its scale).
                 check_grads = acc.mixed_precision != "fp16"  # the launcher may have chosen it (distributed.py)
-                finite = math.isfinite(loss) and (not check_grads or bool(grad_norm.isfinite()))
-                stop_now, skip = self._agree(stop, finite)
+                nonfinite = ~loss.isfinite() | (~grad_norm.isfinite() if check_grads else False)
+                stop_now, skip = self._agree(stop, nonfinite)
                 if skip:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.objective.after_skipped_step(self.step)

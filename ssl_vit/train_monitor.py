@@ -61,14 +61,14 @@ class StepWindow:
         self.images += rows - batch.get("refilled", 0)
         self.skipped += batch["skipped"].sum(0)
 
-    def add_step(self, loss: float | None, wait: float, seconds: float, extra: dict[str, torch.Tensor]) -> None:
-        """`loss` None: the update was skipped as non-finite. `extra` stays on the device (summed as tensors, read
-        only in `reduce`), so logging costs no host sync per step."""
+    def add_step(self, loss: torch.Tensor | None, wait: float, seconds: float, extra: dict[str, torch.Tensor]) -> None:
+        """`loss` None: the update was skipped as non-finite. The loss and `extra` stay on the device (summed as
+        tensors, read only in `reduce`), so logging costs no host sync per step."""
         self.steps += 1
         self.wait += wait
         self.time += seconds
         if loss is not None:
-            self.loss += loss
+            self.loss = self.loss + loss.detach().float().reshape(())
             self.finite_steps += 1
             for name, value in extra.items():
                 value = value.detach().float().reshape(())
@@ -76,28 +76,29 @@ class StepWindow:
 
     def reduce(self, accelerator: Accelerator, counters: Counters) -> dict[str, float]:
         """Window means over steps and ranks; adds the window's images and skips to `counters`."""
-        n = max(self.finite_steps, 1)
+        n, world, device = max(self.finite_steps, 1), accelerator.num_processes, accelerator.device
         names = sorted(self.extra)
         # a window of skipped updates only has no loss: NaN, not a perfect 0 (the skip is agreed on every rank)
-        loss = self.loss / self.finite_steps if self.finite_steps else math.nan
-        local = torch.tensor([loss, self.wait, self.time, self.images], device=accelerator.device,
-                             dtype=torch.float64)
-        if names:
-            extras = torch.stack([self.extra[k] for k in names]).to(accelerator.device, torch.float64) / n
-            local = torch.cat([local, extras])
-        mean = accelerator.reduce(local, reduction="mean")
-        skipped = accelerator.reduce(self.skipped.clone(), reduction="sum").tolist()
-        counters.images += int(round(float(mean[3]) * accelerator.num_processes))
+        loss = self.loss / n if self.finite_steps else torch.full((), math.nan)
+        # One tensor of sums over ranks, one collective, one read to the host: means are divided out here.
+        host = torch.tensor([self.wait, self.time, self.images], dtype=torch.float64).to(device)
+        values = torch.cat([loss.to(device, torch.float64).reshape(1), host,
+                            *[(self.extra[k] / n).to(device, torch.float64).reshape(1) for k in names],
+                            self.skipped.to(device, torch.float64)])
+        total = accelerator.reduce(values, reduction="sum").tolist()
+        loss_mean, wait, time, images = total[0] / world, total[1] / world, total[2] / world, round(total[3])
+        extras, skipped = total[4:4 + len(names)], [round(c) for c in total[4 + len(names):]]
+        counters.images += images
         counters.skipped = [a + b for a, b in zip(counters.skipped, skipped, strict=True)]
-        seconds = max(float(mean[2]), 1e-9)
+        seconds = max(time, 1e-9)
         scalars = {
-            "train/loss": float(mean[0]),
-            "perf/images_per_s": float(mean[3]) * accelerator.num_processes / seconds,
-            "perf/data_wait_share": float(mean[1]) / seconds,
+            "train/loss": loss_mean,
+            "perf/images_per_s": images / seconds,
+            "perf/data_wait_share": wait / seconds,
             "perf/step_time_s": seconds / max(self.steps, 1),
             "train/nonfinite_steps": float(counters.nonfinite_steps),
         }
-        scalars.update({f"train/{k}": float(v) for k, v in zip(names, mean[4:].tolist(), strict=True)})
+        scalars.update({f"train/{k}": v / world for k, v in zip(names, extras, strict=True)})
         scalars.update({f"data/skipped_{r}": float(c) for r, c in zip(SKIP_REASONS, counters.skipped, strict=True)})
         self.reset()
         return scalars

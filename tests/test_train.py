@@ -1,6 +1,9 @@
 """A short real training run: interrupted, resumed, exported, loaded strictly in timm, measured with k-NN."""
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -173,3 +176,50 @@ def test_shapeless_changes_compare_heads_as_built():
     assert shapeless_changes(dino, load_config(None, ["objective=dino", "dino.norm_last_layer=false"])) == [
         "dino.norm_last_layer True → False"]
     assert shapeless_changes(dino, load_config(None, ["objective=dino", "mae.decoder_heads=8"])) == []  # not used
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("mae", ["optim.clip_grad=null"]),
+    ("dino", ["dino.out_dim=32", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=2",
+              "dino.local_crops_size=16", "optim.accum_steps=2"]),
+])
+def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, objective, extra):
+    # Every read of a device value to the host (item, tolist, bool, float, int) stalls a GPU until the queued
+    # kernels finish. Outside log, image and checkpoint steps a step has one: the agreed stop/skip flags.
+    import ssl_vit.train as train
+
+    reads: list[str] = []
+    in_step = {"on": False}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            # CPU AdamW reads its step counters (a CPU tensor); fused AdamW on CUDA does not
+            if in_step["on"] and f"torch{os.sep}optim" not in caller:
+                reads.append(f"{_name} {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return _real(t, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_after = train.Trainer._after_step
+
+    def after_step(self, *args, **kwargs):  # logs, images and checkpoints read the device: not counted
+        in_step["on"] = False
+        real_after(self, *args, **kwargs)
+        in_step["on"] = True
+    monkeypatch.setattr(train.Trainer, "_after_step", after_step)
+    real_run = train.Trainer.run
+
+    def run(self):
+        in_step["on"] = True
+        try:
+            return real_run(self)
+        finally:
+            in_step["on"] = False
+    monkeypatch.setattr(train.Trainer, "run", run)
+    steps = 4
+    cfg = load_config(None, TINY + extra + [
+        f"objective={objective}", f"data.train={demo.train}", f"train.run_dir={tmp_path / 'run'}",
+        f"train.total_steps={steps}", "train.log_every=100", "train.image_every=0", "train.save_every=100",
+        "train.export=false", "data.num_workers=1"])  # the CPU views' own reads happen in the worker
+    pretrain(cfg)
+    assert [r.split()[0] for r in reads] == ["tolist"] * steps, reads
