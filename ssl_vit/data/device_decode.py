@@ -99,8 +99,9 @@ def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
 
 def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
     """Inverse of `pack_payloads`: a uint8 (N,) view per sample, None where the size is 0."""
-    parts = iter(torch.split(data, [int(n) for n in sizes if n > 0]))
-    return [next(parts) if n > 0 else None for n in sizes.tolist()]
+    counts = sizes.tolist()  # one read, not a tensor comparison and an int() per sample
+    parts = iter(torch.split(data, [n for n in counts if n > 0]))
+    return [next(parts) if n > 0 else None for n in counts]
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -73,6 +73,6 @@ def eval_transform(img_size: int, crop_ratio: float = 0.875) -> Callable[[Image.
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Undo the ImageNet normalisation of (3, H, W) or (B, 3, H, W) images, clamped to [0, 1] for display."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(3, 1, 1)
+    std = device_constant(IMAGENET_STD, x.device, x.dtype).view(3, 1, 1)
     return (x * std + mean).clamp(0.0, 1.0)
