@@ -4,11 +4,15 @@
     device: uint8 (B, 3, S, S) → per view: random resized crop (roi_align), flip, colour jitter, grayscale,
             Gaussian blur, solarize, normalise → float (B, 3, s, s)                   (`DeviceAugment`)
 
-Every random parameter is drawn per sample, in one batched call per view (`sample_view_params`), so the
-probabilities match the PIL pipeline's per view. Differences from torchvision's PIL transforms, on purpose:
-crops come from the S×S centre square (the borders of non-square images are never seen, and small crops are
-upsampled from S px rather than the full-resolution original); colour jitter runs in a fixed order
-(brightness, contrast, saturation, hue) and hue is a rotation in YIQ space.
+Every random parameter is drawn per sample, so the probabilities match the PIL pipeline's per view. Views that
+share a size and crop scale (DINO's 10 locals; its 2 globals, which differ only in probabilities) are drawn and
+augmented as one group of k·B rows, and an effect no view of a group applies is neither drawn nor computed: on a
+GPU every op is a kernel launch whose host cost (~5–10 µs), not its work, bounds the step of a small model.
+
+Differences from torchvision's PIL transforms, on purpose: crops come from the S×S centre square (the borders of
+non-square images are never seen, and small crops are upsampled from S px rather than the full-resolution
+original); colour jitter runs in a fixed order (brightness, contrast, saturation, hue) and hue is a rotation in
+YIQ space.
 """
 
 from __future__ import annotations
@@ -79,19 +83,26 @@ class ViewSpec:
 
 @dataclass
 class ViewParams:
-    """Per-sample random parameters of one view for a batch of B images."""
+    """Per-sample random parameters of N rows: one view of a batch of N images, or a group of views (`augment_view`).
+    An effect that no row can get (probability 0) is None: it is neither drawn nor computed."""
 
-    boxes: Tensor  # (B, 4) crop x0, y0, x1, y1 as fractions of the source side
-    flip: Tensor  # (B,) bool
-    jitter: Tensor  # (B, 4) brightness, contrast, saturation factors and hue shift; identity where not applied
-    jittered: Tensor  # (B,) bool
-    gray: Tensor  # (B,) bool
-    blur_sigma: Tensor  # (B,) σ in output pixels; 0 = no blur
-    solarize: Tensor  # (B,) bool
+    boxes: Tensor  # (N, 4) crop x0, y0, x1, y1 as fractions of the source side
+    flip: Tensor | None  # (N,) bool
+    jitter: Tensor | None  # (N, 4) brightness, contrast, saturation factors and hue shift; identity where not applied
+    jittered: Tensor | None  # (N,) bool
+    gray: Tensor | None  # (N,) bool
+    blur_sigma: Tensor | None  # (N,) σ in output pixels; 0 = no blur
+    solarize: Tensor | None  # (N,) bool
 
 
-def _bernoulli(p: float, n: int, device: torch.device, gen: torch.Generator | None) -> Tensor:
-    return torch.rand(n, device=device, generator=gen) < p
+def _bernoulli(probs: Sequence[float], n: int, device: torch.device, gen: torch.Generator | None) -> Tensor | None:
+    """(k·n,) bool, True with probability probs[i] in rows i·n … (i+1)·n; None when every probability is 0."""
+    if not any(probs):
+        return None
+    u = torch.rand(len(probs), n, device=device, generator=gen)
+    # the (k, 1) probabilities are a cached device constant: no host-to-device copy per call
+    p = probs[0] if len(set(probs)) == 1 else device_constant(tuple(probs), device)[:, None]
+    return (u < p).view(-1)
 
 
 def _uniform(lo: float, hi: float, shape: tuple[int, ...], device: torch.device,
@@ -104,40 +115,51 @@ def sample_crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, fl
     """(n, 4) RandomResizedCrop boxes on a unit square: area ∈ scale, aspect ∈ ratio (log-uniform), else whole."""
     device = device or torch.device("cpu")
     area = _uniform(scale[0], scale[1], (n, _TRIALS), device, generator)
-    log_r = _uniform(math.log(ratio[0]), math.log(ratio[1]), (n, _TRIALS), device, generator)
-    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    r = _uniform(math.log(ratio[0]), math.log(ratio[1]), (n, _TRIALS), device, generator).exp()
+    w, h = (area * r).sqrt(), (area / r).sqrt()
     ok = (w <= 1) & (h <= 1)
     first = ok.float().argmax(dim=1, keepdim=True)  # first trial that fits (0 if none does)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    fallback = ~ok.any(dim=1)
-    w, h = torch.where(fallback, 1.0, w), torch.where(fallback, 1.0, h)
-    x0 = torch.rand(n, device=device, generator=generator) * (1 - w)
-    y0 = torch.rand(n, device=device, generator=generator) * (1 - h)
-    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+    wh = torch.cat([w.gather(1, first), h.gather(1, first)], dim=1)  # (n, 2)
+    wh = torch.where(ok.any(dim=1, keepdim=True), wh, 1.0)  # no trial fits: the whole square
+    xy0 = torch.rand(n, 2, device=device, generator=generator) * (1 - wh)
+    return torch.cat([xy0, xy0 + wh], dim=1)
+
+
+def sample_group_params(specs: Sequence[ViewSpec], n: int, device: torch.device | None = None,
+                        generator: torch.Generator | None = None) -> ViewParams:
+    """Draw every random choice of k views that share a crop scale for `n` images each, at once: k·n rows, view i
+    in rows i·n … (i+1)·n, each with its own view's probabilities."""
+    if len({tuple(s.scale) for s in specs}) != 1:
+        raise ValueError(f"a group of views shares one crop scale, got {[s.scale for s in specs]}")
+    device = device or torch.device("cpu")
+    rows = len(specs) * n
+    jittered = _bernoulli([s.jitter_prob for s in specs], n, device, generator)
+    jitter = None
+    if jittered is not None:
+        bright, contrast, sat, hue = JITTER
+        lo = device_constant((1 - bright, 1 - contrast, 1 - sat, -hue), device)
+        span = device_constant((2 * bright, 2 * contrast, 2 * sat, 2 * hue), device)
+        factors = torch.addcmul(lo, torch.rand(rows, 4, device=device, generator=generator), span)
+        jitter = torch.where(jittered[:, None], factors, device_constant((1.0, 1.0, 1.0, 0.0), device))
+    blurred = _bernoulli([s.blur_prob for s in specs], n, device, generator)
+    blur_sigma = None
+    if blurred is not None:
+        blur_sigma = torch.where(blurred, _uniform(*BLUR_SIGMA, (rows,), device, generator), 0.0)
+    return ViewParams(
+        boxes=sample_crop_boxes(rows, specs[0].scale, device=device, generator=generator),
+        flip=_bernoulli([s.flip_prob for s in specs], n, device, generator),
+        jitter=jitter,
+        jittered=jittered,
+        gray=_bernoulli([s.gray_prob for s in specs], n, device, generator),
+        blur_sigma=blur_sigma,
+        solarize=_bernoulli([s.solarize_prob for s in specs], n, device, generator),
+    )
 
 
 def sample_view_params(spec: ViewSpec, n: int, device: torch.device | None = None,
                        generator: torch.Generator | None = None) -> ViewParams:
     """Draw every random choice of `spec` for `n` images at once."""
-    device = device or torch.device("cpu")
-    jittered = _bernoulli(spec.jitter_prob, n, device, generator)
-    b, c, s, hue = JITTER
-    factors = torch.stack([_uniform(1 - b, 1 + b, (n,), device, generator),
-                           _uniform(1 - c, 1 + c, (n,), device, generator),
-                           _uniform(1 - s, 1 + s, (n,), device, generator),
-                           _uniform(-hue, hue, (n,), device, generator)], dim=1)
-    identity = device_constant((1.0, 1.0, 1.0, 0.0), device)
-    blurred = _bernoulli(spec.blur_prob, n, device, generator)
-    sigma = _uniform(*BLUR_SIGMA, (n,), device, generator)
-    return ViewParams(
-        boxes=sample_crop_boxes(n, spec.scale, device=device, generator=generator),
-        flip=_bernoulli(spec.flip_prob, n, device, generator),
-        jitter=torch.where(jittered[:, None], factors, identity),
-        jittered=jittered,
-        gray=_bernoulli(spec.gray_prob, n, device, generator),
-        blur_sigma=torch.where(blurred, sigma, 0.0),
-        solarize=_bernoulli(spec.solarize_prob, n, device, generator),
-    )
+    return sample_group_params([spec], n, device, generator)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -179,33 +201,53 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     return y.reshape(n, c, h, w)
 
 
+def _per_row(mask: Tensor) -> Tensor:
+    return mask[:, None, None, None]  # (N,) → (N, 1, 1, 1), broadcast over an image batch
+
+
 def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
-    """src float (B, 3, S, S) in [0, 1] → augmented, normalised (B, 3, size, size)."""
-    side = src.shape[-1]
-    idx = torch.arange(src.shape[0], device=src.device, dtype=src.dtype)[:, None]
-    rois = torch.cat([idx, params.boxes.to(src.dtype) * side], dim=1)  # (B, 5) in pixels
+    """src float (B, 3, S, S) in [0, 1] → augmented, normalised (N, 3, size, size) for the N rows of `params`:
+    N = k·B for a group of k views, row r cropped from source image r mod B."""
+    b, side = src.shape[0], src.shape[-1]
+    n = params.boxes.shape[0]
+    if n % b:
+        raise ValueError(f"{n} rows of view parameters for a batch of {b} images: need a multiple of {b}")
+    idx = torch.arange(b, device=src.device, dtype=src.dtype).repeat(n // b)[:, None]
+    rois = torch.cat([idx, params.boxes.to(src.dtype) * side], dim=1)  # (N, 5) in pixels
     # sampling_ratio=-1: more samples per output pixel for bigger boxes, an area average (anti-aliasing)
     x = roi_align(src, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
-    # Every op runs on the whole batch and `where` keeps it per sample: no data-dependent shapes, hence no
-    # host-device sync inside the training step.
-    x = torch.where(params.jittered[:, None, None, None], colour_jitter(x, params.jitter.to(x.dtype)), x)
-    x = torch.where(params.gray[:, None, None, None], _gray(x).expand_as(x), x)
-    blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), _blur_kernel(size))
-    x = torch.where((params.blur_sigma > 0)[:, None, None, None], blurred, x)
-    x = torch.where(params.solarize[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+    # Each effect runs on every row and `where` keeps it per sample: no data-dependent shapes, hence no host-device
+    # sync inside the training step. An effect no row gets is None and skipped (a host-side check, compile-safe).
+    if params.flip is not None:
+        x = torch.where(_per_row(params.flip), x.flip(-1), x)
+    if params.jittered is not None and params.jitter is not None:
+        x = torch.where(_per_row(params.jittered), colour_jitter(x, params.jitter.to(x.dtype)), x)
+    if params.gray is not None:
+        x = torch.where(_per_row(params.gray), _gray(x).expand_as(x), x)
+    if params.blur_sigma is not None:
+        blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), _blur_kernel(size))
+        x = torch.where(_per_row(params.blur_sigma > 0), blurred, x)
+    if params.solarize is not None:
+        x = torch.where(_per_row(params.solarize) & (x >= 128 / 255), 1 - x, x)
     mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
     std = device_constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 class DeviceAugment:
-    """uint8 (B, 3, S, S) on any device → one normalised float (B, 3, s, s) tensor per `ViewSpec`."""
+    """uint8 (B, 3, S, S) on any device → one normalised float (B, 3, s, s) tensor per `ViewSpec`, in spec order."""
 
     def __init__(self, specs: Sequence[ViewSpec]) -> None:
         if not specs:
             raise ValueError("DeviceAugment needs at least one view")
         self.specs = list(specs)
+        # Views of one size and crop scale form a group, drawn and augmented as one batch of k·B rows. Its effects
+        # run on all k·B rows if any of its views has them (DINO's 2nd global view alone solarizes): cheap
+        # elementwise work on the device against a whole second chain of launches from the host.
+        groups: dict[tuple[int, tuple[float, ...]], list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            groups.setdefault((spec.size, tuple(spec.scale)), []).append(i)
+        self.groups = list(groups.values())
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -214,5 +256,10 @@ class DeviceAugment:
         # Outside autocast: crops and colour maths in fp32, whatever precision the model then runs in.
         with torch.autocast(images.device.type, enabled=False):
             src = images.to(torch.float32, memory_format=torch.contiguous_format) / 255  # see transforms.normalize
-            return [augment_view(src, sample_view_params(s, src.shape[0], src.device, generator), s.size)
-                    for s in self.specs]
+            b = src.shape[0]
+            views: dict[int, Tensor] = {}
+            for group in self.groups:
+                specs = [self.specs[i] for i in group]
+                x = augment_view(src, sample_group_params(specs, b, src.device, generator), specs[0].size)
+                views.update(zip(group, x.split(b), strict=True))  # (k·B, …) → k views of B, no copy
+            return [views[i] for i in range(len(self.specs))]
