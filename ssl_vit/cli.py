@@ -93,6 +93,20 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_suite(args: argparse.Namespace) -> int:
+    from ssl_vit.bench_suite import run_suite, select_cases
+
+    if args.list:
+        for case in select_cases(args.quick, args.only):
+            print(f"{case.name}: ssl-vit benchmark {case.recipe} {' '.join(case.args)}".rstrip()
+                  + ("  (real data)" if case.real_data else ""))
+        return 0
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    return run_suite(Path(args.out), quick=args.quick, only=args.only, steps=args.steps, shards=args.shards,
+                     overrides=args.set, timeout=args.case_timeout)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -155,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of the masked vs full encoder timing (default: data.batch_size)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("benchmark-suite", help="the standard benchmark cases (GPU node, or --quick on a CPU), "
+                                               "each in its own process, and one Markdown table")
+    p.add_argument("--out", default="benchmark-suite", help="folder for each case's JSON and suite.md "
+                                                            "(default: ./benchmark-suite)")
+    p.add_argument("--quick", action="store_true", help="the demo recipes: minutes on a CPU")
+    p.add_argument("--only", nargs="+", metavar="CASE", help="run only these cases (see --list)")
+    p.add_argument("--list", action="store_true", help="print the cases and their commands, run nothing")
+    p.add_argument("--steps", type=int, default=100, help="timed steps of each case that sets none (default: 100)")
+    p.add_argument("--shards", default=None, help="shards for the real-data cases (default: synthetic JPEG shards "
+                                                  "made in OUT/shards; --quick: the built-in demo data)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every case")
+    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is stopped (default: 900)")
+    p.set_defaults(func=_cmd_benchmark_suite)
 
     p = sub.add_parser("config", help="print the resolved config of a pretraining or fine-tuning recipe plus "
                                       "overrides, as YAML")

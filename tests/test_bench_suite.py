@@ -1,0 +1,68 @@
+"""The benchmark suite: cases in their own processes, one JSON each, one table of them; failures named."""
+
+import json
+
+import pytest
+from PIL import Image
+from test_benchmark import TINY
+
+from ssl_vit.bench_suite import make_jpeg_shards, select_cases, table_row
+from ssl_vit.cli import main
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.data.tar_reader import tar_samples
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"), n_train=32, n_knn_train=4, n_knn_val=4)
+
+
+def _suite(out, demo, *extra):
+    args = ["benchmark-suite", "--quick", "--out", str(out), "--steps", "2", "--shards", demo.train]
+    for item in [*TINY, "data.shuffle_buffer=1", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def test_suite_runs_each_case_and_tables_its_json(tmp_path, demo, capsys):
+    out = tmp_path / "suite"
+    assert main([*_suite(out, demo), "--only", "mae_demo_synthetic", "mae_demo_real"]) == 0
+    synthetic, real = (json.loads((out / f"{n}.json").read_text()) for n in ("mae_demo_synthetic", "mae_demo_real"))
+    assert synthetic["synthetic"] and not real["synthetic"] and real["loader_images_per_s"] > 0
+    assert "--synthetic" in synthetic["command"] and f"data.train={demo.train}" in real["command"]
+    table = (out / "suite.md").read_text()
+    assert table == capsys.readouterr().out.split("mae_demo_real ... ")[1].split("\n", 1)[1]  # printed, too
+    rows = [line for line in table.splitlines() if line.startswith("| mae_demo")]
+    assert rows == [table_row(synthetic), table_row(real)]  # in the suite's order
+    assert f"| {real['images_per_s']:.0f} | {real['step_time_s'] * 1e3:.1f} |" in rows[1]
+
+
+def test_a_failing_case_is_a_row_naming_why_and_exit_1(tmp_path, demo):
+    out = tmp_path / "suite"
+    assert main([*_suite(out, demo, "model.embed_dim=30"), "--only", "mae_demo_synthetic"]) == 1
+    result = json.loads((out / "mae_demo_synthetic.json").read_text())
+    assert result["error"] == ("ssl-vit benchmark: error: sin-cos position embedding needs a width divisible by 4, "
+                               "got 30")  # the case's own one-line error, its last line on stderr
+    assert f"| mae_demo_synthetic | failed: {result['error']} |" in (out / "suite.md").read_text()
+
+
+def test_unknown_case_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown case.*mae_b16_synthetic, mae_b16_synthetic_compile"):
+        select_cases(quick=False, only=["mae_b16"])
+
+
+def test_table_row_of_a_loader_only_result():
+    row = table_row({"case": "c", "synthetic": False, "loader_images_per_s": 812.4,
+                     "loader_vs_workers_x_single_core": 0.912, "loader_cpu_ms_per_image": 1.234})
+    assert row == "| c | loader only | 812 | — | — | — | — | 0.91 | 1.23 | — |"
+
+
+def test_jpeg_shards_are_imagenet_sized_and_made_once(tmp_path):
+    pattern = make_jpeg_shards(tmp_path, images=3, per_shard=2)
+    shards = sorted(tmp_path.glob("bench-*.tar"))
+    assert len(shards) == 2 and pattern.endswith("bench-{000000..000001}.tar")
+    samples = list(tar_samples([dict(url=str(s)) for s in shards], None))
+    assert len(samples) == 3 and Image.open(__import__("io").BytesIO(samples[0]["jpg"])).size == (500, 375)
+    stamps = [s.stat().st_mtime_ns for s in shards]
+    assert make_jpeg_shards(tmp_path, images=3, per_shard=2) == pattern
+    assert [s.stat().st_mtime_ns for s in shards] == stamps
