@@ -104,11 +104,14 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     one-line error here. Accelerate would skip an unreadable RNG file silently (and so break exact resume):
     it is checked explicitly.
     """
-    rng = path / f"random_states_{accelerator.process_index}.pkl"
-    if not rng.is_file():  # saved by fewer processes than this run has: not a damaged checkpoint
+    # Every rank checks every rank's file, so that all refuse together: a rank that had its own file would go on
+    # and write the run's config.yaml while another one fails.
+    missing = [i for i in range(accelerator.num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
+    if missing:  # saved by fewer processes than this run has: not a damaged checkpoint
         saved = len(list(path.glob("random_states_*.pkl")))
         raise ValueError(f"checkpoint {path} holds the RNG states of {saved} process(es), none for process "
-                         f"{accelerator.process_index}: resume with the number of processes it was saved by")
+                         f"{missing[0]}: resume with the number of processes it was saved by")
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
     try:
         with reading(path):
             accelerator.load_state(str(path))

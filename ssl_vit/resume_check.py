@@ -69,3 +69,16 @@ def _heads(cfg: Config) -> list[int]:
     except ValueError:  # older timm (1.0.16 at least) calls .item() while building, which meta tensors refuse
         vit = build_backbone(cfg.model)
     return [block.attn.num_heads for block in vit.blocks]
+
+
+def process_count_notice(cfg: Config, checkpoint: Path, processes: int) -> str | None:
+    """A line when a resume runs on fewer processes than the checkpoint was saved by (more are refused): the
+    global batch shrinks, and with `optim.base_lr` the learning rate with it. The process count is no config
+    key, so `run_dir.keep_changed_config` cannot name it."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved in (0, processes):
+        return None
+    batch = cfg.data.batch_size * cfg.optim.accum_steps
+    lr = "" if cfg.optim.lr is not None else ", and the peak lr (optim.base_lr × global batch / 256) with it"
+    return (f"note: {checkpoint.name} was saved by {saved} processes, this run has {processes}: global batch "
+            f"{batch * saved} → {batch * processes}{lr}; raise optim.accum_steps to keep them")

@@ -37,7 +37,7 @@ from ssl_vit.data.batches import training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import check_fsdp_supported, make_accelerator
 from ssl_vit.objectives import Objective, build_objective
-from ssl_vit.resume_check import check_resume_model
+from ssl_vit.resume_check import check_resume_model, process_count_notice
 from ssl_vit.run_dir import check_new_pretraining_dir, keep_changed_config
 from ssl_vit.run_log import RunLog
 from ssl_vit.schedules import cosine, warmup_cosine
@@ -119,6 +119,8 @@ class Trainer:
             self.step, self.checkpoint = marker["step"], found[1]
             self.counters = Counters.from_dict(marker.get("counters"))
             accelerator.print(f"resumed from {found[1]} (step {self.step})")
+            if notice := process_count_notice(cfg, found[1], accelerator.num_processes):
+                accelerator.print(notice)
         # Only now: a resume that fails must leave the run's config.yaml (what export rebuilds the model from) alone.
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ checkpoint or backbone is a one-line error naming the file and what to fall back
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -12,7 +13,14 @@ import yaml
 from safetensors.torch import load_file
 from tiny_runs import TINY_MAE
 
-from ssl_vit.checkpoint import complete_checkpoints, export_backbone, export_run, load_backbone, reading
+from ssl_vit.checkpoint import (
+    complete_checkpoints,
+    export_backbone,
+    export_run,
+    load_backbone,
+    load_checkpoint,
+    reading,
+)
 from ssl_vit.config import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.run_dir import check_finetune_dir
@@ -108,6 +116,15 @@ def test_only_what_says_damage_is_called_damage(tmp_path, shards, finished):
         pretrain(load_config(None, TINY + [f"data.train={shards}", f"train.run_dir={run}", "train.total_steps=6"]))
 
 
+def test_every_rank_refuses_a_checkpoint_saved_by_fewer_processes(finished):
+    # Rank 0 of 2 has its own RNG file in a 1-process checkpoint; it must refuse as rank 1 does, before it loads
+    # anything (or it would go on to write config.yaml while rank 1 fails).
+    (_, newest) = complete_checkpoints(finished)[-1]
+    rank0_of_2 = SimpleNamespace(process_index=0, num_processes=2)
+    with pytest.raises(ValueError, match="holds the RNG states of 1 process\\(es\\), none for process 1: resume"):
+        load_checkpoint(rank0_of_2, newest)
+
+
 def test_a_bad_backbone_is_one_line_naming_the_file(tmp_path):
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0)
     weights = export_backbone(timm.create_model("vit_tiny_patch16_224", **kwargs), tmp_path, "vit_tiny_patch16_224",
@@ -156,3 +173,19 @@ def test_finetuning_refuses_another_run_and_an_earlier_result(tmp_path, finished
     afile.write_text("")
     with pytest.raises(ValueError, match=f"train.run_dir {afile} is a file, not a directory"):
         check_finetune_dir(afile)
+
+
+def test_a_resume_on_fewer_processes_says_what_it_changes(tmp_path):
+    from ssl_vit.resume_check import process_count_notice
+
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    for rank in range(4):
+        (ckpt / f"random_states_{rank}.pkl").write_bytes(b"")
+    cfg = load_config(None, ["data.batch_size=8", "optim.accum_steps=2"])
+    assert process_count_notice(cfg, ckpt, 4) is None
+    assert process_count_notice(cfg, ckpt, 2) == (
+        "note: step_00000010 was saved by 4 processes, this run has 2: global batch 64 → 32, and the peak lr "
+        "(optim.base_lr × global batch / 256) with it; raise optim.accum_steps to keep them")
+    fixed_lr = load_config(None, ["data.batch_size=8", "optim.lr=1e-3"])
+    assert process_count_notice(fixed_lr, ckpt, 1).endswith("global batch 32 → 8; raise optim.accum_steps to keep them")
