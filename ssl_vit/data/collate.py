@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 
 from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool, PooledBatch, stack_new
 from ssl_vit.data.device_decode import pack_payloads
@@ -19,7 +19,8 @@ def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch:
         if pooled is not None:
             stacks, batch["lease"] = pooled
             return stacks
-    return [stack_new(group) for group in groups]
+    # anything but tensors (a caller's own eval transform may return numbers or arrays): as default_collate does
+    return [stack_new(group) if isinstance(group[0], Tensor) else default_collate(group) for group in groups]
 
 
 def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any]:
