@@ -86,11 +86,11 @@ class StepWindow:
                             *[(self.extra[k] / n).to(device, torch.float64).reshape(1) for k in names],
                             self.skipped.to(device, torch.float64)])
         total = accelerator.reduce(values, reduction="sum").tolist()
-        loss_mean, wait, time, images = total[0] / world, total[1] / world, total[2] / world, round(total[3])
+        loss_mean, wait, elapsed, images = total[0] / world, total[1] / world, total[2] / world, round(total[3])
         extras, skipped = total[4:4 + len(names)], [round(c) for c in total[4 + len(names):]]
         counters.images += images
         counters.skipped = [a + b for a, b in zip(counters.skipped, skipped, strict=True)]
-        seconds = max(time, 1e-9)
+        seconds = max(elapsed, 1e-9)
         scalars = {
             "train/loss": loss_mean,
             "perf/images_per_s": images / seconds,
