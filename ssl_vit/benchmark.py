@@ -22,11 +22,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_vit.backbone import build_backbone, encode
 from ssl_vit.bench_data import loader_report, warmup_batches
 from ssl_vit.config import Config
-from ssl_vit.data.batches import training_batches
+from ssl_vit.data.batches import to_device, training_batches
 from ssl_vit.distributed import make_accelerator
 from ssl_vit.objectives import Objective, build_objective
 from ssl_vit.objectives.mae import random_masking
-from ssl_vit.train import _to_device, build_optimizer
+from ssl_vit.train import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA's data sheets) by device-name fragment, the first that matches:
 # the PCIe and NVL cards before the SXM parts whose names they contain. Anything else needs --peak-tflops.
@@ -160,7 +160,7 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         objective.after_step(step)
 
-    first = _to_device(next(loader), device)
+    first = to_device(next(loader), device)
     flops = count_flops(lambda: one_step(0, first))
     # A plain warm-up step too: torch.compile (train.compile) traces anew outside the FLOP counter's mode, and
     # that compile time must not land in the timed steps.
@@ -170,7 +170,7 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
     # training keeps it: full if the loader is faster than the model, empty if it is slower.
     start = 2 + (0 if synthetic else 2 * cfg.data.num_workers)
     for step in range(2, start):
-        one_step(step, _to_device(next(loader), device))
+        one_step(step, to_device(next(loader), device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wait = 0.0
@@ -178,7 +178,7 @@ def time_steps(cfg: Config, steps: int, synthetic: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     for step in range(start, start + steps):
         t_wait = time.perf_counter()
-        batch = _to_device(next(loader), device)
+        batch = to_device(next(loader), device)
         wait += time.perf_counter() - t_wait
         one_step(step, batch)
     _sync(device)  # the last step's kernels belong to the measured time

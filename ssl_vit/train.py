@@ -33,7 +33,7 @@ from ssl_vit.checkpoint import (
     save_checkpoint,
 )
 from ssl_vit.config import Config, dump_config
-from ssl_vit.data.batches import training_batches
+from ssl_vit.data.batches import to_device, training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import check_fsdp_supported, make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -61,16 +61,6 @@ def peak_lr(cfg: Config, num_processes: int) -> float:
     if cfg.optim.lr is not None:
         return cfg.optim.lr
     return cfg.optim.base_lr * cfg.data.batch_size * num_processes * cfg.optim.accum_steps / 256
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def build_optimizer(objective: Objective, cfg: Config, use_fused: bool) -> torch.optim.AdamW:
@@ -165,7 +155,7 @@ class Trainer:
         accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, None
         for micro in range(accum):
             t_wait = time.perf_counter()
-            batch = _to_device(next(self.loader), self.acc.device)
+            batch = to_device(next(self.loader), self.acc.device)
             wait += time.perf_counter() - t_wait
             window.add_batch(batch)
             # Gradients are all-reduced on the last micro-batch only.
