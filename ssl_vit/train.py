@@ -227,6 +227,7 @@ class Trainer:
                     break
         bar.close()
         log.close()
+        self.objective.after_training()
         if stopped_by:
             acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
                       "run the same command again to continue")

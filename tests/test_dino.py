@@ -290,13 +290,26 @@ def test_collapse_warning_once_per_episode():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step, fraction in enumerate(entropies):
-            dino._entropy = torch.tensor(fraction * log_k)  # what forward leaves for the step
+            dino._entropy = (torch.tensor(2 * fraction * log_k), 2)  # what 2 micro-batches' forward leaves
             dino.after_skipped_step(step) if step == 4 else dino._watch_collapse(step)
             seen.append(sum(issubclass(w.category, CollapseWarning) for w in caught))
     messages = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
     assert len(messages) == 2 and seen.index(1) == 9 and seen.index(2) == 24
     assert "uniform" in messages[0] and "steps 5-9" in messages[0]
     assert "one-hot" in messages[1] and "steps 20-24" in messages[1]
+
+
+def test_an_episode_that_reaches_the_window_after_the_last_read_is_warned_when_training_ends():
+    dino = DINO(TINY_DINO, build_backbone(TINY_VIT), collapse_window=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2, 9):  # uniform from step 2: the window is full at step 6, the next read would be at 9
+            dino._entropy = (torch.tensor(0.99 * math.log(64)), 1)
+            dino.after_step(step)
+        assert not caught
+        dino.after_training()
+        dino.after_training()  # once per episode
+    assert [str(w.message).split("for ")[1] for w in caught] == ["steps 2-6; see docs/dino.md"]
 
 
 def test_collapse_watch_reads_the_device_only_every_window_steps(monkeypatch):

@@ -52,6 +52,9 @@ class Objective(nn.Module):
         """Called instead of `after_step` when the update is skipped (a NaN/inf loss or gradient norm on some
         rank): drop whatever the step's forward passes left to apply."""
 
+    def after_training(self) -> None:
+        """Called once when the loop ends (the last step, or a stop signal): report what is still pending."""
+
     def export_backbone(self) -> VisionTransformer:
         """The backbone a user takes away: the one to export and evaluate."""
         return self.backbone

@@ -2,8 +2,9 @@
 
 The entropy lives on the training device, and reading it every step would stall the GPU on a host sync each
 step. So the run length is counted on the device, with the step at which an episode reached the window, and
-the host reads that every `window` steps: a warning comes up to `window` steps late, naming the episode's
-first `window` steps. No episode is missed: two cannot both reach the window within `window` steps.
+the host reads that every `window` steps and when training ends (`report`): a warning comes up to `window`
+steps late, naming the episode's first `window` steps. No episode is missed: two cannot both reach the window
+within `window` steps.
 """
 
 from __future__ import annotations
@@ -39,20 +40,21 @@ class CollapseWatch:
         if window < 1:
             raise ValueError(f"collapse_window must be ≥ 1, got {window}")
         self.log_k, self.window = math.log(out_dim), window
-        # float64 on the entropy's device: the last step's band (0 none, 1 one-hot, 2 uniform), the length of its
-        # run, and the step at which the latest episode reached the window (-1: none yet), its band and entropy
+        # float32 on the entropy's device (MPS has no float64; steps are exact up to 2^24): the last step's band
+        # (0 none, 1 one-hot, 2 uniform), the length of its run, and the step at which the latest episode reached
+        # the window (-1: none yet), its band and entropy
         self.state: Tensor | None = None
         self.reported = -1.0  # the alarm step of the episode warned about last
 
     def update(self, entropy: Tensor, step: int) -> None:
-        entropy = entropy.detach().to(torch.float64)
+        entropy = entropy.detach().to(torch.float32)
         if self.state is None or self.state.device != entropy.device:
-            self.state = torch.zeros(5, dtype=torch.float64, device=entropy.device)
+            self.state = torch.zeros(5, dtype=torch.float32, device=entropy.device)
             self.state[_ALARM_STEP] = -1.0
-        band = (entropy < COLLAPSE_LOW * self.log_k).double() + 2 * (entropy > COLLAPSE_HIGH * self.log_k).double()
+        band = (entropy < COLLAPSE_LOW * self.log_k).float() + 2 * (entropy > COLLAPSE_HIGH * self.log_k).float()
         prev, run = self.state[_BAND], self.state[_RUN]
         in_band = band > 0
-        run = torch.where(in_band & (band == prev), run + 1, in_band.double())
+        run = torch.where(in_band & (band == prev), run + 1, in_band.float())
         alarm = run == self.window  # this step completes an episode's window
         old = self.state[_ALARM_STEP:]
         new = torch.stack([torch.full_like(band, float(step)), band, entropy])

@@ -81,7 +81,8 @@ class DINO(Objective):
         # skipped step (NaN/inf) must leave the center as it was, or one overflow poisons every later target.
         self._center_sums: Tensor | None = None
         self.collapse = CollapseWatch(cfg.out_dim, collapse_window)
-        self._entropy: Tensor | None = None  # this step's teacher entropy, for the collapse watch after it
+        # this step's teacher entropy, summed over its micro-batches, and their count: for the collapse watch
+        self._entropy: tuple[Tensor, int] | None = None
         self.device_aug = DeviceAugment(device_views(cfg, backbone.patch_embed.img_size[0])) if device_aug else None
 
     def train(self, mode: bool = True) -> DINO:
@@ -125,7 +126,8 @@ class DINO(Objective):
         if self.training:
             sums = center_stats(teacher_out)
             self._center_sums = sums if self._center_sums is None else self._center_sums + sums
-            self._entropy = entropy.detach()
+            total, count = self._entropy or (0.0, 0)
+            self._entropy = (entropy.detach() + total, count + 1)
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
             "loss": loss,
@@ -160,9 +162,12 @@ class DINO(Objective):
         self._watch_collapse(step)  # a skipped step's entropy counts too (a NaN one ends an episode)
 
     def _watch_collapse(self, step: int) -> None:
-        if self._entropy is not None:
-            self.collapse.update(self._entropy, step)
+        if self._entropy is not None:  # the step's mean over its micro-batches
+            self.collapse.update(self._entropy[0] / self._entropy[1], step)
             self._entropy = None
+
+    def after_training(self) -> None:
+        self.collapse.report()  # an episode that reached the window since the last periodic read
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:
