@@ -81,10 +81,11 @@ class StepWindow:
         # a window of skipped updates only has no loss: NaN, not a perfect 0 (the skip is agreed on every rank)
         loss = self.loss / n if self.finite_steps else torch.full((), math.nan)
         # One tensor of sums over ranks, one collective, one read to the host: means are divided out here.
-        host = torch.tensor([self.wait, self.time, self.images], dtype=torch.float64).to(device)
-        values = torch.cat([loss.to(device, torch.float64).reshape(1), host,
-                            *[(self.extra[k] / n).to(device, torch.float64).reshape(1) for k in names],
-                            self.skipped.to(device, torch.float64)])
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        host = torch.tensor([self.wait, self.time, self.images], dtype=dtype).to(device)
+        values = torch.cat([loss.to(device, dtype).reshape(1), host,
+                            *[(self.extra[k] / n).to(device, dtype).reshape(1) for k in names],
+                            self.skipped.to(device, dtype)])
         total = accelerator.reduce(values, reduction="sum").tolist()
         loss_mean, wait, elapsed, images = total[0] / world, total[1] / world, total[2] / world, round(total[3])
         extras, skipped = total[4:4 + len(names)], [round(c) for c in total[4 + len(names):]]

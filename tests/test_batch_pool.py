@@ -167,3 +167,19 @@ def test_a_pooled_batch_crosses_with_its_buffers_only_the_first_time():
     assert pool.flags.tolist() == [0, 1]  # the worker sees the release through the flags that crossed
     assert [b["label"][0].item() for b in released_after_use(iter(received[1:]))] == [20]
     assert pool.name not in batch_pool._RECEIVED  # the stream is over: its pools' memory is let go
+
+
+def test_what_stack_new_does_not_take_is_collated_as_default_collate_does():
+    skipped = [0] * len(SKIP_REASONS)
+    cases = {
+        "numbers": [3, 4],
+        "mixed dtypes": [torch.zeros(2, dtype=torch.uint8), torch.ones(2, dtype=torch.float32)],
+        "with grad": [torch.zeros(2, requires_grad=True), torch.ones(2, requires_grad=True)],
+        "meta device": [torch.zeros(2, device="meta"), torch.zeros(2, device="meta")],
+    }
+    for name, images in cases.items():
+        got = collate([{"image": x, "skipped": skipped} for x in images])["image"]
+        want = torch.utils.data.default_collate(images)
+        assert got.dtype == want.dtype and got.device == want.device and got.requires_grad == want.requires_grad, name
+        if got.device.type != "meta":
+            assert torch.equal(got.detach(), want.detach()), name

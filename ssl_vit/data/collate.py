@@ -19,8 +19,16 @@ def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch:
         if pooled is not None:
             stacks, batch["lease"] = pooled
             return stacks
-    # anything but tensors (a caller's own eval transform may return numbers or arrays): as default_collate does
-    return [stack_new(group) if isinstance(group[0], Tensor) else default_collate(group) for group in groups]
+    return [stack_new(group) if _plain_cpu_tensors(group) else default_collate(group) for group in groups]
+
+
+def _plain_cpu_tensors(group: Sequence[Any]) -> bool:
+    """What `stack_new` takes: CPU tensors of one dtype, outside autograd. Anything else a caller's own transform
+    may return (numbers, arrays, tensors on a device or with grad) goes to default_collate, as it always did."""
+    first = group[0]
+    return isinstance(first, Tensor) and all(
+        isinstance(t, Tensor) and t.device.type == "cpu" and not t.requires_grad and t.dtype == first.dtype
+        for t in group)
 
 
 def collate(samples: list[dict], pool: BatchPool | None = None) -> dict[str, Any]:
