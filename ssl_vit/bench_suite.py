@@ -13,6 +13,8 @@ import io
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -83,7 +85,9 @@ def select_cases(quick: bool, only: Sequence[str] | None) -> list[Case]:
     names = {c.name for c in cases}
     unknown = [n for n in only if n not in names]
     if unknown:
-        raise ValueError(f"unknown case(s) {', '.join(unknown)}; {'--quick ' if quick else ''}cases: "
+        other = {c.name for c in (GPU_CASES if quick else QUICK_CASES)}
+        hint = f" ({'without' if quick else 'with'} --quick)" if set(unknown) <= other else ""
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}{hint}; {'--quick ' if quick else ''}cases: "
                          f"{', '.join(c.name for c in cases)}")
     return [c for c in cases if c.name in only]
 
@@ -94,8 +98,10 @@ def make_jpeg_shards(out: Path, images: int = 1000, per_shard: int = 100, seed: 
     from ssl_vit.data.writer import shard_pattern, write_samples
 
     n_shards = -(-images // per_shard)
-    if len(list(out.glob("bench-*.tar"))) == n_shards:
+    if out.is_dir():  # made whole by an earlier call: the folder appears only once every shard is written
         return shard_pattern(out, "bench", n_shards)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted call left
     rng = np.random.default_rng(seed)
 
     def samples() -> Any:
@@ -106,8 +112,9 @@ def make_jpeg_shards(out: Path, images: int = 1000, per_shard: int = 100, seed: 
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
             yield {"__key__": f"{i:06d}", "jpg": buf.getvalue()}
 
-    n = write_samples(samples(), out, prefix="bench", max_count=per_shard)
-    return shard_pattern(out, "bench", n)
+    write_samples(samples(), tmp, prefix="bench", max_count=per_shard)
+    tmp.rename(out)
+    return shard_pattern(out, "bench", n_shards)
 
 
 def _meta() -> dict[str, Any]:
@@ -122,13 +129,22 @@ def _meta() -> dict[str, Any]:
 def run_case(case: Case, cmd: list[str], out: Path, timeout: float) -> dict[str, Any]:
     """Run one case's command; its JSON, or {"error": ...} naming why there is none."""
     t0 = time.perf_counter()
+    out.unlink(missing_ok=True)  # an earlier run's result must not pass for this one's
+    # its own process group: on a timeout its loader workers go too, not on into the next case's timing
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        _, stderr = proc.communicate(timeout=timeout)
+        lines = stderr.strip().splitlines()
+        error = None if proc.returncode == 0 else (lines or [f"exit {proc.returncode}"])[-1]
+        if error is None and not out.is_file():
+            error = "exited 0 without writing its JSON"
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         error = f"timed out after {timeout:.0f} s"
     result = json.loads(out.read_text()) if error is None else {"error": error}
-    result.update({"case": case.name, "command": "ssl-vit " + " ".join(cmd[3:]), "wall_s": time.perf_counter() - t0})
+    result.update({"case": case.name, "command": "ssl-vit " + " ".join(cmd[3:]), "wall_s": time.perf_counter() - t0,
+                   "meta": _meta()})
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -160,8 +176,19 @@ def render(out: Path) -> str:
     """`OUT/suite.md` from `OUT/meta.json` and every case's JSON in `OUT`, in the suite's order."""
     meta = json.loads((out / "meta.json").read_text())
     order = {c.name: i for i, c in enumerate((*GPU_CASES, *QUICK_CASES))}
-    results = [json.loads(p.read_text()) for p in out.glob("*.json") if p.name != "meta.json"]
-    rows = [table_row(r) for r in sorted(results, key=lambda r: (order.get(r.get("case"), len(order)), r.get("case")))]
+    results = []
+    for path in out.glob("*.json"):  # the cases' results; any other JSON there is none of the suite's
+        result = json.loads(path.read_text())
+        if isinstance(result, dict) and result.get("case") in order and path.stem == result["case"]:
+            results.append(result)
+    rows = []
+    for r in sorted(results, key=lambda r: order[r["case"]]):
+        row = table_row(r)
+        theirs = r.get("meta", {})
+        if theirs.get("device") != meta["device"]:  # left by an earlier call on another machine: say so
+            row = row.replace(f"| {r['case']} |", f"| {r['case']} ({theirs.get('device')}, "
+                                                  f"{theirs.get('date_utc')} UTC) |", 1)
+        rows.append(row)
     text = (f"{meta['device']}, torch {meta['torch']}" + (f", CUDA {meta['cuda']}" if meta["cuda"] else "")
             + f", {meta['cpus']} CPUs, {meta['date_utc']} UTC\n\n" + "\n".join([TABLE_HEAD, *rows]) + "\n")
     (out / "suite.md").write_text(text)

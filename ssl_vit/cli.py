@@ -101,8 +101,9 @@ def _cmd_benchmark_suite(args: argparse.Namespace) -> int:
             print(f"{case.name}: ssl-vit benchmark {case.recipe} {' '.join(case.args)}".rstrip()
                   + ("  (real data)" if case.real_data else ""))
         return 0
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 1 or args.case_timeout <= 0:
+        raise ValueError(f"--steps must be at least 1 and --case-timeout positive, got {args.steps} and "
+                         f"{args.case_timeout}")
     return run_suite(Path(args.out), quick=args.quick, only=args.only, steps=args.steps, shards=args.shards,
                      overrides=args.set, timeout=args.case_timeout)
 

@@ -1,12 +1,13 @@
 """The benchmark suite: cases in their own processes, one JSON each, one table of them; failures named."""
 
+import io
 import json
 
 import pytest
 from PIL import Image
 from test_benchmark import TINY
 
-from ssl_vit.bench_suite import make_jpeg_shards, select_cases, table_row
+from ssl_vit.bench_suite import make_jpeg_shards, render, select_cases, table_row
 from ssl_vit.cli import main
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.tar_reader import tar_samples
@@ -46,6 +47,12 @@ def test_a_failing_case_is_a_row_naming_why_and_exit_1(tmp_path, demo):
     assert f"| mae_demo_synthetic | failed: {result['error']} |" in (out / "suite.md").read_text()
 
 
+def test_a_case_past_its_timeout_is_stopped_and_named(tmp_path, demo):
+    out = tmp_path / "suite"
+    assert main([*_suite(out, demo), "--only", "mae_demo_real", "--case-timeout", "2"]) == 1
+    assert json.loads((out / "mae_demo_real.json").read_text())["error"] == "timed out after 2 s"
+
+
 def test_unknown_case_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown case.*mae_b16_synthetic, mae_b16_synthetic_compile"):
         select_cases(quick=False, only=["mae_b16"])
@@ -58,11 +65,38 @@ def test_table_row_of_a_loader_only_result():
 
 
 def test_jpeg_shards_are_imagenet_sized_and_made_once(tmp_path):
-    pattern = make_jpeg_shards(tmp_path, images=3, per_shard=2)
-    shards = sorted(tmp_path.glob("bench-*.tar"))
+    out = tmp_path / "shards"
+    (tmp_path / "shards.tmp").mkdir()  # what an interrupted build left: started over, not reused
+    (tmp_path / "shards.tmp" / "bench-000000.tar").write_bytes(b"cut short")
+    pattern = make_jpeg_shards(out, images=3, per_shard=2)
+    shards = sorted(out.glob("bench-*.tar"))
     assert len(shards) == 2 and pattern.endswith("bench-{000000..000001}.tar")
+    assert not (tmp_path / "shards.tmp").exists()
     samples = list(tar_samples([dict(url=str(s)) for s in shards], None))
-    assert len(samples) == 3 and Image.open(__import__("io").BytesIO(samples[0]["jpg"])).size == (500, 375)
+    assert len(samples) == 3 and Image.open(io.BytesIO(samples[0]["jpg"])).size == (500, 375)
     stamps = [s.stat().st_mtime_ns for s in shards]
-    assert make_jpeg_shards(tmp_path, images=3, per_shard=2) == pattern
+    assert make_jpeg_shards(out, images=3, per_shard=2) == pattern
     assert [s.stat().st_mtime_ns for s in shards] == stamps
+
+
+def test_the_table_holds_the_suites_cases_and_names_another_machines(tmp_path):
+    out = tmp_path / "suite"
+    out.mkdir()
+    here = {"device": "NVIDIA H200", "torch": "2.15", "cuda": "13.2", "cpus": 16, "date_utc": "2026-11-22 10:00"}
+    (out / "meta.json").write_text(json.dumps(here))
+    result = {"synthetic": True, "images_per_s": 1000.0, "step_time_s": 0.064, "mfu": 0.5, "data_wait_share": 0.0,
+              "peak_memory_bytes": 2**30, "encoder": {"masked_speedup": 3.5}}
+    (out / "mae_b16_synthetic.json").write_text(json.dumps({**result, "case": "mae_b16_synthetic", "meta": here}))
+    elsewhere = {**here, "device": "CPU (x86_64)", "date_utc": "2026-11-21 21:00"}
+    (out / "mae_demo_synthetic.json").write_text(json.dumps({**result, "case": "mae_demo_synthetic",
+                                                             "meta": elsewhere}))
+    (out / "other.json").write_text('{"note": 1}')  # an `ssl-vit benchmark --out` of the user's, say
+    rows = [line for line in render(out).splitlines() if line.startswith("| mae")]
+    assert rows == ["| mae_b16_synthetic | synthetic | 1000 | 64.0 | 50.0% | 0.0% | 1.00 | — | — | 3.50 |",
+                    "| mae_demo_synthetic (CPU (x86_64), 2026-11-21 21:00 UTC) | synthetic | 1000 | 64.0 | 50.0% | "
+                    "0.0% | 1.00 | — | — | 3.50 |"]
+
+
+def test_a_case_of_the_other_list_says_so():
+    with pytest.raises(ValueError, match=r"unknown case\(s\) mae_demo_real \(with --quick\)"):
+        select_cases(quick=False, only=["mae_demo_real"])
