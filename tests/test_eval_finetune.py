@@ -229,3 +229,38 @@ def test_zero_max_steps_is_a_one_line_error(tmp_path, setup, capsys):
     assert main(argv) == 2  # was a KeyError traceback: no step, so no evaluation and no best score
     err = capsys.readouterr().err
     assert err == "ssl-vit finetune: error: train.max_steps: must be at least 1 (or null for every epoch), got 0\n"
+
+
+def test_a_finetuning_step_reads_nothing_from_the_device(tmp_path, setup, monkeypatch):
+    # A host read of a device value (item, float, bool, tolist) stalls a GPU until its queue drains. The steps read
+    # none: the loss is summed on the device, the labels are checked on the CPU before their copy. Only the log
+    # (once, at the last of 4 steps here) and the epoch-end evaluation read.
+    import sys
+
+    demo, backbone = setup
+    reads: list[str] = []
+    in_eval = {"on": False}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _real=real, _name=name, **k):
+            frame = sys._getframe(1)
+            if not in_eval["on"] and frame.f_code.co_filename == ft.__file__ and frame.f_code.co_name == "finetune":
+                reads.append(f"{_name}:{frame.f_lineno}")
+            return _real(t, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_eval = ft.evaluate_classifier
+
+    def evaluate(*args, **kwargs):
+        in_eval["on"] = True
+        try:
+            return real_eval(*args, **kwargs)
+        finally:
+            in_eval["on"] = False
+    monkeypatch.setattr(ft, "evaluate_classifier", evaluate)
+    cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
+        f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=4",
+        "train.log_every=100", "optim.accum_steps=2", f"train.run_dir={tmp_path / 'run'}"])
+    ft.finetune(cfg, Accelerator())
+    assert [r.split(":")[0] for r in reads] == ["__float__", "__float__"], reads  # the last step's log line

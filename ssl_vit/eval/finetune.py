@@ -154,6 +154,12 @@ def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, data=data)
 
 
+def _check_train_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """On the loader's CPU labels, before they are copied: on the device the check would stall every micro-batch."""
+    if (labels < 0).any() or (labels >= num_classes).any():
+        raise ValueError(f"fine-tuning needs labels in [0, {num_classes}) on every train sample")
+
+
 def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch."""
     accelerator = accelerator or make_accelerator(cfg.train.precision)
@@ -173,7 +179,8 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     img_size = model.patch_embed.img_size[0]
     groups = param_groups_lrd(model, opt.weight_decay, model.no_weight_decay(), opt.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas)  # lr comes from the schedule every step
+    # lr comes from the schedule every step; fused: one kernel for all parameters on CUDA
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas, fused=accelerator.device.type == "cuda" or None)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     set_seed(cfg.train.seed + accelerator.process_index)
@@ -196,7 +203,8 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
                       f"{steps_per_epoch} steps/epoch, peak lr {peak:.3g}")
     bar = tqdm(total=last, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
     best: dict[str, Any] = {"top1": -1.0}
-    history, window, t0 = [], [0.0, 0], time.perf_counter()
+    # the window's loss stays on the device: reading it every step would stall a GPU on each one
+    history, window, t0 = [], [torch.zeros((), device=accelerator.device), 0], time.perf_counter()
     train_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # met while drawing batches (resampled)
     val_skipped: dict[str, int] = {}
     model.train()
@@ -207,17 +215,17 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
         for micro in range(opt.accum_steps):
             batch = next(loader)
             train_skipped += batch["skipped"].sum(dim=0)
+            labels = batch["label"]
+            _check_train_labels(labels, num_classes)
             images = batch["image"].to(accelerator.device, non_blocking=True)
-            targets = batch["label"].to(accelerator.device)
-            if (targets < 0).any() or (targets >= num_classes).any():
-                raise ValueError(f"fine-tuning needs labels in [0, {num_classes}) on every train sample")
+            targets = labels.to(accelerator.device, non_blocking=True)
             if mixup is not None:
                 images, targets = mixup(images, targets)
             sync = accelerator.no_sync(model) if micro < opt.accum_steps - 1 else nullcontext()
             with sync, accelerator.autocast():
                 loss = criterion(model(images), targets)
                 accelerator.backward(loss / opt.accum_steps)
-            window[0] += float(loss.detach()) / opt.accum_steps
+            window[0] += loss.detach().float() / opt.accum_steps
         if opt.clip_grad is not None:
             accelerator.clip_grad_norm_(model.parameters(), opt.clip_grad)
         optimizer.step()
@@ -226,11 +234,11 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
         bar.update(1)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == last:
-            mean_loss = accelerator.reduce(torch.tensor(window[0] / window[1], device=accelerator.device), "mean")
+            mean_loss = accelerator.reduce(window[0] / window[1], "mean")
             log.scalars(done, {"train/loss": float(mean_loss), "train/lr": lr,
                                "perf/step_time_s": (time.perf_counter() - t0) / window[1]})
             bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
-            window, t0 = [0.0, 0], time.perf_counter()
+            window, t0 = [torch.zeros((), device=accelerator.device), 0], time.perf_counter()
         if done % steps_per_epoch == 0 or done == last:  # end of an epoch (or of a run stopped by max_steps)
             scores = evaluate_classifier(unwrapped, d.val, accelerator, **eval_kwargs)
             val_skipped = scores.pop("skipped")  # the same val set every epoch: reported once, in finetune.json
