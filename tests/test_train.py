@@ -207,6 +207,12 @@ def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, obje
         real_after(self, *args, **kwargs)
         in_step["on"] = True
     monkeypatch.setattr(train.Trainer, "_after_step", after_step)
+    from ssl_vit.objectives.base import Objective
+    from ssl_vit.objectives.dino import DINO
+
+    for cls in (Objective, DINO):  # after the last step: DINO's collapse watch reads once more
+        real_end = cls.after_training
+        monkeypatch.setattr(cls, "after_training", lambda self, _real=real_end: in_step.update(on=False) or _real(self))
     real_run = train.Trainer.run
 
     def run(self):
