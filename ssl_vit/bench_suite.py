@@ -98,8 +98,10 @@ def make_jpeg_shards(out: Path, images: int = 1000, per_shard: int = 100, seed: 
     from ssl_vit.data.writer import shard_pattern, write_samples
 
     n_shards = -(-images // per_shard)
-    if out.is_dir():  # made whole by an earlier call: the folder appears only once every shard is written
+    # made whole by an earlier call: the folder appears only once every shard is written
+    if len(list(out.glob("bench-*.tar"))) == n_shards:
         return shard_pattern(out, "bench", n_shards)
+    shutil.rmtree(out, ignore_errors=True)  # anything else there (another size, an older build) is made anew
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted call left
     rng = np.random.default_rng(seed)
@@ -139,14 +141,26 @@ def run_case(case: Case, cmd: list[str], out: Path, timeout: float) -> dict[str,
         if error is None and not out.is_file():
             error = "exited 0 without writing its JSON"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        _stop(proc)
         error = f"timed out after {timeout:.0f} s"
+    except BaseException:  # Ctrl-C reaches the suite only (the case has its own session): stop the case too
+        _stop(proc)
+        raise
     result = json.loads(out.read_text()) if error is None else {"error": error}
     result.update({"case": case.name, "command": "ssl-vit " + " ".join(cmd[3:]), "wall_s": time.perf_counter() - t0,
                    "meta": _meta()})
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a case with its whole process group (loader workers included); its process alone where there are no
+    process groups (Windows)."""
+    if hasattr(os, "killpg"):
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
+    proc.communicate()
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
@@ -178,8 +192,13 @@ def render(out: Path) -> str:
     order = {c.name: i for i, c in enumerate((*GPU_CASES, *QUICK_CASES))}
     results = []
     for path in out.glob("*.json"):  # the cases' results; any other JSON there is none of the suite's
-        result = json.loads(path.read_text())
-        if isinstance(result, dict) and result.get("case") in order and path.stem == result["case"]:
+        if path.stem not in order:
+            continue
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(result, dict) and result.get("case") == path.stem:
             results.append(result)
     rows = []
     for r in sorted(results, key=lambda r: order[r["case"]]):

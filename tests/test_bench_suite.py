@@ -100,3 +100,32 @@ def test_the_table_holds_the_suites_cases_and_names_another_machines(tmp_path):
 def test_a_case_of_the_other_list_says_so():
     with pytest.raises(ValueError, match=r"unknown case\(s\) mae_demo_real \(with --quick\)"):
         select_cases(quick=False, only=["mae_demo_real"])
+
+
+def test_ctrl_c_stops_the_case_too(tmp_path, monkeypatch):
+    # the case runs in its own session, out of reach of the terminal's Ctrl-C: the suite must stop it itself
+    import ssl_vit.bench_suite as suite
+
+    killed = []
+
+    class Case:
+        pid = 4242
+
+        def communicate(self, timeout=None):
+            if not killed:
+                raise KeyboardInterrupt
+            return "", ""
+
+    monkeypatch.setattr(suite.subprocess, "Popen", lambda *a, **k: Case())
+    monkeypatch.setattr(suite.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_case(suite.QUICK_CASES[0], ["python", "-m", "ssl_vit", "benchmark"], tmp_path / "c.json", 60)
+    assert killed == [(4242, suite.signal.SIGKILL)]
+
+
+def test_a_shards_folder_of_another_size_is_made_anew(tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "bench-000000.tar").write_bytes(b"an older, smaller build")
+    make_jpeg_shards(out, images=3, per_shard=2)
+    assert len(list(out.glob("bench-*.tar"))) == 2 and (out / "bench-000000.tar").stat().st_size > 1000
