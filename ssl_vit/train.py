@@ -33,7 +33,7 @@ from ssl_vit.checkpoint import (
     save_checkpoint,
 )
 from ssl_vit.config import Config, dump_config
-from ssl_vit.data.batches import to_device, training_batches
+from ssl_vit.data.batches import DevicePrefetcher, to_device, training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import check_fsdp_supported, make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -134,8 +134,10 @@ class Trainer:
     def _fast_forward(self, batches: int) -> None:
         """Skip what the interrupted run already read since the last grid point (resume after a stop signal)."""
         quiet = not self.acc.is_main_process or not batches
+        # on CUDA the prefetcher's source, which it has not read from yet: skipped batches need no copy to the GPU
+        source = self.loader.stream if isinstance(self.loader, DevicePrefetcher) else self.loader
         for _ in tqdm(range(batches), desc="fast-forwarding data", disable=quiet):
-            next(self.loader)
+            next(source)
 
     def _set_schedules(self) -> tuple[float, float]:
         cfg = self.cfg
@@ -181,10 +183,27 @@ class Trainer:
         return stop_now, skip
 
     def run(self) -> PretrainResult:
-        cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
+        acc, total = self.acc, self.cfg.train.total_steps
         log = RunLog(self.run_dir, enabled=acc.is_main_process, resume_step=self.step)
         bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
                    dynamic_ncols=True)
+        try:
+            stopped_by = self._train(log, bar)
+        except RunAborted:  # what the objective has pending (DINO: a collapse episode) belongs to the diagnosis
+            self.objective.after_training()
+            raise
+        bar.close()
+        log.close()
+        self.objective.after_training()
+        if stopped_by:
+            acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
+                      "run the same command again to continue")
+            return PretrainResult(self.run_dir, self.step, None, stopped_by, self.checkpoint)
+        return PretrainResult(self.run_dir, self.step, self._export(), None, self.checkpoint)
+
+    def _train(self, log: RunLog, bar: tqdm) -> str | None:
+        """Steps to `train.total_steps`; returns what stopped them early (a signal's name), else None."""
+        cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
         window, consecutive_nonfinite, stopped_by = StepWindow(acc.device), 0, None
         self.model.train()
         with StopRequest() as stop:
@@ -225,14 +244,7 @@ class Trainer:
                 if stop_now:
                     stopped_by = stop.name or "a signal on another rank"
                     break
-        bar.close()
-        log.close()
-        self.objective.after_training()
-        if stopped_by:
-            acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
-                      "run the same command again to continue")
-            return PretrainResult(self.run_dir, self.step, None, stopped_by, self.checkpoint)
-        return PretrainResult(self.run_dir, self.step, self._export(), None, self.checkpoint)
+        return stopped_by
 
     def _after_step(self, log: RunLog, bar: tqdm, window: StepWindow, batch: dict[str, Any], lr: float, wd: float,
                     stop_now: bool) -> None:

@@ -183,3 +183,12 @@ def test_what_stack_new_does_not_take_is_collated_as_default_collate_does():
         assert got.dtype == want.dtype and got.device == want.device and got.requires_grad == want.requires_grad, name
         if got.device.type != "meta":
             assert torch.equal(got.detach(), want.detach()), name
+
+
+def test_a_worker_pool_takes_only_what_stack_new_takes():
+    # inside a reuse_memory worker the pool stacks first: a caller's own transform returning numbers still gets
+    # default_collate's batch, not an error, and leaves the pool's slot free
+    pool = BatchPool(slots=1)
+    batch = collate([{"image": n, "skipped": [0] * len(SKIP_REASONS)} for n in (3, 4)], pool)
+    assert torch.equal(batch["image"], torch.tensor([3, 4])) and "lease" not in batch
+    assert pool.flags.tolist() == [0]

@@ -229,3 +229,17 @@ def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, obje
         "train.export=false", "data.num_workers=1"])  # the CPU views' own reads happen in the worker
     pretrain(cfg)
     assert [r.split()[0] for r in reads] == ["tolist"] * steps, reads
+
+
+def test_an_aborted_run_still_reports_what_the_objective_has_pending(tmp_path, demo, monkeypatch):
+    import ssl_vit.train as train
+    from ssl_vit.objectives.base import Objective
+    from ssl_vit.train_monitor import RunAborted
+
+    ended = []
+    monkeypatch.setattr(Objective, "after_training", lambda self: ended.append(type(self).__name__))
+    monkeypatch.setattr(train.Trainer, "_train", lambda self, log, bar: (_ for _ in ()).throw(RunAborted("nan")))
+    cfg = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(RunAborted, match="nan"):
+        pretrain(cfg)
+    assert ended == ["MAE"]

@@ -14,7 +14,7 @@ from ssl_vit.data.device_decode import pack_payloads
 
 
 def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch: dict[str, Any]) -> list[Tensor]:
-    if pool is not None:
+    if pool is not None and all(_plain_cpu_tensors(group) for group in groups):
         pooled = pool.stack(groups)
         if pooled is not None:
             stacks, batch["lease"] = pooled
