@@ -9,6 +9,7 @@ in one table. Real-data cases read `--shards`, or shards of ImageNet-sized synth
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -156,10 +157,11 @@ def run_case(case: Case, cmd: list[str], out: Path, timeout: float) -> dict[str,
 def _stop(proc: subprocess.Popen) -> None:
     """Kill a case with its whole process group (loader workers included); its process alone where there are no
     process groups (Windows)."""
-    if hasattr(os, "killpg"):
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.kill()
+    with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
     proc.communicate()
 
 
