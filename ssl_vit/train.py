@@ -33,7 +33,7 @@ from ssl_vit.checkpoint import (
     save_checkpoint,
 )
 from ssl_vit.config import Config, dump_config
-from ssl_vit.data.batches import DevicePrefetcher, to_device, training_batches
+from ssl_vit.data.batches import to_device, training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.distributed import check_fsdp_supported, make_accelerator
 from ssl_vit.objectives import Objective, build_objective
@@ -120,24 +120,18 @@ class Trainer:
         # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
         # and one resumed from any checkpoint then read the same batches.
         self.segment = cfg.train.save_every or cfg.train.total_steps
-        self.loader = self._stream(self.step - self.step % self.segment)
-        self._fast_forward((self.step % self.segment) * cfg.optim.accum_steps)
+        # after a stop signal off the grid: skip what the interrupted run already read since the last grid point
+        self.loader = self._stream(self.step - self.step % self.segment,
+                                   skip=(self.step % self.segment) * cfg.optim.accum_steps)
 
-    def _stream(self, start_step: int) -> Iterator[dict[str, Any]]:
+    def _stream(self, start_step: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
         # A batch is read in full (moved, trained on, logged) before the next is asked for, as the stream needs.
         cfg = self.cfg
         return training_batches(cfg.data, self.objective.views, self.acc.device, img_size=cfg.model.img_size,
                                 rank=self.acc.process_index, world_size=self.acc.num_processes,
-                                seed=cfg.train.seed, start_step=start_step)
-
-    def _fast_forward(self, batches: int) -> None:
-        """Skip what the interrupted run already read since the last grid point (resume after a stop signal)."""
-        quiet = not self.acc.is_main_process or not batches
-        # on CUDA the prefetcher's source, which it has not read from yet: skipped batches need no copy to the GPU
-        source = self.loader.stream if isinstance(self.loader, DevicePrefetcher) else self.loader
-        for _ in tqdm(range(batches), desc="fast-forwarding data", disable=quiet):
-            next(source)
+                                seed=cfg.train.seed, start_step=start_step, skip=skip,
+                                progress=self.acc.is_main_process)
 
     def _set_schedules(self) -> tuple[float, float]:
         cfg = self.cfg

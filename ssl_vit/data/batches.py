@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
@@ -80,15 +81,19 @@ class DevicePrefetcher:
 
 
 def training_batches(cfg: DataConfig, views: Callable[[Image.Image], Any], device: torch.device, *, img_size: int,
-                     rank: int, world_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
+                     rank: int, world_size: int, seed: int, start_step: int = 0, skip: int = 0,
+                     progress: bool = False) -> Iterator[dict[str, Any]]:
     """Endless pretraining batches: on CUDA already on the device (copied one batch ahead by `DevicePrefetcher`;
     device-decoded ones are decoded there), elsewhere on the CPU, whose tensors are valid until the next batch
-    is asked for."""
+    is asked for. The first `skip` batches are read and dropped before any is decoded on or copied to the device
+    (a resume fast-forwarding to where it stopped; `progress`: with a progress bar)."""
     reuse = reuses_memory(device)
     stream: Iterator[dict[str, Any]] = iter(train_stream(cfg, views, rank=rank, world_size=world_size, seed=seed,
                                                          start_step=start_step, reuse_memory=reuse))
     if reuse:
         stream = released_after_use(stream)
+    for _ in tqdm(range(skip), desc="fast-forwarding data", disable=not progress or not skip):
+        next(stream)
     if cfg.device_decode:
         # The loader ships JPEG bytes; decoding them here counts as data wait (it is data preparation). The
         # decoder synchronises the training stream itself (see DeviceDecoder), so no side-stream copies here.
