@@ -113,13 +113,14 @@ def check_divides(heads_key: str, heads: int, dim_key: str, dim: int) -> None:
 
 def timm_width_and_heads(name: str) -> tuple[int, int] | None:
     """(embed_dim, num_heads) of the timm ViT `name` as timm builds it by default, or None where timm cannot
-    build it (the build reports why). Built on the meta device: no memory, no init; only called when one of
-    model.embed_dim / model.num_heads is null and the other is set, as it imports timm."""
+    build it (the build reports why). Parameters land on the meta device (no memory, no init); only called when
+    one of model.embed_dim / model.num_heads is null and the other is set, as it imports timm."""
     import timm
-    import torch
+    from accelerate import init_empty_weights
 
     try:
-        with torch.device("meta"):
+        # not `with torch.device("meta")`: timm 1.0.16-1.0.20 read their drop-path rates with .item() while building
+        with init_empty_weights():
             vit = timm.create_model(name, pretrained=False, num_classes=0)
         return int(vit.embed_dim), int(vit.blocks[0].attn.num_heads)
     except (RuntimeError, AttributeError, IndexError, TypeError):  # unknown name, or not a plain ViT

@@ -109,6 +109,24 @@ def test_vit_forward_flops_match_hand_formula():
     assert masked == pytest.approx(b * (patch_embed + cfg.depth * (2 * 5 * 12 * d * d + 4 * 25 * d)), rel=0.03)
 
 
+@pytest.mark.parametrize("backend", ["default", "MATH", "FLASH_ATTENTION"])
+def test_attention_flops_do_not_depend_on_the_kernel(backend):
+    """Every SDPA kernel this torch can run on the CPU counts as the math path does: QKᵀ + AV forward, twice that
+    backward (torch 2.14's counter did not know the CPU flash kernel and counted no attention at all)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, n, d = 2, 3, 17, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    with sdpa_kernel(getattr(SDPBackend, backend)) if backend != "default" else torch.enable_grad():
+        counted = count_flops(step)
+    forward = 2 * (b * h * n * n * d) * 2  # QKᵀ and AV, 2 FLOPs a multiply-add
+    assert counted == 3 * forward
+
+
 def test_synthetic_batch_mirrors_views():
     single = synthetic_batch(mae_views(32, (0.2, 1.0)), 5, torch.device("cpu"))["image"]
     assert single.shape == (5, 3, 32, 32) and single.dtype == torch.uint8  # views end in uint8

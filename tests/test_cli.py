@@ -3,6 +3,7 @@
 import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,9 @@ def test_help(command, capsys):
 
 
 def test_entry_points():
-    for argv in (["ssl-vit", "--help"], [sys.executable, "-m", "ssl_vit", "--help"]):
+    # the console script pip installed beside this interpreter: a venv's bin/ need not be on PATH
+    script = str(Path(sys.executable).parent / "ssl-vit")
+    for argv in ([script, "--help"], [sys.executable, "-m", "ssl_vit", "--help"]):
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         assert "pretrain" in out and "make-shards" in out
 
