@@ -2,6 +2,6 @@
 
 import sys
 
-from ssl_vit.cli import main
+from ssl_vit.cli.main import main
 
 sys.exit(main())

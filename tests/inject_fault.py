@@ -22,9 +22,9 @@ import accelerate
 import torch
 
 import ssl_vit.data.shards as shards
-import ssl_vit.train as train
-from ssl_vit.cli import main
-from ssl_vit.objectives.base import Objective
+import ssl_vit.training.loop as train
+from ssl_vit.cli.main import main
+from ssl_vit.methods.base import Objective
 
 fault, record = sys.argv[1], Path(sys.argv[2])
 rank = int(os.environ.get("RANK", "0"))

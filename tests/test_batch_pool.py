@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data import batch_pool
 from ssl_vit.data.batch_pool import BatchPool, PooledBatch, released_after_use
 from ssl_vit.data.collate import collate

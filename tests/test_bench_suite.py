@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from test_benchmark import TINY
 
-from ssl_vit.bench_suite import make_jpeg_shards, render, select_cases, table_row
-from ssl_vit.cli import main
+from ssl_vit.bench.suite import make_jpeg_shards, render, select_cases, table_row
+from ssl_vit.cli.main import main
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.tar_reader import tar_samples
 
@@ -104,7 +104,7 @@ def test_a_case_of_the_other_list_says_so():
 
 def test_ctrl_c_stops_the_case_too(tmp_path, monkeypatch):
     # the case runs in its own session, out of reach of the terminal's Ctrl-C: the suite must stop it itself
-    import ssl_vit.bench_suite as suite
+    import ssl_vit.bench.suite as suite
 
     killed = []
 

@@ -7,14 +7,14 @@ import time
 import pytest
 import torch
 
-from ssl_vit.backbone import build_backbone, encode
-from ssl_vit.bench_data import children_cpu_seconds
-from ssl_vit.benchmark import count_flops, synthetic_batch
-from ssl_vit.cli import main
-from ssl_vit.config import ModelConfig
+from ssl_vit.bench.benchmark import count_flops, synthetic_batch
+from ssl_vit.bench.loader import children_cpu_seconds
+from ssl_vit.cli.main import main
+from ssl_vit.config.pretrain import ModelConfig
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.data.device_aug import cheap_view
+from ssl_vit.data.device.augment import cheap_view
 from ssl_vit.data.transforms import mae_views
+from ssl_vit.models.backbone import build_backbone, encode
 
 TINY = [
     "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
@@ -140,8 +140,8 @@ def test_compile_runs_a_few_steps(tmp_path, demo, monkeypatch):
     """train.compile=true: the encoder calls go through torch.compile and training still runs (CPU inductor)."""
     import shutil
 
-    from ssl_vit.config import load_config
-    from ssl_vit.train import pretrain
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.training.loop import pretrain
 
     if shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("torch.compile's CPU inductor backend needs a C++ compiler; none on PATH")
@@ -149,8 +149,8 @@ def test_compile_runs_a_few_steps(tmp_path, demo, monkeypatch):
                              "train.precision=auto", "train.total_steps=2", "train.warmup_steps=1",
                              "train.save_every=0", "train.image_every=0", "train.export=false",
                              f"train.run_dir={tmp_path / 'run'}"])
-    from ssl_vit.backbone import encode
-    from ssl_vit.objectives.base import Objective
+    from ssl_vit.methods.base import Objective
+    from ssl_vit.models.backbone import encode
 
     compiled = []
     real_compile = Objective.compile_encoder
@@ -168,10 +168,10 @@ def test_compile_runs_a_few_steps(tmp_path, demo, monkeypatch):
 
 
 def test_compile_and_auto_precision_wiring():
-    from ssl_vit.backbone import encode as plain
-    from ssl_vit.config import MAEConfig
-    from ssl_vit.distributed import make_accelerator
-    from ssl_vit.objectives import build_objective
+    from ssl_vit.config.pretrain import MAEConfig
+    from ssl_vit.methods import build_objective
+    from ssl_vit.models.backbone import encode as plain
+    from ssl_vit.training.distributed import make_accelerator
 
     vit = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     assert build_objective("mae", MAEConfig(decoder_dim=32, decoder_depth=1), build_backbone(vit)).encode is plain
@@ -207,7 +207,7 @@ def test_children_cpu_seconds_counts_a_live_childs_cpu():
 
 
 def test_peak_table_tells_the_pcie_and_nvl_cards_from_the_sxm_parts():
-    from ssl_vit.benchmark import peak_tflops_for
+    from ssl_vit.bench.benchmark import peak_tflops_for
 
     assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
@@ -221,8 +221,8 @@ def test_real_data_is_timed_once_the_shuffle_buffers_are_full_and_the_queue_drai
     # Each batch the benchmark draws is counted: a timed window that began while the shuffle buffers filled (a
     # worker reads two samples per one it yields) or with the queue the idle loader filled would flatter or
     # blame the loader. TINY: 1 worker, shuffle buffer 8, batch 4 → 2 buffer batches; 2 queued ones.
-    import ssl_vit.benchmark as benchmark
-    from ssl_vit.config import load_config
+    import ssl_vit.bench.benchmark as benchmark
+    from ssl_vit.config.pretrain import load_config
 
     drawn, real = [], benchmark.training_batches
 

@@ -10,7 +10,13 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from ssl_vit.checkpoint import COMPLETE, complete_checkpoints, export_backbone, latest_checkpoint, save_checkpoint
+from ssl_vit.training.checkpoint import (
+    COMPLETE,
+    complete_checkpoints,
+    export_backbone,
+    latest_checkpoint,
+    save_checkpoint,
+)
 
 
 def fake_checkpoint(run_dir: Path, step: int, marker: str | None) -> Path:
@@ -75,7 +81,7 @@ def test_model_mismatch_names_the_first_difference_and_allows_tied_weights(tmp_p
     """The resume check reads the checkpoint's safetensors header; tied weights, saved once, are not missing."""
     from safetensors.torch import save_model
 
-    from ssl_vit.checkpoint import model_mismatch
+    from ssl_vit.training.checkpoint import model_mismatch
 
     def tied(width: int) -> torch.nn.Module:
         model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, width))

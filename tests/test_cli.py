@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vit.cli import build_parser, main
+from ssl_vit.cli.main import build_parser, main
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -123,7 +123,7 @@ def test_a_filesystem_error_is_one_line_with_exit_1(monkeypatch, capsys, error, 
     def fails(args):
         raise error
 
-    monkeypatch.setattr("ssl_vit.cli._cmd_config", fails)
+    monkeypatch.setattr("ssl_vit.cli.main._cmd_config", fails)
     assert main(["config"]) == 1
     assert capsys.readouterr().err.strip() == f"ssl-vit config: error: {line}"
 
@@ -143,7 +143,7 @@ def test_a_bug_is_not_hidden_as_a_filesystem_error(monkeypatch):
     def buggy(args):
         raise TypeError("a real bug")
 
-    monkeypatch.setattr("ssl_vit.cli._cmd_config", buggy)
+    monkeypatch.setattr("ssl_vit.cli.main._cmd_config", buggy)
     with pytest.raises(TypeError, match="a real bug"):
         main(["config"])
 
@@ -152,6 +152,6 @@ def test_ctrl_c_during_startup_is_one_line_with_exit_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ssl_vit.cli._cmd_config", interrupted)
+    monkeypatch.setattr("ssl_vit.cli.main._cmd_config", interrupted)
     assert main(["config"]) == 130
     assert capsys.readouterr().err.strip() == "ssl-vit config: interrupted"

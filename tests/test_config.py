@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vit.config import Config, ConfigError, dump_config, load_config
+from ssl_vit.config.pretrain import Config, ConfigError, dump_config, load_config
 
 
 def write(tmp_path, text):
@@ -78,7 +78,7 @@ def test_step_intervals_and_counts_out_of_range_are_one_line_errors(override, me
         load_config(None, [override])
     assert str(err.value) == message
     if override.startswith("train.log_every"):
-        from ssl_vit.finetune_config import load_finetune_config
+        from ssl_vit.config.finetune import load_finetune_config
 
         with pytest.raises(ConfigError, match=f"^{message}$"):
             load_finetune_config(None, [override])
@@ -170,7 +170,7 @@ def test_every_shipped_recipe_loads():
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert recipes
-    from ssl_vit.finetune_config import load_finetune_config
+    from ssl_vit.config.finetune import load_finetune_config
 
     for recipe in recipes:
         (load_finetune_config if recipe.name.startswith("finetune_") else load_config)(recipe)
@@ -180,8 +180,8 @@ def test_every_shipped_recipe_loads():
 def test_config_reference_is_current_and_complete():
     from pathlib import Path
 
-    from ssl_vit.config_reference import render_reference
-    from ssl_vit.config_schema import all_keys
+    from ssl_vit.config.reference import render_reference
+    from ssl_vit.config.schema import all_keys
 
     text = render_reference()
     doc = Path(__file__).parent.parent / "docs" / "config.md"
@@ -244,7 +244,7 @@ def test_a_mae_run_ignores_the_dino_local_crop_size():
 
 
 def test_warmup_as_long_as_the_run_is_named_but_loads():
-    from ssl_vit.config import doubtful_settings
+    from ssl_vit.config.pretrain import doubtful_settings
 
     # a smoke test (total_steps=2 of a recipe) or a run to be extended on resume: not refused, not silent
     cfg = load_config(None, ["train.warmup_steps=50", "train.total_steps=2"])
@@ -270,7 +270,7 @@ def test_warmup_as_long_as_the_run_is_named_but_loads():
                                    "'rand-m9-mstd0.5-inc1', or '' for none"),
 ])
 def test_fine_tuning_values_out_of_range_are_one_line_errors(override, message):
-    from ssl_vit.finetune_config import load_finetune_config
+    from ssl_vit.config.finetune import load_finetune_config
 
     with pytest.raises(ConfigError) as err:
         load_finetune_config(None, [override])
@@ -278,7 +278,7 @@ def test_fine_tuning_values_out_of_range_are_one_line_errors(override, message):
 
 
 def test_timm_policies_of_every_family_are_accepted():
-    from ssl_vit.finetune_config import load_finetune_config
+    from ssl_vit.config.finetune import load_finetune_config
 
     for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "v0", "original", ""):
         assert load_finetune_config(None, [f"augment.auto_augment={policy}"]).augment.auto_augment == policy

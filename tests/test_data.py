@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data import shards
 from ssl_vit.data.demo import DEMO_CLASSES, ensure_demo_data
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample

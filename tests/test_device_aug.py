@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssl_vit.config import DINOConfig, load_config
+from ssl_vit.config.pretrain import DINOConfig, load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.data.device_aug import (
+from ssl_vit.data.device.augment import (
     DeviceAugment,
     ViewParams,
     ViewSpec,
@@ -23,8 +23,8 @@ from ssl_vit.data.device_aug import (
     sample_view_params,
 )
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.objectives.dino import device_views
-from ssl_vit.train import pretrain
+from ssl_vit.methods.dino.model import device_views
+from ssl_vit.training.loop import pretrain
 
 N = 20_000  # draws per probability: binomial std ≤ 0.0036, so a tolerance of 0.02 is > 5σ yet catches bugs
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_vit.config import ConfigError, DataConfig, load_config
-from ssl_vit.data import device_decode, shards
+from ssl_vit.config.pretrain import ConfigError, DataConfig, load_config
+from ssl_vit.data import shards
 from ssl_vit.data.collate import collate
-from ssl_vit.data.device_aug import cheap_view
-from ssl_vit.data.device_decode import (
+from ssl_vit.data.device import decode as device_decode
+from ssl_vit.data.device.augment import cheap_view
+from ssl_vit.data.device.decode import (
     DeviceDecoder,
     decode_on_host,
     decoded_batches,
@@ -25,7 +26,7 @@ from ssl_vit.data.device_decode import (
 from ssl_vit.data.samples import SKIP_REASONS, SampleError
 from ssl_vit.data.shards import DecodeStage, SkipCounter, train_stream
 from ssl_vit.data.writer import write_samples
-from ssl_vit.train import pretrain
+from ssl_vit.training.loop import pretrain
 
 SIZE = 36
 BIG = 10**8

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 from torchvision.transforms import v2
 
-from ssl_vit.backbone import build_backbone
-from ssl_vit.config import Config, DataConfig, DINOConfig, ModelConfig, OptimConfig, TrainConfig
-from ssl_vit.data.multicrop import MultiCropViews
-from ssl_vit.objectives import build_objective
-from ssl_vit.objectives.collapse import CollapseWatch
-from ssl_vit.objectives.dino import DINO, CollapseWarning, teacher_momentum, teacher_temperature
-from ssl_vit.objectives.dino_head import DINOHead, center_stats, dino_loss, teacher_targets, update_center
+from ssl_vit.config.pretrain import Config, DataConfig, DINOConfig, ModelConfig, OptimConfig, TrainConfig
+from ssl_vit.methods import build_objective
+from ssl_vit.methods.dino.head import DINOHead, center_stats, dino_loss, teacher_targets, update_center
+from ssl_vit.methods.dino.model import DINO, CollapseWarning, teacher_momentum, teacher_temperature
+from ssl_vit.methods.dino.monitor import CollapseWatch
+from ssl_vit.methods.dino.transforms import MultiCropViews
+from ssl_vit.models.backbone import build_backbone
 
 TINY_VIT = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
                        num_heads=2, drop_path_rate=0.1)
@@ -169,7 +169,7 @@ def test_teacher_starts_equal_has_no_grads_and_stays_in_eval():
     dino(_batch(), step=0)["loss"].backward()
     assert all(p.grad is None for p in dino.teacher.parameters())
     cfg = Config(objective="dino", model=TINY_VIT, dino=TINY_DINO)
-    from ssl_vit.train import build_optimizer
+    from ssl_vit.training.loop import build_optimizer
 
     optimizer = build_optimizer(dino, cfg, use_fused=False)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -395,9 +395,9 @@ def test_dino_views_follow_config():
 
 
 def test_pretrain_end_to_end_with_resume(tmp_path):
-    from ssl_vit.checkpoint import latest_checkpoint, load_backbone
     from ssl_vit.data.demo import ensure_demo_data
-    from ssl_vit.train import pretrain
+    from ssl_vit.training.checkpoint import latest_checkpoint, load_backbone
+    from ssl_vit.training.loop import pretrain
 
     demo = ensure_demo_data(tmp_path / "demo", n_train=64, n_knn_train=20, n_knn_val=10)
     cfg = Config(

@@ -10,11 +10,11 @@ import torch
 from accelerate import Accelerator
 
 import ssl_vit.eval.features as features_mod
-from ssl_vit.backbone import encode
 from ssl_vit.data.demo import ensure_demo_data, render
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.features import FeatureSpec, describe_skipped, extract_features, image_features
+from ssl_vit.models.backbone import encode
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0, dynamic_img_size=True)
 

@@ -12,15 +12,15 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import ssl_vit.eval.finetune as ft
-from ssl_vit.checkpoint import export_backbone, load_backbone
-from ssl_vit.cli import main
-from ssl_vit.config import ConfigError
+from ssl_vit.cli.main import main
+from ssl_vit.config.finetune import FinetuneConfig, FTModelConfig, load_finetune_config
+from ssl_vit.config.pretrain import ConfigError
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.layer_decay import param_groups_lrd
-from ssl_vit.finetune_config import FinetuneConfig, FTModelConfig, load_finetune_config
+from ssl_vit.training.checkpoint import export_backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)

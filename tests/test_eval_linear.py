@@ -9,14 +9,14 @@ import timm
 import torch
 from PIL import Image
 
-from ssl_vit.checkpoint import export_backbone
-from ssl_vit.cli import main
+from ssl_vit.cli.main import main
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.baseline import load_eval_backbone
 from ssl_vit.eval.features import Features, FeatureSpec
 from ssl_vit.eval.linear import ProbeProtocol, customize, probe_features, probe_protocol
+from ssl_vit.training.checkpoint import export_backbone
 
 
 def separable(n, dim=16, classes=5, seed=0):

@@ -12,12 +12,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from ssl_vit.checkpoint import export_backbone, load_backbone
 from ssl_vit.data.demo import ensure_demo_data, render
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.features import FeatureSpec, extract_features
 from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
+from ssl_vit.training.checkpoint import export_backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, num_classes=0, dynamic_img_size=True)
@@ -25,13 +25,13 @@ KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, num_cla
 # Run by both processes: every evaluation that trains something, through the library entry points.
 SCRIPT = """
 import dataclasses, json, sys
-from ssl_vit.checkpoint import load_backbone
-from ssl_vit.distributed import make_accelerator
+from ssl_vit.training.checkpoint import load_backbone
+from ssl_vit.training.distributed import make_accelerator
 from safetensors.torch import save_file
 from ssl_vit.eval.features import FeatureSpec, extract_features
 from ssl_vit.eval.finetune import finetune
 from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
-from ssl_vit.finetune_config import load_finetune_config
+from ssl_vit.config.finetune import load_finetune_config
 
 backbone, train, val, out, proto_json = sys.argv[1:6]
 acc = make_accelerator()

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ssl_vit.backbone import build_backbone
-from ssl_vit.checkpoint import COMPLETE, export_backbone
-from ssl_vit.cli import main
-from ssl_vit.config import dump_config, load_config
+from ssl_vit.cli.main import main
+from ssl_vit.config.pretrain import dump_config, load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.eval.attention import attention_maps, attention_rollout, mass_mask
 from ssl_vit.eval.visualize import attention_figure
-from ssl_vit.objectives import build_objective
+from ssl_vit.methods import build_objective
+from ssl_vit.models.backbone import build_backbone
+from ssl_vit.training.checkpoint import COMPLETE, export_backbone
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0, dynamic_img_size=True)
 

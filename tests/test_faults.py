@@ -15,12 +15,12 @@ import torch
 from accelerate.state import AcceleratorState
 from tiny_runs import TINY_MAE
 
-from ssl_vit.checkpoint import complete_checkpoints, load_backbone
-from ssl_vit.config import load_config
+from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.objectives.base import Objective
-from ssl_vit.train import pretrain
-from ssl_vit.train_monitor import RunAborted
+from ssl_vit.methods.base import Objective
+from ssl_vit.training.checkpoint import complete_checkpoints, load_backbone
+from ssl_vit.training.loop import pretrain
+from ssl_vit.training.monitor import RunAborted
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = str(ROOT / "tests" / "inject_fault.py")
@@ -236,7 +236,7 @@ def test_too_many_bad_samples_stop_the_run(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    import ssl_vit.train_monitor as monitor
+    import ssl_vit.training.monitor as monitor
 
     monkeypatch.setattr(monitor, "SKIP_RATE_MIN_SAMPLES", 20)
     good = io.BytesIO()
@@ -312,7 +312,7 @@ def test_bad_members_are_skipped_counted_and_never_unpickled(tmp_path):
     import torch
     from PIL import Image
 
-    from ssl_vit.config import DataConfig
+    from ssl_vit.config.pretrain import DataConfig
     from ssl_vit.data.samples import SKIP_REASONS
     from ssl_vit.data.shards import train_stream
     from ssl_vit.data.transforms import eval_transform
@@ -342,7 +342,7 @@ def test_bad_members_are_skipped_counted_and_never_unpickled(tmp_path):
 
 
 def test_missing_or_empty_shards_fail_before_training(tmp_path, capsys):
-    from ssl_vit.cli import main
+    from ssl_vit.cli.main import main
 
     run = ["--set", f"train.run_dir={tmp_path / 'run'}"]
     missing = tmp_path / "nope" / "train-000000.tar"
@@ -356,7 +356,7 @@ def test_missing_or_empty_shards_fail_before_training(tmp_path, capsys):
 
 
 def test_pipe_urls_refused_unless_allowed(tmp_path, capsys):
-    from ssl_vit.cli import main
+    from ssl_vit.cli.main import main
 
     url = f"pipe:touch {tmp_path}/ran; cat x.tar"
     assert main(["pretrain", "--no-knn", "--set", f"train.run_dir={tmp_path / 'run'}", "--set",

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from ssl_vit.backbone import build_backbone, encode
-from ssl_vit.config import MAEConfig, ModelConfig
-from ssl_vit.objectives.mae import (
+from ssl_vit.config.pretrain import MAEConfig, ModelConfig
+from ssl_vit.methods.mae.model import (
     MAE,
     masked_mse,
     patchify,
@@ -16,6 +15,7 @@ from ssl_vit.objectives.mae import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from ssl_vit.models.backbone import build_backbone, encode
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 TINY_MAE = MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -132,7 +132,7 @@ def test_mae_objective_trains_every_parameter():
 
 def _capture_masks_and_predictions(mae: MAE, monkeypatch) -> tuple[list, list]:
     """Lists that fill with each forward's (keep_idx, mask, restore) and decoder output."""
-    import ssl_vit.objectives.mae as mae_module
+    import ssl_vit.methods.mae.model as mae_module
 
     masks, preds = [], []
     real_masking = mae_module.random_masking

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import TINY_MAE
 
-from ssl_vit.config import load_config
+from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.train import pretrain
+from ssl_vit.training.loop import pretrain
 
 TINY = TINY_MAE + [
     "data.shuffle_buffer=16", "train.total_steps=6", "train.warmup_steps=2", "train.log_every=1",
@@ -73,7 +73,7 @@ def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path, shards):
 
 
 def test_peak_lr_scales_with_the_global_batch_unless_an_lr_is_given():
-    from ssl_vit.train import peak_lr
+    from ssl_vit.training.loop import peak_lr
 
     cfg = load_config(None, ["optim.base_lr=1.5e-4", "data.batch_size=64", "optim.accum_steps=2"])
     assert peak_lr(cfg, num_processes=8) == pytest.approx(1.5e-4 * 64 * 8 * 2 / 256)  # MAE: blr × 1024 / 256

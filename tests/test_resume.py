@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssl_vit.checkpoint import complete_checkpoints
-from ssl_vit.config import load_config
+from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.objectives import OBJECTIVES
-from ssl_vit.train import pretrain
+from ssl_vit.methods import OBJECTIVES
+from ssl_vit.training.checkpoint import complete_checkpoints
+from ssl_vit.training.loop import pretrain
 
 TINY_MODEL = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=48",
               "model.depth=2", "model.num_heads=2"]

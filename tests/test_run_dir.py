@@ -13,7 +13,9 @@ import yaml
 from safetensors.torch import load_file
 from tiny_runs import TINY_MAE
 
-from ssl_vit.checkpoint import (
+from ssl_vit.config.pretrain import load_config
+from ssl_vit.data.demo import ensure_demo_data
+from ssl_vit.training.checkpoint import (
     complete_checkpoints,
     export_backbone,
     export_run,
@@ -21,10 +23,8 @@ from ssl_vit.checkpoint import (
     load_checkpoint,
     reading,
 )
-from ssl_vit.config import load_config
-from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.run_dir import check_finetune_dir
-from ssl_vit.train import pretrain
+from ssl_vit.training.loop import pretrain
+from ssl_vit.training.run_dir import check_finetune_dir
 
 TINY = TINY_MAE + [
     "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
@@ -176,7 +176,7 @@ def test_finetuning_refuses_another_run_and_an_earlier_result(tmp_path, finished
 
 
 def test_a_resume_on_fewer_processes_says_what_it_changes(tmp_path):
-    from ssl_vit.resume_check import process_count_notice
+    from ssl_vit.training.resume import process_count_notice
 
     ckpt = tmp_path / "step_00000010"
     ckpt.mkdir()

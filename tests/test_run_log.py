@@ -5,7 +5,7 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ssl_vit.run_log import RunLog
+from ssl_vit.training.run_log import RunLog
 
 
 def _tensorboard_steps(run_dir):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ssl_vit.backbone import build_backbone, encode
-from ssl_vit.config import ModelConfig
-from ssl_vit.schedules import cosine, warmup_cosine
+from ssl_vit.config.pretrain import ModelConfig
+from ssl_vit.models.backbone import build_backbone, encode
+from ssl_vit.training.optim import cosine, warmup_cosine
 
 
 def test_warmup_cosine_shape():

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import TINY_MAE
 
-from ssl_vit.checkpoint import complete_checkpoints, export_run, load_backbone
-from ssl_vit.config import load_config
+from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.eval.knn import knn_eval
-from ssl_vit.objectives.mae import MAE
-from ssl_vit.train import pretrain
+from ssl_vit.methods.mae.model import MAE
+from ssl_vit.training.checkpoint import complete_checkpoints, export_run, load_backbone
+from ssl_vit.training.loop import pretrain
 
 TINY = TINY_MAE + [
     "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16", "optim.lr=1e-3", "optim.clip_grad=1.0",
@@ -95,7 +95,7 @@ def test_launcher_precision_applies_unless_the_config_names_one(monkeypatch, lau
 
     from accelerate.state import AcceleratorState
 
-    from ssl_vit.distributed import make_accelerator
+    from ssl_vit.training.distributed import make_accelerator
 
     if launcher is None:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -152,8 +152,8 @@ def test_whole_model_reads_under_fsdp_are_refused_before_training():
 
     from accelerate.utils import DistributedType
 
-    from ssl_vit.config import ConfigError
-    from ssl_vit.distributed import check_fsdp_supported
+    from ssl_vit.config.pretrain import ConfigError
+    from ssl_vit.training.distributed import check_fsdp_supported
 
     fsdp, ddp = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP, DistributedType.MULTI_GPU))
     with pytest.raises(ConfigError, match="train.export: the backbone export does not work under FSDP"):
@@ -166,7 +166,7 @@ def test_whole_model_reads_under_fsdp_are_refused_before_training():
 
 
 def test_shapeless_changes_compare_heads_as_built():
-    from ssl_vit.resume_check import shapeless_changes
+    from ssl_vit.training.resume import shapeless_changes
 
     saved = load_config(None, ["model.name=vit_tiny_patch16_224"])  # num_heads null: the timm model's 3
     assert shapeless_changes(saved, load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_heads=3"])) == []
@@ -186,7 +186,7 @@ def test_shapeless_changes_compare_heads_as_built():
 def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, objective, extra):
     # Every read of a device value to the host (item, tolist, bool, float, int) stalls a GPU until the queued
     # kernels finish. Outside log, image and checkpoint steps a step has one: the agreed stop/skip flags.
-    import ssl_vit.train as train
+    import ssl_vit.training.loop as train
 
     reads: list[str] = []
     in_step = {"on": False}
@@ -207,8 +207,8 @@ def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, obje
         real_after(self, *args, **kwargs)
         in_step["on"] = True
     monkeypatch.setattr(train.Trainer, "_after_step", after_step)
-    from ssl_vit.objectives.base import Objective
-    from ssl_vit.objectives.dino import DINO
+    from ssl_vit.methods.base import Objective
+    from ssl_vit.methods.dino.model import DINO
 
     for cls in (Objective, DINO):  # after the last step: DINO's collapse watch reads once more
         real_end = cls.after_training
@@ -232,9 +232,9 @@ def test_a_training_step_reads_the_device_once(tmp_path, demo, monkeypatch, obje
 
 
 def test_an_aborted_run_still_reports_what_the_objective_has_pending(tmp_path, demo, monkeypatch):
-    import ssl_vit.train as train
-    from ssl_vit.objectives.base import Objective
-    from ssl_vit.train_monitor import RunAborted
+    import ssl_vit.training.loop as train
+    from ssl_vit.methods.base import Objective
+    from ssl_vit.training.monitor import RunAborted
 
     ended = []
     monkeypatch.setattr(Objective, "after_training", lambda self: ended.append(type(self).__name__))

@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.train_monitor import Counters, StepWindow
+from ssl_vit.training.monitor import Counters, StepWindow
 
 CORRUPT = SKIP_REASONS.index("corrupt_image")
 

@@ -1,11 +1,11 @@
-"""Regenerate docs/config.md from the field comments in ssl_vit/config.py (`--check`: only say whether it is
+"""Regenerate docs/config.md from the field comments in ssl_vit/config/pretrain.py (`--check`: only say whether it is
 current, exit 1 if not)."""
 
 import argparse
 import sys
 from pathlib import Path
 
-from ssl_vit.config_reference import render_reference
+from ssl_vit.config.reference import render_reference
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
-from ssl_vit.data.device_aug import cheap_size
-from ssl_vit.data.device_decode import decoded_batches
+from ssl_vit.data.device.augment import cheap_size
+from ssl_vit.data.device.decode import decoded_batches
 from ssl_vit.data.shards import train_stream
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
 from ssl_vit.data.batch_pool import DEFAULT_SLOTS, BatchPool, PooledBatch, stack_new
-from ssl_vit.data.device_decode import pack_payloads
+from ssl_vit.data.device.decode import pack_payloads
 
 
 def _stack_groups(groups: Sequence[list[Tensor]], pool: BatchPool | None, batch: dict[str, Any]) -> list[Tensor]:

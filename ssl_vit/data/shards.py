@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data.collate import PooledCollate, collate
-from ssl_vit.data.device_decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
+from ssl_vit.data.device.decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
 from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.tar_reader import tar_samples

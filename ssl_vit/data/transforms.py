@@ -8,6 +8,7 @@ processes and copy to the GPU. Evaluation transforms end in normalised float ten
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,14 @@ _BICUBIC = v2.InterpolationMode.BICUBIC
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of the resized crop, drawn uniformly
+
+
+def blur_kernel(size: int) -> int:
+    """Gaussian kernel side for a crop of `size`: ±3σ at the largest σ (PIL's blur, used by DINO, has no kernel
+    size), kept odd and within the crop."""
+    kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+    return min(kernel, size if size % 2 else size - 1)
 
 
 @functools.lru_cache(maxsize=64)

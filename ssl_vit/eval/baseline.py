@@ -21,7 +21,7 @@ def load_eval_backbone(path: str | Path, random_init: bool = False,
     """`checkpoint.load_backbone`, with a random init drawn from `seed` (the same weights on every call)."""
     import torch  # here, not above: the command line imports this module for its default seed, before any work
 
-    from ssl_vit.checkpoint import load_backbone
+    from ssl_vit.training.checkpoint import load_backbone
 
     if not random_init:
         return load_backbone(path)

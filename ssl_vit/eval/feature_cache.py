@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from ssl_vit.checkpoint import save_shared
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.eval.features import Features, FeatureSpec, no_skips
+from ssl_vit.training.checkpoint import save_shared
 
 _VERSION = 3  # bump when the extraction changes (2: skip counts stored, repeated keys kept; 3: fc_norm applied)
 

@@ -29,20 +29,20 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from ssl_vit.checkpoint import export_backbone, load_backbone
-from ssl_vit.config import to_dict
+from ssl_vit.config.finetune import FinetuneConfig, FTAugmentConfig, FTModelConfig
+from ssl_vit.config.pretrain import to_dict
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from ssl_vit.distributed import make_accelerator
 from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key, skip_totals
 from ssl_vit.eval.labelled import check_class_lists, check_label_count, count_samples, labelled_train_stream
 from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
-from ssl_vit.finetune_config import FinetuneConfig, FTAugmentConfig, FTModelConfig
-from ssl_vit.run_dir import check_finetune_dir
-from ssl_vit.run_log import RunLog
-from ssl_vit.schedules import warmup_cosine
+from ssl_vit.training.checkpoint import export_backbone, load_backbone
+from ssl_vit.training.distributed import make_accelerator
+from ssl_vit.training.optim import warmup_cosine
+from ssl_vit.training.run_dir import check_finetune_dir
+from ssl_vit.training.run_log import RunLog
 
 
 @dataclass

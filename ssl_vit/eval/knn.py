@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_vit.config import EvalConfig
+from ssl_vit.config.pretrain import EvalConfig
 from ssl_vit.eval.features import FeatureSpec, extract_features
 from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
 from ssl_vit.eval.metrics import check_labelled

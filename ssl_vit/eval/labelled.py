@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.batches import reuses_memory
 from ssl_vit.data.samples import IMAGE_EXTS

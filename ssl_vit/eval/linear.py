@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from ssl_vit.eval.features import Features, FeatureSpec, extract_features
 from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
 from ssl_vit.eval.metrics import check_labelled, topk_hits
-from ssl_vit.run_log import RunLog
-from ssl_vit.schedules import warmup_cosine
+from ssl_vit.training.optim import warmup_cosine
+from ssl_vit.training.run_log import RunLog
 
 
 @dataclass(frozen=True)

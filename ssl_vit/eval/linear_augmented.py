@@ -15,7 +15,7 @@ from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.transforms import mae_views, normalize
 from ssl_vit.eval.features import Features, image_features, skip_totals
 from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
-from ssl_vit.run_log import RunLog
+from ssl_vit.training.run_log import RunLog
 
 if TYPE_CHECKING:
     from ssl_vit.eval.linear import ProbeData, ProbeProtocol

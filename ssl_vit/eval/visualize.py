@@ -18,7 +18,7 @@ from ssl_vit.data.samples import to_rgb
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import denormalize, eval_transform
 from ssl_vit.eval.attention import attention_maps, attention_rollout, cls_to_patches, mass_mask
-from ssl_vit.objectives import Objective
+from ssl_vit.methods import Objective
 
 # "inferno"-like ramp from dark (no attention) to bright (most attention)
 _RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
@@ -101,7 +101,7 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
 def mae_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int | None = None) -> Tensor:
     """(3, 3·T, n·T) grid from `MAE.visualize`: rows original, masked input, reconstruction (visible patches
     pasted back), one column per image; the random mask is drawn from `seed`."""
-    from ssl_vit.objectives.mae import MAE
+    from ssl_vit.methods.mae.model import MAE
 
     if not isinstance(objective, MAE):
         raise ValueError(f"reconstructions need an MAE run, this one is {type(objective).__name__}")

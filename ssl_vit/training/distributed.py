@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from ssl_vit.config_schema import ConfigError
+from ssl_vit.config.schema import ConfigError
 
 if TYPE_CHECKING:
-    from ssl_vit.config import Config
+    from ssl_vit.config.pretrain import Config
 
 
 def _has_accelerator() -> bool:

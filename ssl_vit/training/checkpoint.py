@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 if TYPE_CHECKING:
-    from ssl_vit.objectives import Objective
+    from ssl_vit.methods import Objective
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step_"
@@ -256,9 +256,9 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
 
 def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
     """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, and its step."""
-    from ssl_vit.backbone import build_backbone
-    from ssl_vit.config import load_config
-    from ssl_vit.objectives import build_objective
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.methods import build_objective
+    from ssl_vit.models.backbone import build_backbone
 
     found = latest_checkpoint(run_dir)
     if found is None:
@@ -281,8 +281,8 @@ def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Export the backbone of a run's newest complete checkpoint (e.g. of a run that was stopped early)."""
-    from ssl_vit.backbone import backbone_kwargs
-    from ssl_vit.config import load_config
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.models.backbone import backbone_kwargs
 
     objective, step = load_run_objective(run_dir)
     cfg = load_config(Path(run_dir) / "config.yaml")

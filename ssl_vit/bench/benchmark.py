@@ -19,14 +19,14 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_vit.backbone import build_backbone, encode
-from ssl_vit.bench_data import loader_report, warmup_batches
-from ssl_vit.config import Config
+from ssl_vit.bench.loader import loader_report, warmup_batches
+from ssl_vit.config.pretrain import Config
 from ssl_vit.data.batches import to_device, training_batches
-from ssl_vit.distributed import make_accelerator
-from ssl_vit.objectives import Objective, build_objective
-from ssl_vit.objectives.mae import random_masking
-from ssl_vit.train import build_optimizer
+from ssl_vit.methods import Objective, build_objective
+from ssl_vit.methods.mae.model import random_masking
+from ssl_vit.models.backbone import build_backbone, encode
+from ssl_vit.training.distributed import make_accelerator
+from ssl_vit.training.loop import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA's data sheets) by device-name fragment, the first that matches:
 # the PCIe and NVL cards before the SXM parts whose names they contain. Anything else needs --peak-tflops.

@@ -7,14 +7,13 @@ blur and solarization differ per view so that the two global views are asymmetri
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of the resized crop, drawn uniformly
+from ssl_vit.data.transforms import BLUR_SIGMA, blur_kernel
 
 
 def _check_prob(name: str, p: float) -> None:
@@ -27,12 +26,6 @@ def _check_scale(name: str, scale: tuple[float, float]) -> None:
         raise ValueError(f"{name} must satisfy 0 < min ≤ max ≤ 1, got {scale}")
 
 
-def _blur_kernel(size: int) -> int:
-    # ±3σ at the largest σ (PIL's blur, used by DINO, has no kernel size), kept odd and within the crop.
-    kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
-    return min(kernel, size if size % 2 else size - 1)
-
-
 def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, grayscale_prob: float,
               blur_prob: float, solarize_prob: float = 0.0) -> v2.Compose:
     """One view: PIL image → uint8 (3, size, size) tensor (normalised on the device)."""
@@ -42,7 +35,7 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
                        p=color_jitter_prob),
         v2.RandomGrayscale(p=grayscale_prob),
-        v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=BLUR_SIGMA)], p=blur_prob),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=BLUR_SIGMA)], p=blur_prob),
     ]
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey

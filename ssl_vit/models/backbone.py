@@ -14,7 +14,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_vit.config import ModelConfig
+from ssl_vit.config.pretrain import ModelConfig
 
 
 def backbone_kwargs(cfg: ModelConfig) -> dict[str, Any]:

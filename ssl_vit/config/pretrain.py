@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from ssl_vit import config_checks as checks
+from ssl_vit.config import checks
 
 # ConfigError and to_dict are part of this module's interface (most callers import them from here)
-from ssl_vit.config_schema import ConfigError, load_dataclass, to_dict
+from ssl_vit.config.schema import ConfigError, load_dataclass, to_dict
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DINOConfig", "EvalConfig", "MAEConfig", "ModelConfig",
            "OptimConfig", "TrainConfig", "doubtful_settings", "dump_config", "load_config", "to_dict", "validate"]
@@ -243,7 +243,7 @@ def _check_data(cfg: Config) -> None:
     if cfg.data.device_decode and cfg.data.device_aug is False:
         raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
     if cfg.data.device_decode:
-        from ssl_vit.data.device_decode import torchvision_decodes_jpeg  # the data package imports torch and PIL
+        from ssl_vit.data.device.decode import torchvision_decodes_jpeg  # the data package imports torch and PIL
 
         if not torchvision_decodes_jpeg():
             raise ConfigError("data.device_decode: this torchvision has no torchvision.io.decode_jpeg (its image "

@@ -29,8 +29,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from ssl_vit.data.multicrop import BLUR_SIGMA, _blur_kernel
-from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, device_constant
+from ssl_vit.data.transforms import BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD, blur_kernel, device_constant
 
 RATIO: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision's default)
 JITTER: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -225,7 +224,7 @@ def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
     if params.gray is not None:
         x = torch.where(_per_row(params.gray), _gray(x).expand_as(x), x)
     if params.blur_sigma is not None:
-        blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), _blur_kernel(size))
+        blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), blur_kernel(size))
         x = torch.where(_per_row(params.blur_sigma > 0), blurred, x)
     if params.solarize is not None:
         x = torch.where(_per_row(params.solarize) & (x >= 128 / 255), 1 - x, x)

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 from webdataset.handlers import reraise_exception
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.samples import SampleError
 from ssl_vit.data.shard_urls import resolve_shards

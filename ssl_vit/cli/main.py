@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ssl_vit.recipes import DEMO_RECIPE, finetune_votes, load_any_config, recipe_path
+from ssl_vit.config.recipes import DEMO_RECIPE, finetune_votes, load_any_config, recipe_path
 
 
 def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
-    from ssl_vit.config import ConfigError
+    from ssl_vit.config.pretrain import ConfigError
 
     kind, cfg = load_any_config(recipe, overrides)
     if kind == "finetune":
@@ -23,9 +23,9 @@ def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_vit.config import doubtful_settings
-    from ssl_vit.distributed import make_accelerator
-    from ssl_vit.train import pretrain, resolve_demo
+    from ssl_vit.config.pretrain import doubtful_settings
+    from ssl_vit.training.distributed import make_accelerator
+    from ssl_vit.training.loop import pretrain, resolve_demo
 
     cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
     if not args.no_knn:
@@ -58,7 +58,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _check_knn_shards(cfg: Any) -> None:
     """Resolve the k-NN shards now: a missing one would otherwise fail only after the whole training run."""
-    from ssl_vit.config import ConfigError
+    from ssl_vit.config.pretrain import ConfigError
     from ssl_vit.data.shard_urls import resolve_shards
 
     for key, spec in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
@@ -71,8 +71,8 @@ def _check_knn_shards(cfg: Any) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """`ssl-vit finetune`, naming a pretraining recipe as one (not its `objective` as an unknown key) first."""
-    from ssl_vit import cli_eval
-    from ssl_vit.config import ConfigError
+    from ssl_vit.cli import eval as cli_eval
+    from ssl_vit.config.pretrain import ConfigError
 
     if finetune_votes(recipe_path(args.recipe, cli_eval.FINETUNE_DEMO_RECIPE), args.set) < 0:
         raise ConfigError(f"{args.recipe} is a pretraining recipe: run `ssl-vit pretrain {args.recipe}`")
@@ -80,8 +80,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from ssl_vit.benchmark import format_report, run_benchmark
-    from ssl_vit.train import resolve_demo
+    from ssl_vit.bench.benchmark import format_report, run_benchmark
+    from ssl_vit.training.loop import resolve_demo
 
     cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
     result = run_benchmark(cfg, steps=args.steps, synthetic=args.synthetic, peak_tflops=args.peak_tflops,
@@ -94,7 +94,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark_suite(args: argparse.Namespace) -> int:
-    from ssl_vit.bench_suite import run_suite, select_cases
+    from ssl_vit.bench.suite import run_suite, select_cases
 
     if args.list:
         for case in select_cases(args.quick, args.only):
@@ -111,7 +111,7 @@ def _cmd_benchmark_suite(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from ssl_vit.config import to_dict
+    from ssl_vit.config.pretrain import to_dict
 
     _, cfg = load_any_config(args.recipe, args.set)  # a pretraining or a fine-tuning recipe
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -132,7 +132,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ssl_vit.checkpoint import export_run
+    from ssl_vit.training.checkpoint import export_run
 
     path = export_run(args.run_dir, args.out)
     print(f"exported backbone: {path}")
@@ -140,7 +140,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ssl_vit.cli_eval import add_eval_commands
+    from ssl_vit.cli.eval import add_eval_commands
 
     parser = argparse.ArgumentParser(prog="ssl-vit",
                                      description="Self-supervised ViT pretraining (MAE, DINO), evaluation, export.")
@@ -226,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command, its expected failures as one line each: no traceback for what the user can fix."""
-    from ssl_vit.config import ConfigError
-    from ssl_vit.train_monitor import RunAborted
+    from ssl_vit.config.pretrain import ConfigError
+    from ssl_vit.training.monitor import RunAborted
 
     try:
         return args.func(args)

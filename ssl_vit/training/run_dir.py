@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from ssl_vit.config import Config
+    from ssl_vit.config.pretrain import Config
 
 PRETRAINING, FINETUNING = "pretraining", "fine-tuning"
 
@@ -69,8 +69,8 @@ def keep_changed_config(run_dir: Path, cfg: Config, step: int) -> str | None:
     """On a resume at `step`: where `cfg` differs from the run's config.yaml, keep that file as
     `config.before_step_<step>.yaml` and return a one-line notice naming the changes; None if nothing changed.
     (The model is checked before this, by `resume_check`: only settings that keep it can differ here.)"""
-    from ssl_vit.config import load_config
-    from ssl_vit.config_schema import ConfigError, differences
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.config.schema import ConfigError, differences
 
     path = run_dir / "config.yaml"
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssl_vit import config_checks as checks
-from ssl_vit.config_schema import ConfigError, load_dataclass
+from ssl_vit.config import checks
+from ssl_vit.config.schema import ConfigError, load_dataclass
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssl_vit.checkpoint import model_mismatch
-from ssl_vit.config_schema import ConfigError
+from ssl_vit.config.schema import ConfigError
+from ssl_vit.training.checkpoint import model_mismatch
 
 if TYPE_CHECKING:
-    from ssl_vit.config import Config
-    from ssl_vit.objectives import Objective
+    from ssl_vit.config.pretrain import Config
+    from ssl_vit.methods import Objective
 
 
 def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: bool = False) -> None:
@@ -21,8 +21,8 @@ def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: b
     run dir reused with a new model.depth or model.num_heads), naming what differs from the run's config.yaml,
     before anything is loaded or written. `sharded` (FSDP) checkpoints have no tensor shapes to read: Accelerate
     checks those when loading, and only the config is compared here."""
-    from ssl_vit.config import load_config
-    from ssl_vit.config_schema import differences
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.config.schema import differences
 
     try:
         saved: Config | None = load_config(Path(cfg.train.run_dir) / "config.yaml")
@@ -61,7 +61,7 @@ def shapeless_changes(saved: Config, cfg: Config) -> list[str]:
 
 
 def _heads(cfg: Config) -> list[int]:
-    from ssl_vit.backbone import build_backbone
+    from ssl_vit.models.backbone import build_backbone
 
     try:
         with torch.device("meta"):  # the structure without allocating or initialising any weight

@@ -30,7 +30,7 @@ try:  # torchvision 0.29 deprecated its image codecs in favour of TorchCodec; a 
 except ImportError:
     decode_jpeg = None
 
-from ssl_vit.data.device_aug import cheap_view
+from ssl_vit.data.device.augment import cheap_view
 from ssl_vit.data.samples import SKIP_REASONS
 
 log = logging.getLogger(__name__)

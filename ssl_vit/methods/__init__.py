@@ -7,9 +7,9 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
-from ssl_vit.objectives.base import Objective
-from ssl_vit.objectives.dino import DINO
-from ssl_vit.objectives.mae import MAE
+from ssl_vit.methods.base import Objective
+from ssl_vit.methods.dino.model import DINO
+from ssl_vit.methods.mae.model import MAE
 
 OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO}
 

@@ -17,10 +17,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.config import MAEConfig
-from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
+from ssl_vit.config.pretrain import MAEConfig
+from ssl_vit.data.device.augment import DeviceAugment, ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.transforms import denormalize, mae_views, normalize
-from ssl_vit.objectives.base import Objective
+from ssl_vit.methods.base import Objective
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:

@@ -25,24 +25,24 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ssl_vit.backbone import backbone_kwargs, build_backbone
-from ssl_vit.checkpoint import (
+from ssl_vit.config.pretrain import Config, dump_config
+from ssl_vit.data.batches import to_device, training_batches
+from ssl_vit.data.shard_urls import resolve_shards
+from ssl_vit.methods import Objective, build_objective
+from ssl_vit.models.backbone import backbone_kwargs, build_backbone
+from ssl_vit.training.checkpoint import (
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from ssl_vit.config import Config, dump_config
-from ssl_vit.data.batches import to_device, training_batches
-from ssl_vit.data.shard_urls import resolve_shards
-from ssl_vit.distributed import check_fsdp_supported, make_accelerator
-from ssl_vit.objectives import Objective, build_objective
-from ssl_vit.resume_check import check_resume_model, process_count_notice
-from ssl_vit.run_dir import check_new_pretraining_dir, keep_changed_config
-from ssl_vit.run_log import RunLog
-from ssl_vit.schedules import cosine, warmup_cosine
-from ssl_vit.signals import StopRequest
-from ssl_vit.train_monitor import Counters, RunAborted, StepWindow
+from ssl_vit.training.distributed import check_fsdp_supported, make_accelerator
+from ssl_vit.training.monitor import Counters, RunAborted, StepWindow
+from ssl_vit.training.optim import cosine, warmup_cosine
+from ssl_vit.training.resume import check_resume_model, process_count_notice
+from ssl_vit.training.run_dir import check_new_pretraining_dir, keep_changed_config
+from ssl_vit.training.run_log import RunLog
+from ssl_vit.training.signals import StopRequest
 
 __all__ = ["PretrainResult", "RunAborted", "peak_lr", "pretrain", "resolve_demo"]
 

@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.backbone import encode
+from ssl_vit.models.backbone import encode
 
 # Learned tokens and embeddings are not weights: we never decay them, as timm's ViTs (`no_weight_decay`) and MAE's
 # fine-tuning skip them. MAE's and DINO's pretraining code do decay them (cls and mask tokens; DINO also pos_embed):

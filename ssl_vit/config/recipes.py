@@ -15,7 +15,7 @@ DEMO_RECIPE = "mae_demo_tiny.yaml"
 def _recipes_dir() -> Path:
     """recipes/ of a source checkout (editable install), else the copy a wheel installs under
     <prefix>/share/ssl_vit/recipes (pyproject's data-files)."""
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
     return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "ssl_vit" / "recipes"
 
 
@@ -35,7 +35,7 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(path.name.removesuffix(".yaml"), known, n=1, cutoff=0.6)
     if close:  # a mistyped recipe name: name the shipped one it most likely means
-        from ssl_vit.config_schema import ConfigError
+        from ssl_vit.config.schema import ConfigError
 
         raise ConfigError(f"recipe not found: {recipe}; did you mean {close[0]!r}?")
     return path  # load_config reports it as not found
@@ -44,8 +44,8 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
 def load_any_config(recipe: str | None, overrides: Sequence[str]) -> tuple[str, Any]:
     """("pretrain" | "finetune", config) of a recipe with its overrides, loaded by the schema their keys belong
     to (`recipe_kind`); its errors are then that schema's (a misspelled key is named against the right keys)."""
-    from ssl_vit.config import load_config
-    from ssl_vit.finetune_config import load_finetune_config
+    from ssl_vit.config.finetune import load_finetune_config
+    from ssl_vit.config.pretrain import load_config
 
     path = recipe_path(recipe)
     if recipe_kind(path, overrides) == "finetune":
@@ -64,9 +64,9 @@ def finetune_votes(path: Path, overrides: Sequence[str]) -> int:
     """Keys only the fine-tuning schema has minus keys only the pretraining one has (see `recipe_kind`)."""
     import yaml
 
-    from ssl_vit.config import Config
-    from ssl_vit.config_schema import all_keys
-    from ssl_vit.finetune_config import FinetuneConfig
+    from ssl_vit.config.finetune import FinetuneConfig
+    from ssl_vit.config.pretrain import Config
+    from ssl_vit.config.schema import all_keys
 
     try:
         data = yaml.safe_load(path.read_text()) if path.is_file() else None

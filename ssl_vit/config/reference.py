@@ -11,15 +11,15 @@ import inspect
 import re
 import typing
 
-from ssl_vit.config import Config
-from ssl_vit.config_schema import type_name
+from ssl_vit.config.pretrain import Config
+from ssl_vit.config.schema import type_name
 
 _FIELD = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
 
 HEADER = """# Config reference
 
 Every key a recipe or `--set section.key=value` can set, with its default and meaning. Defaults are the MAE
-paper's ViT-B/16 pretraining values; a recipe lists only what differs. Generated from `ssl_vit/config.py` by
+paper's ViT-B/16 pretraining values; a recipe lists only what differs. Generated from `ssl_vit/config/pretrain.py` by
 `python tools/config_reference.py` — edit the comments there, not this file.
 
 An unknown key is an error naming the closest valid one; a value of the wrong type is an error naming the key

@@ -34,11 +34,11 @@ def check_output(path: str | Path | None, flag: str, *, folder: bool) -> None:
 def _cmd_knn(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ssl_vit.config import EvalConfig
-    from ssl_vit.distributed import make_accelerator
+    from ssl_vit.config.pretrain import EvalConfig
     from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.features import FeatureSpec, describe_skipped
     from ssl_vit.eval.knn import knn_report
+    from ssl_vit.training.distributed import make_accelerator
 
     check_output(args.out, "--out", folder=False)
     check_output(args.cache_dir, "--cache-dir", folder=True)
@@ -65,10 +65,10 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 def _cmd_linear_probe(args: argparse.Namespace) -> int:
     import torch
 
-    from ssl_vit.distributed import make_accelerator
     from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.features import describe_skipped
     from ssl_vit.eval.linear import ProbeData, customize, linear_probe, probe_protocol
+    from ssl_vit.training.distributed import make_accelerator
 
     check_output(args.out, "--out", folder=True)
     check_output(args.cache_dir, "--cache-dir", folder=True)
@@ -101,10 +101,10 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from ssl_vit.distributed import make_accelerator
+    from ssl_vit.config.finetune import load_finetune_config
+    from ssl_vit.config.recipes import recipe_path
     from ssl_vit.eval.finetune import finetune, resolve_finetune_demo
-    from ssl_vit.finetune_config import load_finetune_config
-    from ssl_vit.recipes import recipe_path
+    from ssl_vit.training.distributed import make_accelerator
 
     cfg = resolve_finetune_demo(load_finetune_config(recipe_path(args.recipe, FINETUNE_DEMO_RECIPE), args.set))
     accelerator = make_accelerator(cfg.train.precision)
@@ -115,10 +115,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from ssl_vit.checkpoint import load_run_objective
-    from ssl_vit.distributed import make_accelerator
     from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.visualize import attention_figure, load_images, mae_figure, save_png
+    from ssl_vit.training.checkpoint import load_run_objective
+    from ssl_vit.training.distributed import make_accelerator
 
     if not args.backbone and not args.mae_run:
         raise ValueError("give --backbone (attention maps) and/or --mae-run (MAE reconstructions)")

@@ -20,15 +20,11 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.backbone import encode
-from ssl_vit.config import DINOConfig, TrainConfig
-from ssl_vit.data.device_aug import DeviceAugment, ViewSpec, cheap_size, cheap_view
-from ssl_vit.data.multicrop import MultiCropViews
+from ssl_vit.config.pretrain import DINOConfig, TrainConfig
+from ssl_vit.data.device.augment import DeviceAugment, ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.transforms import denormalize, normalize
-from ssl_vit.objectives.base import Objective
-from ssl_vit.objectives.collapse import COLLAPSE_WINDOW, CollapseWatch
-from ssl_vit.objectives.collapse import CollapseWarning as CollapseWarning  # where users filter it
-from ssl_vit.objectives.dino_head import (
+from ssl_vit.methods.base import Objective
+from ssl_vit.methods.dino.head import (
     DINOHead,
     center_stats,
     dino_loss,
@@ -36,7 +32,11 @@ from ssl_vit.objectives.dino_head import (
     teacher_targets,
     update_center,
 )
-from ssl_vit.schedules import cosine
+from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
+from ssl_vit.methods.dino.monitor import CollapseWarning as CollapseWarning  # where users filter it
+from ssl_vit.methods.dino.transforms import MultiCropViews
+from ssl_vit.models.backbone import encode
+from ssl_vit.training.optim import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
 def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ssl_vit.config_schema import ConfigError
+from ssl_vit.config.schema import ConfigError
 
 # The optimizer keys pretraining and fine-tuning share, with their intervals and what null means there.
 OPTIM_RANGES = {

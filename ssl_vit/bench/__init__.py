@@ -1,0 +1,1 @@
+"""Benchmark tools (`ssl-vit benchmark`, `benchmark-suite`); the core package never imports them."""

@@ -1,0 +1,1 @@
+"""`ssl-vit <command>`: thin argument parsing over the library."""

@@ -1,0 +1,1 @@
+"""Typed, closed configuration: the schema machinery, the pretraining and fine-tuning configs, recipe lookup."""

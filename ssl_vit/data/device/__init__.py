@@ -1,0 +1,1 @@
+"""Opt-in device-side augmentation and JPEG decode (`data.device_aug`, `data.device_decode`)."""
