@@ -144,9 +144,9 @@ def test_stream_with_device_decode_equals_cpu_decode(jpeg_shards):
 
 
 def test_config_rules():
-    assert DataConfig().use_device_aug("cuda") and not DataConfig().use_device_aug("cpu")
-    assert DataConfig(device_decode=True).use_device_aug("cpu")  # decode on the device needs its views
-    assert not DataConfig(device_aug=False).use_device_aug("cuda")
+    assert not DataConfig().device_aug  # opt-in until a GPU measurement shows it wins
+    with pytest.raises(ConfigError, match="data.device_decode: needs data.device_aug"):
+        load_config(None, ["data.device_decode=true"])
     with pytest.raises(ConfigError, match="data.device_decode: needs data.device_aug"):
         load_config(None, ["data.device_decode=true", "data.device_aug=false"])
 
@@ -156,7 +156,8 @@ def test_pretrain_with_device_decode(tmp_path, jpeg_shards):
         "model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
         "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "data.batch_size=4",
         "data.num_workers=1", "data.shuffle_buffer=8", "optim.lr=1e-3", "train.total_steps=3", "train.warmup_steps=1",
-        "train.log_every=1", "train.save_every=0", "train.export=false", "data.device_decode=true",
+        "train.log_every=1", "train.save_every=0", "train.export=false", "data.device_aug=true",
+        "data.device_decode=true",
         f"data.train={jpeg_shards}", f"train.run_dir={tmp_path / 'run'}"])
     result = pretrain(cfg)
     assert result.step == 3
@@ -221,6 +222,6 @@ def test_without_torchvision_jpeg_decode(monkeypatch):
     assert not stage.to_tensor and decode_on_host(rgb) is None
     assert torch.equal(stage.convert({"__key__": "k", "jpg": rgb})["image"], cpu_square(rgb))
     with pytest.raises(ConfigError, match="data.device_decode: this torchvision has no torchvision.io.decode_jpeg"):
-        load_config(None, ["data.device_decode=true"])
+        load_config(None, ["data.device_decode=true", "data.device_aug=true"])
     with pytest.raises(RuntimeError, match="data.device_decode needs torchvision.io.decode_jpeg"):
         DeviceDecoder(SIZE, torch.device("cpu"))

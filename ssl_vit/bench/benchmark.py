@@ -148,20 +148,15 @@ def encoder_speedup(vit: VisionTransformer, batch_size: int, mask_ratio: float, 
             "full_fwd_bwd_s": full, "masked_speedup": full / masked, "precision": precision}
 
 
-def _device_aug(cfg: Config) -> bool:
-    """`data.device_aug` as the trainer resolves it on this machine (auto: on for CUDA)."""
-    return cfg.data.use_device_aug("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _views(cfg: Config) -> Callable[[Image.Image], Any]:
     return build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                           total_steps=cfg.train.total_steps, device_aug=_device_aug(cfg)).views
+                           total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug).views
 
 
 def _build(cfg: Config) -> tuple[Objective, Any, Any]:
     acc = make_accelerator(cfg.train.precision)
     objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                                total_steps=cfg.train.total_steps, device_aug=cfg.data.use_device_aug(acc.device.type),
+                                total_steps=cfg.train.total_steps, device_aug=cfg.data.device_aug,
                                 compile=cfg.train.compile)
     optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
     model, optimizer = acc.prepare(objective, optimizer)
@@ -242,7 +237,7 @@ def run_benchmark(cfg: Config, *, steps: int = 10, synthetic: bool = False, peak
     if synthetic and loader_only:
         raise ValueError("--synthetic and --loader-only exclude each other")
     result: dict[str, Any] = {"objective": cfg.objective, "model": cfg.model.name, "img_size": cfg.model.img_size,
-                              "batch_size": cfg.data.batch_size, "device_aug": _device_aug(cfg),
+                              "batch_size": cfg.data.batch_size, "device_aug": cfg.data.device_aug,
                               "device_decode": cfg.data.device_decode,
                               "synthetic": synthetic, "steps": steps}
     if loader_only:

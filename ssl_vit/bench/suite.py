@@ -47,7 +47,8 @@ class Case:
 
 
 _COMPILE = ("--set", "train.compile=true")
-_DECODE = ("--set", "data.device_decode=true")
+_AUG = ("--set", "data.device_aug=true")
+_DECODE = (*_AUG, "--set", "data.device_decode=true")
 # The loader's CPU cost a DINO image, PIL multi-crop against device augmentation (one worker, the issue's ≤ 0.25×):
 # PIL's views take ~30 ms of CPU an image, so fewer, smaller batches.
 _PIL_LOADER = ("--loader-only", "--steps", "8", "--loader-rounds", "3", "--decode-samples", "200",
@@ -61,10 +62,12 @@ GPU_CASES: tuple[Case, ...] = (
     Case("mae_b16_synthetic", "mae_vit_base_p16", ("--synthetic",)),
     Case("mae_b16_synthetic_compile", "mae_vit_base_p16", ("--synthetic", *_COMPILE)),
     Case("mae_b16_real", "mae_vit_base_p16", real_data=True),
+    Case("mae_b16_real_device_aug", "mae_vit_base_p16", _AUG, real_data=True),
     Case("mae_b16_real_device_decode", "mae_vit_base_p16", _DECODE, real_data=True),
     Case("dino_s16_synthetic", "dino_vit_small_p16", ("--synthetic",)),
     Case("dino_s16_synthetic_compile", "dino_vit_small_p16", ("--synthetic", *_COMPILE)),
     Case("dino_s16_real", "dino_vit_small_p16", real_data=True),
+    Case("dino_s16_real_device_aug", "dino_vit_small_p16", _AUG, real_data=True),
     Case("dino_s16_real_device_decode", "dino_vit_small_p16", _DECODE, real_data=True),
     Case("mae_l16_synthetic", "mae_vit_large_p16", ("--synthetic", "--steps", "20")),
     Case("dino_s16_loader_pil", "dino_vit_small_p16", _PIL_LOADER, real_data=True),
@@ -75,7 +78,7 @@ QUICK_CASES: tuple[Case, ...] = (
     Case("mae_demo_synthetic", "mae_demo_tiny", ("--synthetic",)),
     Case("mae_demo_real", "mae_demo_tiny", real_data=True),
     Case("dino_demo_synthetic", "dino_demo_tiny", ("--synthetic",)),
-    Case("dino_demo_real_device_aug", "dino_demo_tiny", ("--set", "data.device_aug=true"), real_data=True),
+    Case("dino_demo_real_device_aug", "dino_demo_tiny", _AUG, real_data=True),
 )
 
 

@@ -77,15 +77,8 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # larger images are skipped as decompression bombs (PIL's default)
     allow_pipe: bool = False  # allow `pipe:` shard URLs; they run a shell command, so off by default
     max_skip_rate: float = 0.1  # stop the run when more than this share of samples was skipped (after 1000)
-    device_aug: bool | None = None  # CPU only resizes; crops/flip/colour run batched on the device; null = on for GPU
+    device_aug: bool = False  # opt-in: CPU only resizes, crops/flip/colour run batched on the device (docs/data.md)
     device_decode: bool = False  # JPEGs decoded on the device (nvJPEG on GPU), workers read headers; needs device_aug
-
-    def use_device_aug(self, device_type: str) -> bool:
-        """`device_aug` resolved for the training device ("cuda", "cpu", ...): null (auto) means on for CUDA,
-        and on wherever `device_decode` is asked for (it needs the device-side views)."""
-        if self.device_aug is not None:
-            return self.device_aug
-        return device_type == "cuda" or self.device_decode
 
 
 @dataclass(frozen=True)
@@ -240,7 +233,7 @@ def _check_architecture(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    if cfg.data.device_decode and cfg.data.device_aug is False:
+    if cfg.data.device_decode and not cfg.data.device_aug:
         raise ConfigError("data.device_decode: needs data.device_aug (the device decoder hands it uint8 squares)")
     if cfg.data.device_decode:
         from ssl_vit.data.device.decode import torchvision_decodes_jpeg  # the data package imports torch and PIL

@@ -95,7 +95,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
                                     total_steps=cfg.train.total_steps,
-                                    device_aug=cfg.data.use_device_aug(accelerator.device.type),
+                                    device_aug=cfg.data.device_aug,
                                     compile=cfg.train.compile)
         optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
