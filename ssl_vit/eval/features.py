@@ -121,7 +121,7 @@ def _pooled_norm(vit: VisionTransformer) -> torch.nn.Module | None:
 
 @torch.no_grad()
 def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accelerator: Accelerator, *,
-                     spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,
+                     spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,  # noqa: B008 (frozen)
                      crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
                      cache_dir: str | Path | None = None) -> Features:
     """Every rank encodes its share of the shards; all ranks get the full, key-sorted result, with the counts of
