@@ -16,8 +16,8 @@ from ssl_vit.data.batch_pool import BatchPool, PooledBatch, released_after_use
 from ssl_vit.data.collate import collate
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import train_stream
-from ssl_vit.data.transforms import mae_views
 from ssl_vit.data.writer import write_samples
+from ssl_vit.methods.mae.transforms import mae_views
 
 
 def _group(value: int, n: int = 3, shape: tuple[int, ...] = (2, 4)) -> list[torch.Tensor]:

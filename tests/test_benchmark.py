@@ -13,7 +13,7 @@ from ssl_vit.cli.main import main
 from ssl_vit.config.pretrain import ModelConfig
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.device.augment import cheap_view
-from ssl_vit.data.transforms import mae_views
+from ssl_vit.methods.mae.transforms import mae_views
 from ssl_vit.models.backbone import build_backbone, encode
 
 TINY = [

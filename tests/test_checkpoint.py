@@ -1,4 +1,5 @@
-"""Checkpoints: torn markers never block a run, the resume check reads shapes only, exports are shareable."""
+"""Checkpoints: torn markers never block a run, the marker is written whole or not at all, the resume check
+reads shapes only, exports are shareable."""
 
 import json
 import os
@@ -29,11 +30,11 @@ def fake_checkpoint(run_dir: Path, step: int, marker: str | None) -> Path:
 
 @pytest.mark.parametrize("bad", ["", '{"step": 4', '{"counters": {}}', "[4]", '{"step": "four"}'])
 def test_an_unreadable_marker_counts_as_incomplete(tmp_path, bad):
-    """An empty or cut-short COMPLETE (a crash while an older version wrote it in place) used to raise out of
-    every resume and export; now that checkpoint is skipped, with a warning naming it, like a half-written one."""
+    """An empty, cut-short or edited COMPLETE is skipped with a warning naming it, like a half-written checkpoint,
+    instead of raising out of every resume and export."""
     good = fake_checkpoint(tmp_path, 2, json.dumps({"step": 2}))
     torn = fake_checkpoint(tmp_path, 4, bad)
-    fake_checkpoint(tmp_path, 6, None)  # never marked: ignored silently, as before
+    fake_checkpoint(tmp_path, 6, None)  # never marked: ignored silently
     with pytest.warns(UserWarning, match=f"ignoring checkpoint {torn}: unreadable COMPLETE marker"):
         assert latest_checkpoint(tmp_path) == (2, good)
     with pytest.warns(UserWarning):

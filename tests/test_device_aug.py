@@ -23,7 +23,7 @@ from ssl_vit.data.device.augment import (
     sample_view_params,
 )
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_vit.methods.dino.model import device_views
+from ssl_vit.methods.dino.transforms import device_views
 from ssl_vit.training.loop import pretrain
 
 N = 20_000  # draws per probability: binomial std ≤ 0.0036, so a tolerance of 0.02 is > 5σ yet catches bugs

@@ -211,7 +211,8 @@ def test_train_and_val_with_different_class_lists_are_refused_before_any_work(tm
     _, backbone = setup
     train = _shards(tmp_path / "A", [b"0", b"1", b"2"], ["cat", "dog", "emu"])
     val = _shards(tmp_path / "B", [b"0", b"1"], ["dog", "emu"])  # dog is 1 in A, 0 here: scored 0% silently
-    monkeypatch.setattr(f"ssl_vit.eval.{'knn' if command == 'knn' else 'linear'}.extract_features", _no_extraction)
+    monkeypatch.setattr(f"ssl_vit.eval.{'knn' if command == 'knn' else 'linear_probe'}.extract_features",
+                        _no_extraction)
     assert main([command, "--backbone", str(backbone), "--train", train, "--val", val, "--num-workers", "0"]) == 2
     assert capsys.readouterr().err == (
         f"ssl-vit {command}: error: train and val shards list different classes (labels are indices into them): "
@@ -259,7 +260,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, setup, capsys,
     d, f = tmp_path / "dir", tmp_path / "file"
     d.mkdir()
     f.write_text("")
-    for module in ("knn", "linear"):
+    for module in ("knn", "linear_probe"):
         monkeypatch.setattr(f"ssl_vit.eval.{module}.extract_features", _no_extraction)
     argv = [a.format(d=d, f=f) for a in argv]
     assert main([*argv, "--backbone", str(backbone), "--train", demo.knn_train, "--val", demo.knn_val]) == 2

@@ -16,7 +16,8 @@ from ssl_vit.data.demo import ensure_demo_data, render
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.features import FeatureSpec, extract_features
-from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
+from ssl_vit.eval.linear import ProbeData, ProbeProtocol
+from ssl_vit.eval.linear_probe import linear_probe
 from ssl_vit.training.checkpoint import export_backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,8 @@ from ssl_vit.training.distributed import make_accelerator
 from safetensors.torch import save_file
 from ssl_vit.eval.features import FeatureSpec, extract_features
 from ssl_vit.eval.finetune import finetune
-from ssl_vit.eval.linear import ProbeData, ProbeProtocol, linear_probe
+from ssl_vit.eval.linear import ProbeData, ProbeProtocol
+from ssl_vit.eval.linear_probe import linear_probe
 from ssl_vit.config.finetune import load_finetune_config
 
 backbone, train, val, out, proto_json = sys.argv[1:6]

@@ -12,7 +12,7 @@ from ssl_vit.cli.main import main
 from ssl_vit.config.pretrain import dump_config, load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.eval.attention import attention_maps, attention_rollout, mass_mask
-from ssl_vit.eval.visualize import attention_figure
+from ssl_vit.eval.visualize import attention_figure, reconstruction_figure
 from ssl_vit.methods import build_objective
 from ssl_vit.models.backbone import build_backbone
 from ssl_vit.training.checkpoint import COMPLETE, export_backbone
@@ -164,3 +164,14 @@ def test_attention_maps_are_refused_for_a_model_without_a_cls_token():
                                                        "global_pool": "avg"})
     with pytest.raises(ValueError, match="this backbone has no cls token"):
         attention_figure(vit, torch.randn(1, 3, 32, 32))
+
+
+def test_reconstructions_of_an_objective_that_draws_none_are_refused():
+    cfg = load_config(None, ["objective=dino", "model.name=vit_tiny_patch16_224", "model.img_size=32",
+                             "model.patch_size=8", "model.embed_dim=48", "model.depth=1", "model.num_heads=2",
+                             "dino.out_dim=16", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
+                             "dino.local_crops_size=16"])
+    dino = build_objective("dino", cfg.dino, build_backbone(cfg.model))
+    with pytest.raises(ValueError, match=r"^reconstructions need a run of an objective that reconstructs images "
+                                         r"\(mae\); this one is DINO$"):
+        reconstruction_figure(dino, torch.randn(1, 3, 32, 32))

@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from ssl_vit.config.pretrain import MAEConfig, ModelConfig
-from ssl_vit.methods.mae.model import (
-    MAE,
-    masked_mse,
-    patchify,
-    pixel_target,
-    random_masking,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
+from ssl_vit.methods.mae.loss import masked_mse, pixel_target
+from ssl_vit.methods.mae.model import MAE, patchify, random_masking, sincos_pos_embed_2d, unpatchify
 from ssl_vit.models.backbone import build_backbone, encode
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
@@ -51,23 +44,6 @@ def test_sincos_pos_embed_is_the_reference_layout_per_position():
             want = ([math.sin(j * w) for w in omega] + [math.cos(j * w) for w in omega]
                     + [math.sin(i * w) for w in omega] + [math.cos(i * w) for w in omega])
             torch.testing.assert_close(got[i * cols + j], torch.tensor(want))
-
-
-def test_a_checkpoint_in_the_old_row_first_layout_gives_its_decoder_that_layout():
-    # until 2026-11-21 the row came first; the encoder's embedding is checkpointed, the decoder's rebuilt
-    torch.manual_seed(0)
-    state = MAE(TINY_MAE, build_backbone(TINY)).state_dict()
-    half = state["backbone.pos_embed"].shape[-1] // 2
-    old = state["backbone.pos_embed"].clone()
-    old = torch.cat([old[..., half:], old[..., :half]], dim=-1)  # the prefix row is zero either way
-    fresh = MAE(TINY_MAE, build_backbone(TINY))
-    new_decoder = fresh.decoder.pos_embed.clone()
-    with pytest.warns(UserWarning, match="row-first position-embedding layout"):
-        fresh.load_state_dict({**state, "backbone.pos_embed": old})
-    d = new_decoder.shape[-1] // 2
-    torch.testing.assert_close(fresh.decoder.pos_embed, torch.cat([new_decoder[..., d:], new_decoder[..., :d]], -1))
-    fresh.load_state_dict(state)  # a checkpoint in today's layout: the decoder's is today's again
-    torch.testing.assert_close(fresh.decoder.pos_embed, new_decoder)
 
 
 def test_patchify_round_trip_and_layout():

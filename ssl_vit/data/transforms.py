@@ -1,8 +1,7 @@
 """Image views for pretraining and evaluation (torchvision.transforms.v2 on PIL images).
 
-Pretraining views end in uint8 tensors and are normalised on the training device (`normalize`), as timm's
-prefetch loader does: a uint8 batch is a quarter of a float32 one to stack into shared memory, hand between
-processes and copy to the GPU. Evaluation transforms end in normalised float tensors.
+Pretraining views end in uint8 tensors, normalised on the training device (`normalize`; docs/design.md says
+why); evaluation transforms end in normalised float tensors.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of th
 
 
 def blur_kernel(size: int) -> int:
-    """Gaussian kernel side for a crop of `size`: ±3σ at the largest σ (PIL's blur, used by DINO, has no kernel
-    size), kept odd and within the crop."""
+    """Gaussian kernel side for a crop of `size`: ±3σ at the largest σ (PIL's blur has no kernel size), kept odd
+    and within the crop."""
     kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
     return min(kernel, size if size % 2 else size - 1)
 
@@ -54,18 +53,13 @@ def _to_normalized_tensor() -> list[v2.Transform]:
             v2.ToPureTensor()]
 
 
-def mae_views(img_size: int, crop_scale: tuple[float, float]) -> Callable[[Image.Image], torch.Tensor]:
-    """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip → uint8 (3, S, S)."""
-    lo, hi = crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"crop_scale must satisfy 0 < min ≤ max ≤ 1, got {crop_scale}")
+def crop_flip(img_size: int, scale: tuple[float, float]) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop (bicubic) and horizontal flip → uint8 (3, S, S), e.g. a pretraining or probe view."""
     return v2.Compose([
-        # crop on the PIL image, like the MAE reference, so only the crop is ever resized
-        v2.RandomResizedCrop(img_size, scale=(lo, hi), interpolation=_BICUBIC, antialias=True),
+        # crop on the PIL image, as the papers' code does, so only the crop is ever resized
+        v2.RandomResizedCrop(img_size, scale=scale, interpolation=_BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        # PIL → plain uint8 (3, H, W) tensor in one call: v2.ToImage + v2.ToPureTensor were two dispatches of
-        # 20–30 µs each, per view
-        v2.functional.pil_to_tensor,
+        v2.functional.pil_to_tensor,  # one call: v2.ToImage + v2.ToPureTensor cost two dispatches per view
     ])
 
 

@@ -1,2 +1,2 @@
-"""Evaluation of pretrained backbones: features (+ cache), k-NN, linear probe, fine-tuning, attention and MAE
-visualisations."""
+"""Evaluation of pretrained backbones: features (+ cache), k-NN, linear probe, fine-tuning, attention maps and
+reconstructions."""

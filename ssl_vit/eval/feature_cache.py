@@ -1,9 +1,6 @@
-"""On-disk cache of extracted features (safetensors), keyed by everything the features depend on.
-
-The key hashes the backbone's weights and architecture (so a random init, a new export or another timm model
-never hits a stale entry), the feature spec, the eval transform, the mixed precision and the shards: their
-resolved URLs and, for local files, size and modification time. Data changed in place with its mtime preserved
-is not detected.
+"""On-disk cache of extracted features (safetensors), keyed by everything the features depend on: the
+backbone's weights and architecture, the feature spec, the transform, the mixed precision and the shards
+(resolved URLs; size and mtime of local files, so data rewritten with its mtime kept is not detected).
 """
 
 from __future__ import annotations
@@ -12,16 +9,16 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
 from ssl_vit.data.shard_urls import resolve_shards
-from ssl_vit.eval.features import Features, FeatureSpec, no_skips
 from ssl_vit.training.checkpoint import save_shared
 
 _VERSION = 3  # bump when the extraction changes (2: skip counts stored, repeated keys kept; 3: fc_norm applied)
@@ -53,31 +50,32 @@ def data_fingerprint(shards: str | Sequence[str], allow_pipe: bool = False) -> l
     return out
 
 
-def cache_path(cache_dir: str | Path, vit: VisionTransformer, shards: str | Sequence[str], spec: FeatureSpec,
+def cache_path(cache_dir: str | Path, vit: VisionTransformer, shards: str | Sequence[str], spec: dict[str, Any],
                crop_ratio: float, precision: str, allow_pipe: bool = False) -> Path:
-    """The cache file for these features (it may not exist yet); `precision`: the autocast they are computed
-    under (Accelerate's mixed_precision: "no", "bf16", "fp16"), which changes their values."""
-    key = {"version": _VERSION, "backbone": backbone_fingerprint(vit), "spec": asdict(spec),
+    """The cache file for these features (it may not exist yet). `spec`: the feature options as a dict;
+    `precision`: the autocast they are computed under (Accelerate's mixed_precision), which changes them."""
+    key = {"version": _VERSION, "backbone": backbone_fingerprint(vit), "spec": spec,
            "crop_ratio": crop_ratio, "precision": precision, "data": data_fingerprint(shards, allow_pipe)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"features-{digest}.safetensors"
 
 
-def save_cached(path: Path, feats: Features) -> None:
+def save_cached(path: Path, features: Tensor, labels: Tensor, keys: list[str], skipped: dict[str, int]) -> None:
     """Write atomically (temp file, then rename): a killed run never leaves a truncated cache entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keys as one newline-joined UTF-8 byte tensor: safetensors metadata headers are size-limited.
-    keys = torch.frombuffer(bytearray("\n".join(feats.keys).encode()), dtype=torch.uint8) if feats.keys \
+    key_bytes = torch.frombuffer(bytearray("\n".join(keys).encode()), dtype=torch.uint8) if keys \
         else torch.zeros(0, dtype=torch.uint8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_shared({"features": feats.features.contiguous(), "labels": feats.labels.contiguous(), "keys": keys},
-                tmp, metadata={"n": str(len(feats.keys)), "skipped": json.dumps(feats.skipped)})
+    save_shared({"features": features.contiguous(), "labels": labels.contiguous(), "keys": key_bytes},
+                tmp, metadata={"n": str(len(keys)), "skipped": json.dumps(skipped)})
     tmp.replace(path)
 
 
-def load_cached(path: Path) -> Features:
+def load_cached(path: Path) -> tuple[Tensor, Tensor, list[str], dict[str, int]]:
+    """Features, labels, keys and skip counts (by reason) as `save_cached` wrote them."""
     with safe_open(str(path), "pt") as f:
         skipped = json.loads((f.metadata() or {}).get("skipped", "{}"))
     data = load_file(str(path))
     text = bytes(data["keys"].numpy()).decode()
-    return Features(data["features"], data["labels"], text.split("\n") if text else [], {**no_skips(), **skipped})
+    return data["features"], data["labels"], text.split("\n") if text else [], skipped

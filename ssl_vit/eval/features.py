@@ -10,7 +10,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import eval_transform
+from ssl_vit.eval.feature_cache import cache_path, load_cached, save_cached
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +126,17 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
                      crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
                      cache_dir: str | Path | None = None) -> Features:
     """Every rank encodes its share of the shards; all ranks get the full, key-sorted result, with the counts of
-    unusable samples (by reason) summed over the ranks. A shard listed twice is read once.
-
-    With `cache_dir`, the result is stored there (safetensors) under a key of the backbone's weights and
-    architecture, the feature spec, the transform and the shards (paths, sizes, mtimes); a later call with
-    the same key loads it instead of running the backbone.
+    unusable samples (by reason) summed over the ranks. A shard listed twice is read once. With `cache_dir`,
+    the result is stored there and loaded by a later call with the same inputs (`feature_cache`).
     """
     path = None
     if cache_dir is not None:
-        from ssl_vit.eval.feature_cache import cache_path, load_cached, save_cached
-
-        path = cache_path(cache_dir, vit, shards, spec, crop_ratio, accelerator.mixed_precision, allow_pipe)
+        path = cache_path(cache_dir, vit, shards, asdict(spec), crop_ratio, accelerator.mixed_precision, allow_pipe)
         # a hit only if every rank sees the file (a cache dir that is not shared across nodes): all ranks take
         # the same branch, so none waits in a collective the others skip
         if all(gather_object([path.is_file()])):
-            return load_cached(path)
+            feats, labels, keys, skipped = load_cached(path)
+            return Features(feats, labels, keys, {**no_skips(), **skipped})
     vit = vit.to(accelerator.device).eval()
     transform = eval_transform(vit.patch_embed.img_size[0], crop_ratio)
     loader = eval_stream(distinct_shards(shards, allow_pipe), transform, batch_size=batch_size,
@@ -163,7 +160,7 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
                     len(result.keys) + sum(result.skipped.values()))
     if path is not None:
         if accelerator.is_main_process:
-            save_cached(path, result)
+            save_cached(path, result.features, result.labels, result.keys, result.skipped)
         accelerator.wait_for_everyone()
     return result
 
@@ -171,12 +168,8 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
 def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: list[str],
                   skipped: Tensor | None = None) -> Features:
     """Rows of every rank on every rank, sorted by key, and the (n_reasons,) `skipped` counts of every rank
-    summed (a collective: all ranks call).
-
-    Every row is kept: each sample is read once (`distinct_shards`, shards dealt to ranks), and two rows with
-    one key are two samples of different shards. Those are ordered by label, then by their leading values, so the
-    order (the linear probe's batches) does not depend on how many ranks or workers read them.
-    """
+    summed (a collective: all ranks call). Every row is kept; rows sharing a key (two samples of different
+    shards) are ordered by label, then by their leading values, whatever the number of ranks or workers."""
     all_r, all_l, all_k = _gather(accelerator, rows, labels, keys)
     repeated = {k for k, n in Counter(all_k).items() if n > 1}
     if repeated:

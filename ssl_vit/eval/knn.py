@@ -20,11 +20,8 @@ from ssl_vit.eval.metrics import check_labelled
 
 
 def check_knn_args(ks: Sequence[int], temperature: float, n_train: int | None = None) -> None:
-    """One-line errors for ks and T that would give a wrong score silently (a repeated k counted its hits twice).
-
-    A k above the train-set size is refused, as DINO's eval_knn refuses it (its topk fails): that k would
-    only repeat the score of k = n_train under another name.
-    """
+    """One-line errors for ks and T that would give a wrong score silently (a repeated k counted its hits twice);
+    a k above the train-set size would only repeat the score of k = n_train under another name."""
     if not ks:
         raise ValueError("k-NN needs at least one k")
     if len(set(ks)) != len(ks):
@@ -60,8 +57,7 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
         neighbour_labels = train_labels[idx]  # (C, k_max)
         target = val_labels[start:start + chunk].unsqueeze(1)
         for k in ks:
-            # exp(sim / T) relative to each row's nearest neighbour: the same ranking, and no overflow to inf
-            # (exp(sim / T) overflowed float32 for T below ~0.011, and neighbours tied at inf voted in any order)
+            # exp(sim / T) relative to each row's nearest neighbour: the same ranking, no overflow at small T
             weights = ((sim_k[:, :k] - sim_k[:, :1]) / temperature).exp()
             votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights

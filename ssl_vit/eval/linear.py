@@ -1,30 +1,20 @@
-"""Linear probes on a frozen backbone: a grid of heads (learning rates × weight decays) trained at once.
-
-Fast path: features are extracted once (no augmentation), then every head trains on them for many epochs,
-seconds to minutes in all. Slow path (`augment=True`): each step encodes a freshly augmented batch, as the
-papers do; the heads still train together, so the backbone runs once per batch for the whole grid.
-Every head sees the same batches in the same order from the same initial weights, and the loss is a sum of
-per-head losses, so each head trains exactly as it would alone.
+"""Linear probes on frozen features: a grid of heads (learning rates × weight decays) trained at once, each
+exactly as it would train alone (same start, same batches, a sum of per-head losses).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from ssl_vit.eval.features import Features, FeatureSpec, extract_features
-from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
+from ssl_vit.eval.features import Features, FeatureSpec
 from ssl_vit.eval.metrics import check_labelled, topk_hits
 from ssl_vit.training.optim import warmup_cosine
 from ssl_vit.training.run_log import RunLog
@@ -186,8 +176,9 @@ class HeadTrainer:
         return {"heads": heads, "best": max(heads, key=lambda h: (h["top1"], h["top5"]))}
 
 
-def _log_epoch(log: RunLog | None, trainer: HeadTrainer, epoch: int, loss: float,
-               scores: list[dict[str, float]]) -> None:
+def log_epoch(log: RunLog | None, trainer: HeadTrainer, epoch: int, loss: float,
+              scores: list[dict[str, float]]) -> None:
+    """The epoch's mean train loss and every head's val top-1 (and the best), when there is a log."""
     if log is None:
         return
     values = {"probe/train_loss": loss, "probe/best_top1": max(s["top1"] for s in scores)}
@@ -218,7 +209,7 @@ def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_cla
             idx = perm[s * batch:(s + 1) * batch].to(device)
             losses.append(trainer.step(trainer.model, x[idx], y[idx], step))
             step += 1
-        _log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
+        log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
     return trainer.summary(), trainer
 
 
@@ -235,44 +226,3 @@ class ProbeData:
     cache_dir: str | None = None  # feature cache (fast path, and the val features of the slow path)
     shuffle_buffer: int = 5000  # slow path: samples shuffled per worker
     train_size: int | None = None  # slow path: samples per epoch; None = counted from the tar headers
-
-
-def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, accelerator: Accelerator, *,
-                 augment: bool = False, seed: int = 0, out_dir: str | Path | None = None,
-                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract features, train the grid, report every head and the best on val, and the samples the loader
-    could not use ("skipped": train and val, by reason, all ranks); train and val must list the same classes
-    (`check_class_lists`). With `out_dir` (main process):
-    `linear_probe.json`, `log.jsonl` and TensorBoard curves (val top-1 per head per epoch) there."""
-    classes = check_class_lists(data.train, data.val, data.allow_pipe)  # before the backbone runs
-    kwargs = dict(spec=proto.features, batch_size=data.batch_size, num_workers=data.num_workers,
-                  crop_ratio=data.crop_ratio, allow_pipe=data.allow_pipe, cache_dir=data.cache_dir)
-    val = extract_features(vit, data.val, accelerator, desc="probe val features", **kwargs)
-    check_usable(val, "linear-probe", "val")
-    check_label_range(val.labels, classes, "linear-probe", "val")
-    if out_dir is not None and accelerator.is_main_process:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    log = RunLog(out_dir, enabled=accelerator.is_main_process) if out_dir is not None else None
-    try:
-        if augment:
-            from ssl_vit.eval.linear_augmented import probe_augmented
-
-            summary, n_train, train_skipped = probe_augmented(vit, data, proto, val, accelerator, seed=seed, log=log)
-        else:
-            train = extract_features(vit, data.train, accelerator, desc="probe train features", **kwargs)
-            check_usable(train, "linear-probe", "train")
-            check_label_range(train.labels, classes, "linear-probe", "train")
-            # Every rank holds all features and trains the same grid from the same seed: no collective needed.
-            # With a class list, a head per listed class, whether or not this train set shows every one.
-            summary, _ = probe_features(train, val, proto, classes and len(classes.names), device=accelerator.device,
-                                        seed=seed, log=log)
-            n_train, train_skipped = train.features.shape[0], train.skipped
-    finally:
-        if log is not None:
-            log.close()
-    result = {**(meta or {}), "protocol": dataclasses.asdict(proto), "features": proto.features.describe(),
-              "augment": augment, "n_train": n_train, "n_val": val.features.shape[0],
-              "skipped": {"train": train_skipped, "val": val.skipped}, **summary}
-    if out_dir is not None and accelerator.is_main_process:
-        Path(out_dir, "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result

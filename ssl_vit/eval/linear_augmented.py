@@ -3,7 +3,7 @@ DINO's probes do), for parity with the papers' numbers. The grid of heads trains
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -12,13 +12,11 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.transforms import mae_views, normalize
+from ssl_vit.data.transforms import crop_flip, normalize
 from ssl_vit.eval.features import Features, image_features, skip_totals
 from ssl_vit.eval.labelled import classes_file_count, count_samples, labelled_train_stream
+from ssl_vit.eval.linear import HeadTrainer, ProbeData, ProbeProtocol, log_epoch
 from ssl_vit.training.run_log import RunLog
-
-if TYPE_CHECKING:
-    from ssl_vit.eval.linear import ProbeData, ProbeProtocol
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, used by both papers' probes
 
@@ -33,8 +31,6 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     while drawing the batches, by reason, all ranks summed (the stream resamples: one bad sample drawn twice
     counts twice).
     """
-    from ssl_vit.eval.linear import HeadTrainer, _log_epoch
-
     n_train = data.train_size or count_samples(data.train, data.allow_pipe)
     per_device = max(1, proto.batch_size // accelerator.num_processes)
     global_batch = per_device * accelerator.num_processes
@@ -46,7 +42,7 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     trainer.model.to(accelerator.device).train()
     # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
     model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
-    transform = mae_views(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
+    transform = crop_flip(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
     loader = iter(labelled_train_stream(data.train, transform, batch_size=per_device,
                                         num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
                                         rank=accelerator.process_index,
@@ -70,7 +66,7 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
             losses.append(trainer.step(model, feats, labels, step, accelerator.backward))
             step += 1
             bar.update(1)
-        _log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
+        log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
     bar.close()
     summary = [trainer.summary()]
     broadcast_object_list(summary)  # BatchNorm running stats may differ by rank: report the main process's

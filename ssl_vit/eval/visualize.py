@@ -1,5 +1,5 @@
-"""PNGs to look at a backbone: per-head cls attention with DINO's thresholded masks, attention rollout, and an
-MAE run's original / masked / reconstruction grid. Drawn with torchvision's make_grid (no plotting library).
+"""PNGs to look at a backbone: per-head cls attention with thresholded masks, attention rollout, and a run's
+reconstructions (an objective that reconstructs images). Drawn with torchvision's make_grid (no plotting library).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ssl_vit.data.samples import to_rgb
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import denormalize, eval_transform
 from ssl_vit.eval.attention import attention_maps, attention_rollout, cls_to_patches, mass_mask
-from ssl_vit.methods import Objective
+from ssl_vit.methods import OBJECTIVES, Objective
 
 # "inferno"-like ramp from dark (no attention) to bright (most attention)
 _RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
@@ -27,10 +27,8 @@ _PAD = 2  # pixels between tiles (make_grid's default)
 
 def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = None, n: int = 4,
                 crop_ratio: float = 0.875, allow_pipe: bool = False) -> Tensor:
-    """(B, 3, S, S) normalised images: the files in `paths`, else the first `n` samples of `shards`.
-
-    A file that cannot be read is a one-line error naming it, not a skipped image: the figure's rows follow the
-    order of `paths`, and a row left out would put every later image under the wrong name."""
+    """(B, 3, S, S) normalised images: the files in `paths`, else the first `n` samples of `shards`. A file that
+    cannot be read is an error, not a skipped image: a row left out would put later images under wrong names."""
     transform = eval_transform(img_size, crop_ratio)
     if paths:
         return torch.stack([transform(read_image(path)) for path in paths])
@@ -98,18 +96,19 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
     return make_grid(torch.stack(tiles), nrow=heads.shape[1] + 2, padding=_PAD, pad_value=1.0)
 
 
-def mae_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int | None = None) -> Tensor:
-    """(3, 3·T, n·T) grid from `MAE.visualize`: rows original, masked input, reconstruction (visible patches
-    pasted back), one column per image; the random mask is drawn from `seed`."""
-    from ssl_vit.methods.mae.model import MAE
-
-    if not isinstance(objective, MAE):
-        raise ValueError(f"reconstructions need an MAE run, this one is {type(objective).__name__}")
+def reconstruction_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int | None = None) -> Tensor:
+    """The `<name>/reconstruction` figure of `objective.visualize` for `images` (MAE's: rows original, masked
+    input, reconstruction, one column per image), tiles upscaled to ≥ 128 px; random masks drawn from `seed`."""
+    if not callable(getattr(objective, "reconstruct", None)):  # the objectives that draw reconstructions
+        able = sorted(name for name, cls in OBJECTIVES.items() if callable(getattr(cls, "reconstruct", None)))
+        raise ValueError(f"reconstructions need a run of an objective that reconstructs images ({', '.join(able)}); "
+                         f"this one is {type(objective).__name__}")
     s = images.shape[-1]
     scale = scale or max(1, -(-128 // s))  # the smallest factor that makes a tile ≥ 128 px
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        figure = objective.visualize({"image": images}, n=images.shape[0])["mae/reconstruction"]
+        figures = objective.visualize({"image": images}, n=images.shape[0])
+    (figure,) = [image for name, image in figures.items() if name.endswith("/reconstruction")]
     return F.interpolate(figure.unsqueeze(0).float().cpu(), scale_factor=scale, mode="nearest")[0]
 
 

@@ -11,9 +11,8 @@ from torch import Tensor, nn
 
 from ssl_vit.models.backbone import encode
 
-# Learned tokens and embeddings are not weights: we never decay them, as timm's ViTs (`no_weight_decay`) and MAE's
-# fine-tuning skip them. MAE's and DINO's pretraining code do decay them (cls and mask tokens; DINO also pos_embed):
-# a deliberate difference, noted at optim.weight_decay (docs/config.md) and in docs/dino.md.
+# Learned tokens and embeddings are not weights: never decayed, as in timm's `no_weight_decay` (the papers' pretraining
+# code decays them: a deliberate difference, docs/design.md).
 _NO_DECAY_SUFFIXES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed")
 
 

@@ -37,29 +37,27 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _read_marker(marker: Path) -> dict[str, Any] | None:
-    """The marker's JSON, or None (with a warning naming it) when it cannot be read: e.g. empty or cut short by
-    a crash of an older version, which wrote it in place. Such a checkpoint counts as incomplete."""
-    try:
-        data = json.loads(marker.read_text())
-        int(data["step"])
-        return data
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts as "
-                      "incomplete", stacklevel=3)
-        return None
-
-
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint whose save finished, oldest first. Half-written ones are ignored."""
     root = checkpoint_dir(run_dir)
     found = []
     for path in root.glob(f"{_PREFIX}*") if root.is_dir() else ():
-        marker = path / COMPLETE
-        data = _read_marker(marker) if marker.is_file() else None
-        if data is not None:
-            found.append((int(data["step"]), path))
+        marker = path / COMPLETE  # written last, atomically: its presence means the save finished
+        step = _marker_step(marker) if marker.is_file() else None
+        if step is not None:
+            found.append((step, path))
     return sorted(found)
+
+
+def _marker_step(marker: Path) -> int | None:
+    """The marker's step, or None (with a warning naming it) when it cannot be read: a marker damaged on disk or
+    by hand must not stop every resume and export, so its checkpoint counts as incomplete."""
+    try:
+        return int(json.loads(marker.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts as "
+                      "incomplete", stacklevel=3)
+        return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
@@ -98,12 +96,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, ke
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns the marker: {"step": ..., **extra}.
-
-    Accelerate unpickles with `weights_only=True`, so a planted payload never runs; a refused file becomes a
-    one-line error here. Accelerate would skip an unreadable RNG file silently (and so break exact resume):
-    it is checked explicitly.
-    """
+    """Restore everything `save_checkpoint` wrote; returns the marker: {"step": ..., **extra}. Pickles load with
+    `weights_only=True` (a refused file is a one-line error); every RNG file is checked (docs/design.md)."""
     # Every rank checks every rank's file, so that all refuse together: a rank that had its own file would go on
     # and write the run's config.yaml while another one fails.
     missing = [i for i in range(accelerator.num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
@@ -125,9 +119,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
 
 @contextmanager
 def reading(path: Path) -> Iterator[None]:
-    """Around reads of the checkpoint at `path`: a file cut short, garbled or gone (a full disk, an interrupted
-    copy, a file deleted by hand) becomes one line naming the checkpoint and the older one to fall back on.
-    Other failures (memory running out, say) pass through as they are."""
+    """Around reads of the checkpoint at `path`: a file cut short, garbled or gone becomes one line naming the
+    checkpoint and the older one to fall back on; other failures (out of memory, say) pass through."""
     try:
         yield
     except (SafetensorError, EOFError, FileNotFoundError, RuntimeError) as err:
@@ -162,8 +155,8 @@ def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str
 
 
 def save_shared(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, the file then given the mode any new file gets here (0o666 less the umask):
-    safetensors (0.8) creates its files 0600, and exports and feature caches are for sharing."""
+    """safetensors' `save_file`, then the mode any new file gets (0o666 less the umask): safetensors creates its
+    files 0600, and exports and feature caches are for sharing."""
     save_file(tensors, str(path), metadata=metadata)
     path.chmod(0o666 & ~_umask())
 

@@ -1,14 +1,8 @@
-"""DINO's projection head and loss (Caron et al., 2021, Algorithm 1), each testable on its own.
-
-    targets = softmax((teacher_out - center) / τt)             # centered, sharpened teacher (no gradient)
-    loss = mean over pairs (t, s), s ≠ t, of H(targets_t, softmax(student_out_s / τs))
-    center ← m·center + (1 - m)·mean(teacher_out)               # over the global batch
-"""
+"""DINO's projection head (Caron et al., 2021), testable on its own."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -20,8 +14,6 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  layers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"dino.head_layers must be at least 1, got {layers}")
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         mlp: list[nn.Module] = []
         for i in range(layers):
@@ -44,56 +36,3 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck) on the unit sphere
         return self.last_layer(x)  # (N, out_dim)
-
-
-@torch.no_grad()
-def teacher_targets(teacher_out: Tensor, center: Tensor, temperature: float) -> Tensor:
-    """Centered (against one-dimension collapse), sharpened (against uniform collapse) targets: (N, K)."""
-    return F.softmax((teacher_out.float() - center) / temperature, dim=-1)
-
-
-def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: float) -> Tensor:
-    """Mean cross-entropy H(targets_t, student_s) over every (teacher view t, student view s) pair with s ≠ t.
-
-    `student_out` (n_crops·B, K) holds the crops in order, the teacher's views first; `targets` (T·B, K) holds
-    the teacher's T views. Every pair term is the batch mean of a per-sample cross-entropy.
-    """
-    if n_crops < 2 or student_out.shape[0] % n_crops:
-        raise ValueError(f"student output of {student_out.shape[0]} rows does not split into {n_crops} crops")
-    batch = student_out.shape[0] // n_crops
-    n_teacher = targets.shape[0] // batch
-    if targets.shape[0] != n_teacher * batch or not 1 <= n_teacher <= n_crops:
-        raise ValueError(f"{targets.shape[0]} teacher rows are not 1 to {n_crops} views of batch {batch}")
-    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).view(n_crops, batch, -1)  # (V, B, K)
-    q = targets.view(n_teacher, batch, -1)  # (T, B, K)
-    # Σ over all pairs = (Σ_t q_t)·(Σ_s log p_s) minus the same-view pairs: O(V + T) products, not O(V·T).
-    all_pairs = (q.sum(0) * log_p.sum(0)).sum(-1)  # (B,)
-    same_view = (q * log_p[:n_teacher]).sum(dim=(0, 2))  # (B,)
-    n_pairs = n_teacher * (n_crops - 1)
-    return -(all_pairs - same_view).mean() / n_pairs
-
-
-@torch.no_grad()
-def center_stats(teacher_out: Tensor) -> Tensor:
-    """(K + 1,): the teacher outputs' column sums, then their row count. Sums of these over micro-batches and
-    ranks give the step's true mean, even if ranks hold unequal batches."""
-    # new_full is a fill kernel; new_tensor([rows]) would be a blocking host-to-device copy every micro-batch
-    rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=torch.float32)
-    return torch.cat([teacher_out.float().sum(dim=0), rows])
-
-
-@torch.no_grad()
-def update_center(center: Tensor, stats: Tensor, momentum: float) -> None:
-    """center ← momentum·center + (1 − momentum)·(mean teacher output over every rank's rows in `stats`, from
-    `center_stats`), in place. A collective when a process group is up: every rank must call it."""
-    stats = stats.clone()  # all_reduce works in place; the caller's sums stay its own
-    # Guarded so that the loss also runs, and is tested, without a process group.
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats)
-    batch_mean = stats[:-1] / stats[-1]  # (K,)
-    center.mul_(momentum).add_(batch_mean.unsqueeze(0), alpha=1.0 - momentum)
-
-
-def mean_entropy(probs: Tensor) -> Tensor:
-    """Mean over rows of the entropy (nats) of each row's distribution: 0 if one-hot, log K if uniform."""
-    return torch.special.entr(probs.float()).sum(dim=-1).mean()

@@ -21,24 +21,19 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.config.pretrain import DINOConfig, TrainConfig
-from ssl_vit.data.device.augment import DeviceAugment, ViewSpec, cheap_size, cheap_view
+from ssl_vit.data.device.augment import DeviceAugment
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
-from ssl_vit.methods.dino.head import (
-    DINOHead,
-    center_stats,
-    dino_loss,
-    mean_entropy,
-    teacher_targets,
-    update_center,
-)
+from ssl_vit.methods.dino.head import DINOHead
+from ssl_vit.methods.dino.loss import center_stats, dino_loss, mean_entropy, teacher_targets, update_center
 from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
-from ssl_vit.methods.dino.monitor import CollapseWarning as CollapseWarning  # where users filter it
-from ssl_vit.methods.dino.transforms import MultiCropViews
+from ssl_vit.methods.dino.transforms import device_views, dino_views
 from ssl_vit.models.backbone import encode
 from ssl_vit.training.optim import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
+
+
 def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
     """Linear warmup of the teacher temperature from `start` to `end` over `warmup_steps`, then constant."""
     if step >= warmup_steps:
@@ -63,9 +58,6 @@ class DINO(Objective):
                  device_aug: bool = False) -> None:
         super().__init__()
         _validate(cfg)
-        if total_steps < 1 or collapse_window < 1:
-            raise ValueError(f"total_steps and collapse_window must be ≥ 1, got {total_steps}, "
-                             f"{collapse_window}")
         self.cfg, self.total_steps = cfg, total_steps
         self.backbone = backbone
         if backbone.cls_token is not None:  # DINO's reference draws it like its other weights; timm's std is 1e-6
@@ -91,13 +83,8 @@ class DINO(Objective):
         return self
 
     @property
-    def views(self) -> Callable[[Image.Image], list[Tensor]]:
-        c = self.cfg
-        if self.device_aug is not None:
-            return cheap_view(cheap_size(self.backbone.patch_embed.img_size[0]))
-        return MultiCropViews(self.backbone.patch_embed.img_size[0], c.local_crops_size,
-                              c.local_crops_number, c.global_crops_scale, c.local_crops_scale,
-                              c.color_jitter_prob, c.grayscale_prob, c.blur_probs, c.solarize_prob)
+    def views(self) -> Callable[[Image.Image], Tensor | list[Tensor]]:
+        return dino_views(self.cfg, self.backbone.patch_embed.img_size[0], self.device_aug is not None)
 
     def export_backbone(self) -> VisionTransformer:
         return self.teacher["backbone"] if self.cfg.export_teacher else self.backbone
@@ -190,24 +177,9 @@ def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor],
     return head(torch.cat(feats))  # one head pass over all crops
 
 
-def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:
-    """The multi-crop of `MultiCropViews` as device-side view specs: 2 global views, then the locals."""
-    colour = {"jitter_prob": cfg.color_jitter_prob, "gray_prob": cfg.grayscale_prob}
-    return [ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[0], **colour),
-            ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[1],
-                     solarize_prob=cfg.solarize_prob, **colour),
-            *[ViewSpec(cfg.local_crops_size, cfg.local_crops_scale, blur_prob=cfg.blur_probs[2], **colour)
-              for _ in range(cfg.local_crops_number)]]
-
-
 def _validate(cfg: DINOConfig) -> None:
+    # Values the config's ranges allow but DINO cannot use (the rest is checked once, when the config loads).
     if cfg.out_dim < 2:
         raise ValueError(f"dino.out_dim must be at least 2, got {cfg.out_dim}")
-    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"dino.{name} must be positive, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.center_momentum < 1.0 or not 0.0 <= cfg.momentum_teacher <= 1.0:
-        raise ValueError(f"dino momenta must be in [0, 1), got center {cfg.center_momentum}, "
-                         f"teacher {cfg.momentum_teacher}")
-    if cfg.warmup_teacher_temp_steps < 0 or cfg.freeze_last_layer_steps < 0:
-        raise ValueError("dino.warmup_teacher_temp_steps and dino.freeze_last_layer_steps must be ≥ 0")
+    if cfg.center_momentum >= 1.0:
+        raise ValueError(f"dino.center_momentum must be below 1, got {cfg.center_momentum}")

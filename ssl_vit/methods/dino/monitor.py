@@ -1,10 +1,6 @@
 """DINO's collapse monitor: the teacher entropy held in a collapsed band (one-hot or uniform) for a window of steps.
 
-The entropy lives on the training device, and reading it every step would stall the GPU on a host sync each
-step. So the run length is counted on the device, with the step at which an episode reached the window, and
-the host reads that every `window` steps and when training ends (`report`): a warning comes up to `window`
-steps late, naming the episode's first `window` steps. No episode is missed: two cannot both reach the window
-within `window` steps.
+Counted on the device and read by the host only every `window` steps and at the end (docs/dino.md, "The warning").
 """
 
 from __future__ import annotations

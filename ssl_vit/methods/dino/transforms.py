@@ -13,17 +13,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ssl_vit.config.pretrain import DINOConfig
+from ssl_vit.data.device.augment import ViewSpec, cheap_size, cheap_view
 from ssl_vit.data.transforms import BLUR_SIGMA, blur_kernel
-
-
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-
-
-def _check_scale(name: str, scale: tuple[float, float]) -> None:
-    if not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < min ≤ max ≤ 1, got {scale}")
 
 
 def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, grayscale_prob: float,
@@ -39,7 +31,7 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
     ]
     if solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_prob))  # on the 8-bit image: 128 = mid-grey
-    return v2.Compose([*steps, v2.functional.pil_to_tensor])  # a plain uint8 tensor, one call (see mae_views)
+    return v2.Compose([*steps, v2.functional.pil_to_tensor])  # a plain uint8 tensor, one call (see crop_flip)
 
 
 class MultiCropViews:
@@ -51,16 +43,6 @@ class MultiCropViews:
                  color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
                  blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
                  solarize_prob: float = 0.2) -> None:
-        if global_size < 1 or local_size < 1 or local_number < 0:
-            raise ValueError(f"need crop sizes ≥ 1 and local_crops_number ≥ 0, got {global_size}, "
-                             f"{local_size}, {local_number}")
-        _check_scale("dino.global_crops_scale", global_scale)
-        _check_scale("dino.local_crops_scale", local_scale)
-        probs = {"dino.color_jitter_prob": color_jitter_prob, "dino.grayscale_prob": grayscale_prob,
-                 "dino.solarize_prob": solarize_prob}
-        probs.update({f"dino.blur_probs[{i}]": p for i, p in enumerate(blur_probs)})
-        for name, p in probs.items():
-            _check_prob(name, p)
         colour = (color_jitter_prob, grayscale_prob)
         self.global1 = dino_view(global_size, global_scale, *colour, blur_probs[0])
         self.global2 = dino_view(global_size, global_scale, *colour, blur_probs[1], solarize_prob)
@@ -70,3 +52,23 @@ class MultiCropViews:
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         locals_ = [self.local(image) for _ in range(self.local_number)]
         return [self.global1(image), self.global2(image), *locals_]
+
+
+def dino_views(cfg: DINOConfig, global_size: int,
+               device_aug: bool = False) -> Callable[[Image.Image], torch.Tensor | list[torch.Tensor]]:
+    """The loader's view of an image: the multi-crop, or with `device_aug` one resized square (`device_views`)."""
+    if device_aug:
+        return cheap_view(cheap_size(global_size))
+    return MultiCropViews(global_size, cfg.local_crops_size, cfg.local_crops_number, cfg.global_crops_scale,
+                          cfg.local_crops_scale, cfg.color_jitter_prob, cfg.grayscale_prob, cfg.blur_probs,
+                          cfg.solarize_prob)
+
+
+def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:
+    """The multi-crop of `MultiCropViews` as device-side view specs: 2 global views, then the locals."""
+    colour = {"jitter_prob": cfg.color_jitter_prob, "gray_prob": cfg.grayscale_prob}
+    return [ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[0], **colour),
+            ViewSpec(global_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[1],
+                     solarize_prob=cfg.solarize_prob, **colour),
+            *[ViewSpec(cfg.local_crops_size, cfg.local_crops_scale, blur_prob=cfg.blur_probs[2], **colour)
+              for _ in range(cfg.local_crops_number)]]

@@ -3,12 +3,11 @@
     keep, mask, restore = random_masking(...)         # per-sample random subset of patches
     latent = encode(backbone, images, keep)           # encoder sees visible patches only
     pred = decoder(latent, restore)                   # light decoder fills in mask tokens
-    loss = masked_mse(patchify(images), pred, mask)   # (norm-pix) MSE on the masked patches only
+    loss = masked_mse(pred, pixel_target(patchify(images)), mask)  # MSE on the hidden patches only
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -18,9 +17,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.config.pretrain import MAEConfig
-from ssl_vit.data.device.augment import DeviceAugment, ViewSpec, cheap_size, cheap_view
-from ssl_vit.data.transforms import denormalize, mae_views, normalize
+from ssl_vit.data.device.augment import DeviceAugment
+from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
+from ssl_vit.methods.mae.loss import masked_mse, pixel_target
+from ssl_vit.methods.mae.transforms import device_views, mae_views
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
@@ -75,21 +76,6 @@ def unpatchify(patches: Tensor, p: int, grid: tuple[int, int]) -> Tensor:
     return x.reshape(b, -1, grid[0] * p, grid[1] * p)
 
 
-def pixel_target(patches: Tensor, norm_pix: bool, eps: float = 1e-6) -> Tensor:
-    """The regression target: raw patches, or each patch normalised by its own mean and variance."""
-    if not norm_pix:
-        return patches
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps) ** 0.5
-
-
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Mean squared error per patch, averaged over the hidden patches only (mask 1 = hidden)."""
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-    return (per_patch * mask).sum() / mask.sum()
-
-
 class MAEDecoder(nn.Module):
     """Narrow transformer that reconstructs every patch from the visible tokens plus a shared mask token."""
 
@@ -120,32 +106,6 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, self.n_prefix:])  # (B, L, p·p·3)
 
 
-def _row_first(pos: Tensor) -> Tensor:
-    """A sin-cos embedding in the layout ssl_vit used until 2026-11-21: the row in the first half of the channels."""
-    half = pos.shape[-1] // 2
-    return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)
-
-
-def _decoder_layout_as_loaded(mae: MAE, _incompatible: Any) -> None:
-    """After a load: give the decoder the position-embedding layout of the loaded encoder. The encoder's fixed
-    embedding is checkpointed, the decoder's is rebuilt (not checkpointed), so a run begun before the layout
-    changed would otherwise resume (or be visualised) with the two disagreeing: every mask token misplaced."""
-    n = mae.backbone.num_prefix_tokens
-    loaded = mae.backbone.pos_embed.detach()[0, n:]
-    column_first = sincos_pos_embed_2d(loaded.shape[-1], mae.grid).to(loaded)
-    if loaded.shape != column_first.shape or loaded.device.type == "meta":  # sharded (FSDP): nothing to compare
-        return
-    row_first = torch.allclose(loaded, _row_first(column_first), atol=1e-5)
-    if not row_first and not torch.allclose(loaded, column_first, atol=1e-5):
-        return  # not a sin-cos embedding at all (another model's weights): leave the decoder as it is
-    decoder = mae.decoder.pos_embed
-    pos = sincos_pos_embed_2d(decoder.shape[-1], mae.grid).to(decoder)
-    decoder[0, mae.decoder.n_prefix:] = _row_first(pos) if row_first else pos
-    if row_first:
-        warnings.warn("this MAE checkpoint has the row-first position-embedding layout of ssl_vit before "
-                      "2026-11-21; its decoder keeps that layout", stacklevel=2)
-
-
 def _init_like_mae(module: nn.Module) -> None:
     # MAE initialises every linear layer (and the patch projection, seen as a linear map) with Xavier-uniform.
     if isinstance(module, nn.Linear):
@@ -164,7 +124,7 @@ class MAE(Objective):
         super().__init__()
         self.cfg = cfg
         size = backbone.patch_embed.img_size[0]
-        self.device_aug = DeviceAugment([ViewSpec(size, cfg.crop_scale)]) if device_aug else None
+        self.device_aug = DeviceAugment(device_views(size, cfg.crop_scale)) if device_aug else None
         self.backbone = backbone
         self.patch = backbone.patch_embed.patch_size[0]
         self.grid = tuple(backbone.patch_embed.grid_size)
@@ -182,13 +142,10 @@ class MAE(Objective):
         proj = backbone.patch_embed.proj.weight
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         nn.init.normal_(backbone.cls_token, std=0.02)
-        self.register_load_state_dict_post_hook(_decoder_layout_as_loaded)
 
     @property
     def views(self) -> Callable[[Any], Tensor]:
-        if self.device_aug is not None:
-            return cheap_view(cheap_size(self.backbone.patch_embed.img_size[0]))
-        return mae_views(self.backbone.patch_embed.img_size[0], self.cfg.crop_scale)
+        return mae_views(self.backbone.patch_embed.img_size[0], self.cfg.crop_scale, self.device_aug is not None)
 
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Prediction (B, L, p·p·3) in target space, target (B, L, p·p·3) and mask (B, L)."""
