@@ -1,7 +1,11 @@
-"""Fine-tuning: two steps with every augmentation on, the best model loads back in plain timm; its config."""
+"""Fine-tuning through the training loop: two steps with every augmentation on, the best model loads back in plain
+timm; a stop and a rerun equal one uninterrupted run; NaN steps are skipped; its config."""
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import ssl_vit.eval.finetune as ft
+import ssl_vit.methods.classify.model as classify
 from ssl_vit.cli.main import main
 from ssl_vit.config.finetune import FinetuneConfig, FTModelConfig, load_finetune_config
 from ssl_vit.config.pretrain import ConfigError
@@ -19,8 +24,9 @@ from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.writer import write_samples
-from ssl_vit.eval.layer_decay import param_groups_lrd
-from ssl_vit.training.checkpoint import export_backbone, load_backbone
+from ssl_vit.methods.classify.layer_decay import param_groups_lrd
+from ssl_vit.methods.classify.model import posterize_any_bits, train_transform
+from ssl_vit.training.checkpoint import complete_checkpoints, export_backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)
@@ -38,7 +44,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_classifier_keeps_every_backbone_weight(setup, pool):
     _, backbone = setup
-    model, name, kwargs = ft.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
+    model, name, kwargs = classify.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
     vit, _ = load_backbone(backbone)
     state = model.state_dict()
     for key, value in vit.state_dict().items():
@@ -53,8 +59,8 @@ def test_classifier_keeps_every_backbone_weight(setup, pool):
 def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setup, monkeypatch):
     demo, backbone = setup
     calls = []
-    real_call = ft.Mixup.__call__
-    monkeypatch.setattr(ft.Mixup, "__call__", lambda self, x, y: calls.append(len(x)) or real_call(self, x, y))
+    real_call = classify.Mixup.__call__
+    monkeypatch.setattr(classify.Mixup, "__call__", lambda self, x, y: calls.append(len(x)) or real_call(self, x, y))
     # val: the demo's 10 images and a shard of 3 corrupt ones, which are left out and reported
     write_samples(({"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(3)), tmp_path, "bad")
     val = tmp_path / "val.txt"
@@ -66,7 +72,7 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     aug = cfg.augment  # every augmentation on: RandAugment, random erasing, mixup + cutmix, smoothing, drop path
     assert aug.auto_augment and aug.reprob > 0 and aug.mixup > 0 and aug.cutmix > 0 and aug.smoothing > 0
     assert cfg.model.drop_path_rate > 0 and cfg.optim.layer_decay < 1
-    names = repr(ft.train_transform(aug, 32))
+    names = repr(train_transform(aug, 32))
     assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
 
     result = ft.finetune(cfg, Accelerator())
@@ -93,9 +99,17 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
         assert torch.equal(plain(x), ours.eval()(x)) and torch.equal(overlay(x), plain(x))
     assert plain(x).shape == (2, 10)
 
-    # A rerun into the same directory is refused before it writes anything; so is a start whose data is missing.
+    # A rerun of the finished run resumes from its last checkpoint and leaves its results as they are; without
+    # its checkpoints, the results would be overwritten: refused before anything is written.
+    results = ("best/backbone.safetensors", "best/backbone.json", "finetune.json", "log.jsonl")
+    before = {name: (run / name).read_bytes() for name in results}
+    again = ft.finetune(cfg, Accelerator())
+    assert again.step == 2 and again.best == result.best
+    assert {name: (run / name).read_bytes() for name in results} == before
+    shutil.rmtree(run / "checkpoints")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"already holds a fine-tuning result \(best, finetune.json\)"):
+    with pytest.raises(ValueError, match=r"holds a fine-tuning result \(best, finetune.json\) but no checkpoint to "
+                                         "resume from"):
         ft.finetune(cfg, Accelerator())
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     missing = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(tmp_path / "nope.tar")),
@@ -132,13 +146,13 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     from PIL import Image
     from timm.data.auto_augment import RandAugment
 
-    transform = ft.train_transform(FinetuneConfig().augment, 32)
+    transform = train_transform(FinetuneConfig().augment, 32)
     ops = [op for step in transform.transforms if isinstance(step, RandAugment) for op in step.ops]
     posterize = [op for op in ops if "Posterize" in op.name]
-    assert posterize and all(op.aug_fn is ft.posterize_any_bits for op in posterize)
+    assert posterize and all(op.aug_fn is posterize_any_bits for op in posterize)
     img = Image.new("RGB", (8, 8), (200, 100, 50))
-    assert ft.posterize_any_bits(img, 0).getextrema() == ((0, 0),) * 3
-    assert ft.posterize_any_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
+    assert posterize_any_bits(img, 0).getextrema() == ((0, 0),) * 3
+    assert posterize_any_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
 
 
 def test_finetune_config_is_closed_and_the_recipes_load():
@@ -194,7 +208,7 @@ def assert_mae_layer_decay(model, groups, decay, weight_decay):
 @pytest.mark.parametrize("pool", ["avg", "cls"])
 def test_layer_decay_scales_match_mae_per_parameter(setup, pool):
     _, backbone = setup
-    model, _, _ = ft.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
+    model, _, _ = classify.build_classifier(FTModelConfig(backbone=str(backbone), pool=pool), num_classes=7)
     scales = assert_mae_layer_decay(model, param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.65), 0.65, 0.05)
     head_side = ["head.weight", "head.bias"] + (["fc_norm.weight"] if pool == "avg" else ["norm.weight"])
     assert all(scales[n] == 1.0 for n in head_side)  # the final norm / fc_norm and head: the full lr
@@ -204,15 +218,15 @@ def test_layer_decay_scales_match_mae_per_parameter(setup, pool):
 def test_finetune_optimizer_uses_mae_layer_decay_with_cls_pool(tmp_path, setup, monkeypatch):
     demo, backbone = setup
     built, used = [], []
-    real_build = ft.build_classifier
-    monkeypatch.setattr(ft, "build_classifier", lambda *a: built.append(real_build(*a)) or built[-1])
+    real_build = classify.build_classifier
+    monkeypatch.setattr(classify, "build_classifier", lambda *a: built.append(real_build(*a)) or built[-1])
 
     class Recording(torch.optim.AdamW):
         def __init__(self, params, **kwargs):
             used.extend(params)
             super().__init__(used, **kwargs)
 
-    monkeypatch.setattr(ft.torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
     cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
         f"model.backbone={backbone}", "model.pool=cls", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
         "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=1",
@@ -231,36 +245,133 @@ def test_zero_max_steps_is_a_one_line_error(tmp_path, setup, capsys):
     assert err == "ssl-vit finetune: error: train.max_steps: must be at least 1 (or null for every epoch), got 0\n"
 
 
-def test_a_finetuning_step_reads_nothing_from_the_device(tmp_path, setup, monkeypatch):
-    # A host read of a device value (item, float, bool, tolist) stalls a GPU until its queue drains. The steps read
-    # none: the loss is summed on the device, the labels are checked on the CPU before their copy. Only the log
-    # (once, at the last of 4 steps here) and the epoch-end evaluation read.
+def tiny_overrides(setup, run_dir, *extra):
+    demo, backbone = setup
+    return [f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
+            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.log_every=1",
+            f"train.run_dir={run_dir}", *extra]
+
+
+def tiny_cfg(setup, run_dir, *extra):
+    return load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", tiny_overrides(setup, run_dir, *extra))
+
+
+def test_a_finetuning_step_reads_the_device_once(tmp_path, setup, monkeypatch):
+    # A host read of a device value (item, float, bool, tolist) stalls a GPU until its queue drains. A step reads
+    # once, as a pretraining step does: the agreed stop/skip flags. The labels are checked on the CPU before their
+    # copy; logs, evaluations and checkpoints (the loop's _after_step) read, but not in every step.
     import sys
 
-    demo, backbone = setup
+    import ssl_vit.training.loop as loop
+
     reads: list[str] = []
-    in_eval = {"on": False}
+    in_step = {"on": False}
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         real = getattr(torch.Tensor, name)
 
         def counted(t, *a, _real=real, _name=name, **k):
             frame = sys._getframe(1)
-            if not in_eval["on"] and frame.f_code.co_filename == ft.__file__ and frame.f_code.co_name == "finetune":
-                reads.append(f"{_name}:{frame.f_lineno}")
+            # CPU AdamW reads its step counters (a CPU tensor); fused AdamW on CUDA does not
+            label_check = frame.f_code.co_filename == ft.__file__ and frame.f_code.co_name == "_checked_labels"
+            if in_step["on"] and not label_check and f"torch{os.sep}optim" not in frame.f_code.co_filename:
+                reads.append(f"{_name} {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
             return _real(t, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, counted)
-    real_eval = ft.evaluate_classifier
+    real_after, real_run = loop.Trainer._after_step, loop.Trainer.run
 
-    def evaluate(*args, **kwargs):
-        in_eval["on"] = True
+    def after_step(self, *args, **kwargs):
+        in_step["on"] = False
+        real_after(self, *args, **kwargs)
+        in_step["on"] = True
+
+    def run(self):
+        in_step["on"] = True
         try:
-            return real_eval(*args, **kwargs)
+            return real_run(self)
         finally:
-            in_eval["on"] = False
-    monkeypatch.setattr(ft, "evaluate_classifier", evaluate)
-    cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
-        f"model.backbone={backbone}", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=4",
-        "train.log_every=100", "optim.accum_steps=2", f"train.run_dir={tmp_path / 'run'}"])
-    ft.finetune(cfg, Accelerator())
-    assert [r.split(":")[0] for r in reads] == ["__float__", "__float__"], reads  # the last step's log line
+            in_step["on"] = False
+    monkeypatch.setattr(loop.Trainer, "_after_step", after_step)
+    monkeypatch.setattr(loop.Trainer, "run", run)
+    # one loader worker: the views' own reads happen there
+    ft.finetune(tiny_cfg(setup, tmp_path / "run", "train.max_steps=4", "train.log_every=100", "optim.accum_steps=2",
+                         "data.num_workers=1"), Accelerator())
+    assert [r.split()[0] for r in reads] == ["tolist"] * 4, reads
+
+
+def _losses(run_dir):
+    return [(r["step"], r.get("train/loss"), r.get("val/top1"))
+            for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+
+
+def test_a_stopped_finetune_resumes_to_the_uninterrupted_one(tmp_path, setup, monkeypatch, capsys):
+    # 16 images of batch 4: 4 steps an epoch, 2 epochs. A SIGTERM at the end of step 5 is seen in step 6, which
+    # then saves, off the epoch-end checkpoint grid: the rerun reads the stream again from step 4 and skips 2
+    # batches (one loader worker: its random numbers are its own); the best score and history come back with it.
+    extra = ["data.train_size=16", "train.epochs=2", "train.warmup_epochs=1", "data.num_workers=1"]
+    straight = ft.finetune(tiny_cfg(setup, tmp_path / "straight", *extra), Accelerator())
+    original = classify.Classify.after_step
+
+    def stop_in_step_5(self, step):
+        original(self, step)
+        if step == 4:  # 0-based
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(classify.Classify, "after_step", stop_in_step_5)
+    run = tmp_path / "resumed"
+    argv = ["finetune", str(ROOT / "recipes" / "finetune_demo_tiny.yaml")]
+    for kv in tiny_overrides(setup, run, *extra):
+        argv += ["--set", kv]
+    assert main(argv) == 0  # stopped cleanly
+    out = capsys.readouterr().out
+    assert f"stopped by SIGTERM after step 6; checkpoint: {run / 'checkpoints' / 'step_00000006'}" in out
+    assert [s for s, _ in complete_checkpoints(run)] == [4, 6] and not (run / "finetune.json").exists()
+    monkeypatch.setattr(classify.Classify, "after_step", original)
+    assert main(argv) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step_00000006'} (step 6)" in capsys.readouterr().out
+
+    a, b = (load_file(r / "checkpoints" / "step_00000008" / "model.safetensors") for r in (straight.run_dir, run))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert _losses(run) == _losses(straight.run_dir)
+    assert [s for s, _, top1 in _losses(run) if top1 is not None] == [4, 8]
+    summary, expected = (json.loads((r / "finetune.json").read_text()) for r in (run, straight.run_dir))
+    assert summary == expected and len(summary["history"]) == 2
+    best, expected_best = (load_file(r / "best" / "backbone.safetensors") for r in (run, straight.run_dir))
+    assert [k for k in best if not torch.equal(best[k], expected_best[k])] == []
+
+    # the run dir is a fine-tuning run's: pretraining refuses to resume it; so is a resume with another model
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.training.loop import pretrain
+
+    demo, _ = setup
+    with pytest.raises(ValueError, match=f"train.run_dir {run} holds a fine-tuning run, not a pretraining run's"):
+        pretrain(load_config(None, [f"data.train={demo.train}", f"train.run_dir={run}"]))
+    with pytest.raises(ValueError, match=r"^checkpoint .*step_00000008 was made with a different model \(.*\); "
+                                         "resume with the run's own config"):
+        ft.finetune(tiny_cfg(setup, run, *extra, "model.pool=cls"), Accelerator())
+
+
+def test_a_nan_step_is_skipped_and_counted_and_too_many_abort(tmp_path, setup, monkeypatch):
+    from ssl_vit.training.monitor import RunAborted
+
+    original = classify.Classify.forward
+    nan_steps = {1}
+
+    def nan_at(self, batch, step):
+        out = original(self, batch, step)
+        return {**out, "loss": out["loss"] * float("nan")} if step in nan_steps else out
+
+    monkeypatch.setattr(classify.Classify, "forward", nan_at)
+    run = tmp_path / "run"
+    ft.finetune(tiny_cfg(setup, run, "train.max_steps=3"), Accelerator())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_steps"] for r in log if "train/loss" in r] == [0, 1, 1]
+    assert [r["train/loss"] is None for r in log if "train/loss" in r] == [False, True, False]
+    # AdamW stepped twice in three steps: the NaN step's update was skipped
+    opt_state = torch.load(run / "checkpoints" / "step_00000003" / "optimizer.bin", weights_only=True)
+    assert {float(s["step"]) for s in opt_state["state"].values()} == {2.0}
+
+    nan_steps.update(range(100))
+    with pytest.raises(RunAborted, match=r"^2 consecutive steps had a NaN/inf loss or gradient norm \(up to step 2\); "
+                                         "last good checkpoint: none"):
+        ft.finetune(tiny_cfg(setup, tmp_path / "diverged", "train.max_steps=5", "train.max_nonfinite_steps=2"),
+                    Accelerator())

@@ -24,7 +24,7 @@ from ssl_vit.training.checkpoint import (
     reading,
 )
 from ssl_vit.training.loop import pretrain
-from ssl_vit.training.run_dir import check_finetune_dir
+from ssl_vit.training.run_dir import FINETUNING, check_run_dir
 
 TINY = TINY_MAE + [
     "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "optim.lr=1e-3",
@@ -159,20 +159,21 @@ def test_a_path_that_is_no_backbone_says_what_to_give(finished):
         load_backbone(finished / "config.yaml")
 
 
-def test_finetuning_refuses_another_run_and_an_earlier_result(tmp_path, finished):
-    check_finetune_dir(tmp_path / "new")  # nothing there yet: fine
+def test_finetuning_refuses_another_run_and_a_result_it_cannot_resume(tmp_path, finished):
+    check_run_dir(tmp_path / "new", FINETUNING, resuming=False)  # nothing there yet: fine
     with pytest.raises(ValueError, match=f"train.run_dir {finished} holds a pretraining run, not a fine-tuning"):
-        check_finetune_dir(finished)
+        check_run_dir(finished, FINETUNING, resuming=True)
     done = tmp_path / "done"
     (done / "best").mkdir(parents=True)
     (done / "finetune.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"already holds a fine-tuning result \(best, finetune.json\); "
-                                         "fine-tuning does not resume"):
-        check_finetune_dir(done)
+    with pytest.raises(ValueError, match=r"holds a fine-tuning result \(best, finetune.json\) but no checkpoint to "
+                                         "resume from: a new run would overwrite it"):
+        check_run_dir(done, FINETUNING, resuming=False)
+    check_run_dir(done, FINETUNING, resuming=True)  # with its checkpoints it goes on where it stopped
     afile = tmp_path / "afile"
     afile.write_text("")
     with pytest.raises(ValueError, match=f"train.run_dir {afile} is a file, not a directory"):
-        check_finetune_dir(afile)
+        check_run_dir(afile, FINETUNING, resuming=False)
 
 
 def test_a_resume_on_fewer_processes_says_what_it_changes(tmp_path):

@@ -67,7 +67,8 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
 
     from ssl_vit.eval.baseline import load_eval_backbone
     from ssl_vit.eval.features import describe_skipped
-    from ssl_vit.eval.linear import ProbeData, customize, linear_probe, probe_protocol
+    from ssl_vit.eval.linear import ProbeData, customize, probe_protocol
+    from ssl_vit.eval.linear_probe import linear_probe
     from ssl_vit.training.distributed import make_accelerator
 
     check_output(args.out, "--out", folder=True)
@@ -109,14 +110,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = resolve_finetune_demo(load_finetune_config(recipe_path(args.recipe, FINETUNE_DEMO_RECIPE), args.set))
     accelerator = make_accelerator(cfg.train.precision)
     result = finetune(cfg, accelerator)
-    accelerator.print(f"fine-tune: best val top-1 {result.best['top1']:.2f}%  top-5 {result.best['top5']:.2f}% "
-                      f"(epoch {result.best['epoch']}); exported {result.exported}")
+    if not result.stopped_by:  # a stopped run said so, and how to go on
+        accelerator.print(f"fine-tune: best val top-1 {result.best['top1']:.2f}%  top-5 {result.best['top5']:.2f}% "
+                          f"(epoch {result.best['epoch']}); exported {result.exported}")
     return 0
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ssl_vit.eval.baseline import load_eval_backbone
-    from ssl_vit.eval.visualize import attention_figure, load_images, mae_figure, save_png
+    from ssl_vit.eval.visualize import attention_figure, load_images, reconstruction_figure, save_png
     from ssl_vit.training.checkpoint import load_run_objective
     from ssl_vit.training.distributed import make_accelerator
 
@@ -136,7 +138,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if args.mae_run:
         objective, step = load_run_objective(args.mae_run)
         images = load_images(objective.backbone.patch_embed.img_size[0], **source)
-        path = save_png(mae_figure(objective, images, seed=args.seed, scale=args.scale),
+        path = save_png(reconstruction_figure(objective, images, seed=args.seed, scale=args.scale),
                         Path(args.out) / "mae_reconstruction.png")
         print(f"MAE reconstructions (step {step}): {path}")
     return 0
@@ -196,7 +198,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="folder for linear_probe.json, log.jsonl and TensorBoard curves")
     p.set_defaults(func=_cmd_linear_probe)
 
-    p = sub.add_parser("finetune", help="fine-tune an exported backbone with a classifier (MAE's recipe)")
+    p = sub.add_parser("finetune", help="fine-tune an exported backbone with a classifier (MAE's recipe); "
+                                        "rerun to resume")
     p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {FINETUNE_DEMO_RECIPE})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any fine-tune config key, e.g. --set model.backbone=runs/mae (repeatable)")

@@ -66,13 +66,15 @@ class FTOptimConfig:
 
 @dataclass(frozen=True)
 class FTTrainConfig:
-    run_dir: str = "runs/finetune"  # outputs: config.yaml, log.jsonl, tensorboard/, best/, finetune.json
+    run_dir: str = "runs/finetune"  # outputs: config.yaml, log.jsonl, tensorboard/, checkpoints/, best/, finetune.json
     epochs: int = 100  # passes over train_size samples
     warmup_epochs: int = 5  # linear lr warmup
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests); None = all epochs
     precision: str | None = None  # null: the launcher's --mixed_precision (or no) | no | fp16 | bf16
     seed: int = 0  # base seed; each rank and loader worker derives its own
     log_every: int = 20  # optimizer steps between scalar logs
+    keep_last: int = 2  # complete checkpoints (one per epoch end) kept on disk; 0 = keep all
+    max_nonfinite_steps: int = 20  # consecutive steps skipped for a NaN/inf loss or grad norm before stopping
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Full fine-tuning of an exported backbone with a new classifier, MAE-style, through Accelerate.
+"""Full fine-tuning of an exported backbone with a new classifier, MAE-style, through the one training loop.
 
-    model = timm ViT + head, backbone weights loaded (pool avg: fresh fc_norm, as MAE's global pool)
-    data  = labelled resampled shards → timm.data.create_transform (RandAugment, random erasing) → Mixup/CutMix
-    optim = AdamW over MAE's layer-decay param groups; lr = warmup_cosine(step) × each group's lr_scale
-    every epoch: top-1/top-5 on val (gathered across ranks); the best is exported timm-loadable
+    objective = methods/classify: timm ViT + head (pool avg: fresh fc_norm), mixup/cutmix, layer-decay groups
+    data      = labelled resampled shards → timm's training transform (RandAugment, random erasing)
+    schedule  = warmup_cosine(step) × each group's lr_scale, over epochs × steps per epoch
+    every epoch: top-1/top-5 on val (gathered across ranks), the best exported timm-loadable, a checkpoint
+    (so a rerun of the same command resumes, with the best score and the history so far)
     skipped (unusable) samples are counted by reason, train and val, all ranks summed
 """
 
@@ -11,105 +12,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
-from timm.data import Mixup, auto_augment, create_transform
-from timm.data.auto_augment import RandAugment
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models.vision_transformer import VisionTransformer
-from tqdm.auto import tqdm
 
-from ssl_vit.config.finetune import FinetuneConfig, FTAugmentConfig, FTModelConfig
-from ssl_vit.config.pretrain import to_dict
+from ssl_vit.config.finetune import FinetuneConfig, FTDataConfig, load_finetune_config
+from ssl_vit.config.pretrain import DataConfig, dump_config
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import eval_stream
-from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key, skip_totals
+from ssl_vit.data.transforms import eval_transform
+from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key
 from ssl_vit.eval.labelled import check_class_lists, check_label_count, count_samples, labelled_train_stream
-from ssl_vit.eval.layer_decay import param_groups_lrd
 from ssl_vit.eval.metrics import topk_accuracy
-from ssl_vit.training.checkpoint import export_backbone, load_backbone
-from ssl_vit.training.distributed import make_accelerator
-from ssl_vit.training.optim import warmup_cosine
-from ssl_vit.training.run_dir import check_finetune_dir
-from ssl_vit.training.run_log import RunLog
+from ssl_vit.methods.classify.model import Classify
+from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, model_mismatch
+from ssl_vit.training.distributed import make_accelerator, share_cpu_cores
+from ssl_vit.training.loop import LoopSettings, Stream, Trainer
+from ssl_vit.training.optim import build_optimizer, peak_lr, warmup_cosine
+from ssl_vit.training.run_dir import FINETUNING, check_run_dir, keep_changed_config
 
 
 @dataclass
 class FinetuneResult:
     run_dir: Path
     step: int  # optimizer steps done
-    best: dict[str, Any]  # {"epoch", "step", "top1", "top5"} of the best evaluation
+    best: dict[str, Any]  # {"epoch", "step", "top1", "top5", "n"} of the best evaluation ({"top1": -1} before any)
     exported: Path | None  # best/backbone.safetensors (classifier included)
-
-
-def build_classifier(cfg: FTModelConfig, num_classes: int) -> tuple[VisionTransformer, str, dict[str, Any]]:
-    """The backbone's timm architecture with a `num_classes` head; returns (model, timm name, timm kwargs)."""
-    if not cfg.backbone:
-        raise ValueError("model.backbone: give the exported backbone (run dir or backbone.safetensors)")
-    vit, meta = load_backbone(cfg.backbone, random_init=cfg.random_init)
-    pool = "avg" if cfg.pool == "avg" else "token"
-    kwargs = {**meta["model_kwargs"], "num_classes": num_classes, "global_pool": pool}
-    model = timm.create_model(meta["model_name"], pretrained=False, drop_path_rate=cfg.drop_path_rate, **kwargs)
-    state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
-    expected_missing = {"head.weight", "head.bias"}
-    if cfg.pool == "avg":  # MAE's global pool: the final norm moves after pooling, as a fresh fc_norm
-        state = {k: v for k, v in state.items() if not k.startswith(("norm.", "fc_norm."))}
-        expected_missing |= {"fc_norm.weight", "fc_norm.bias"}
-    loaded = model.load_state_dict(state, strict=False)
-    if set(loaded.missing_keys) != expected_missing or loaded.unexpected_keys:
-        raise ValueError(f"{cfg.backbone}: cannot fine-tune it with pool={cfg.pool!r} (missing "
-                         f"{sorted(set(loaded.missing_keys) - expected_missing)}, unexpected {loaded.unexpected_keys})")
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.weight, std=cfg.head_init_std)
-        torch.nn.init.zeros_(model.head.bias)
-    return model, meta["model_name"], kwargs
-
-
-def train_transform(cfg: FTAugmentConfig, img_size: int) -> Any:
-    """timm's ImageNet training transform: RandomResizedCrop (bicubic), flip, RandAugment, random erasing."""
-    transform = create_transform(input_size=img_size, is_training=True, scale=cfg.crop_scale,
-                                 color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment or None,
-                                 interpolation="bicubic", re_prob=cfg.reprob, re_mode=cfg.remode,
-                                 re_count=cfg.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    for step in getattr(transform, "transforms", ()):
-        for op in step.ops if isinstance(step, RandAugment) else ():
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = posterize_any_bits  # this instance only; timm's op table stays as it is
-    return transform
-
-
-def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op, also for 0 bits (a black image, as Pillow < 13 made it; Pillow 13 raises).
-
-    RandAugment "rand-m9-mstd0.5-inc1" asks for 0 bits whenever the sampled magnitude reaches 10 (~2% of
-    the posterize draws), which would end a fine-tuning run with timm 1.0 on Pillow 13.
-    """
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return auto_augment.posterize(img, bits_to_keep)
-
-
-def mixup_and_criterion(cfg: FTAugmentConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
-    """Mixup/CutMix make soft targets (with smoothing folded in), else smoothed or plain cross-entropy."""
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                      num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return None, torch.nn.CrossEntropyLoss()
+    stopped_by: str | None = None  # signal name when a SIGTERM/SIGINT ended the run early
 
 
 @torch.no_grad()
@@ -143,6 +77,41 @@ def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accele
             "skipped": result.skipped}
 
 
+class EpochEvaluation:
+    """The loop's evaluation: val top-1/top-5 after every epoch, the best model so far exported to run_dir/best."""
+
+    def __init__(self, objective: Classify, data: FTDataConfig, accelerator: Accelerator, every: int, best_dir: Path,
+                 finetuned_from: str) -> None:
+        self.objective, self.data, self.acc, self.every = objective, data, accelerator, every
+        self.best_dir, self.finetuned_from = best_dir, finetuned_from
+        self.best: dict[str, Any] = {"top1": -1.0}
+        self.history: list[dict[str, Any]] = []
+        self.val_skipped: dict[str, int] = {}  # the same val set every epoch: reported once, in finetune.json
+
+    def __call__(self, step: int) -> dict[str, float]:
+        d, model = self.data, self.objective.backbone
+        scores = evaluate_classifier(model, d.val, self.acc, img_size=model.patch_embed.img_size[0],
+                                     batch_size=d.batch_size, num_workers=min(d.num_workers, 4),
+                                     crop_ratio=d.crop_ratio, allow_pipe=d.allow_pipe)
+        self.val_skipped = scores.pop("skipped")
+        epoch = -(-step // self.every)  # the last evaluation of a run cut short by max_steps: a partial epoch
+        self.history.append({"epoch": epoch, "step": step, **scores})
+        self.acc.print(f"epoch {epoch}: val top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%")
+        if scores["top1"] > self.best["top1"]:
+            self.best = self.history[-1]
+            if self.acc.is_main_process:
+                export_backbone(model, self.best_dir, self.objective.model_name, self.objective.model_kwargs,
+                                {"finetuned_from": self.finetuned_from, **self.best})
+            self.acc.wait_for_everyone()
+        return {"val/top1": scores["top1"], "val/top5": scores["top5"], "epoch": epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "val_skipped": self.val_skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.history, self.val_skipped = state["best"], state["history"], state["val_skipped"]
+
+
 def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
     """Empty data.train / data.val: the built-in demo's labelled splits (generated once, then cached)."""
     if cfg.data.train and cfg.data.val:
@@ -154,111 +123,81 @@ def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def _check_train_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """On the loader's CPU labels, before they are copied: on the device the check would stall every micro-batch."""
-    if (labels < 0).any() or (labels >= num_classes).any():
-        raise ValueError(f"fine-tuning needs labels in [0, {num_classes}) on every train sample")
+def _train_batches(d: FTDataConfig, objective: Classify, accelerator: Accelerator, seed: int,
+                   num_classes: int) -> Stream:
+    def stream(start_step: int, skip: int) -> Iterator[dict[str, Any]]:
+        batches = labelled_train_stream(d.train, objective.views, batch_size=d.batch_size, num_workers=d.num_workers,
+                                        shuffle_buffer=d.shuffle_buffer, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes, seed=seed, start_step=start_step,
+                                        allow_pipe=d.allow_pipe, device=accelerator.device)
+        for _ in range(skip):
+            next(batches)
+        return _checked_labels(batches, num_classes)
+    return stream
+
+
+def _checked_labels(batches: Iterator[dict[str, Any]], num_classes: int) -> Iterator[dict[str, Any]]:
+    """On the loader's CPU labels, before the loop copies them: on the device the check would stall every batch."""
+    for batch in batches:
+        if (batch["label"] < 0).any() or (batch["label"] >= num_classes).any():
+            raise ValueError(f"fine-tuning needs labels in [0, {num_classes}) on every train sample")
+        yield batch
 
 
 def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> FinetuneResult:
-    """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch."""
-    accelerator = accelerator or make_accelerator(cfg.train.precision)
-    run_dir = Path(cfg.train.run_dir)
-    check_finetune_dir(run_dir)  # before anything is written: a rerun must not replace an earlier best model
-    d, opt = cfg.data, cfg.optim
+    """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch;
+    resumes from the newest checkpoint in `cfg.train.run_dir`."""
+    acc = accelerator or make_accelerator(cfg.train.precision)
+    run_dir, d, t = Path(cfg.train.run_dir), cfg.data, cfg.train
+    found = latest_checkpoint(run_dir)
+    check_run_dir(run_dir, FINETUNING, resuming=found is not None)  # a new run must not replace a best model
     classes = check_class_lists(d.train, d.val, d.allow_pipe)  # train and val labels must name the same classes
     num_classes = d.num_classes or (len(classes.names) if classes is not None else None)
     if not num_classes:
         raise ValueError("data.num_classes: no classes.txt beside the train or val shards; set the number of "
                          "classes")
     n_train = d.train_size or count_samples(d.train, d.allow_pipe)
-    set_seed(cfg.train.seed)  # the same head init on every rank
-    model, model_name, model_kwargs = build_classifier(cfg.model, num_classes)
-    if accelerator.is_main_process:  # only once the inputs have checked out: a failed start writes nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    img_size = model.patch_embed.img_size[0]
-    groups = param_groups_lrd(model, opt.weight_decay, model.no_weight_decay(), opt.layer_decay)
-    # lr comes from the schedule every step; fused: one kernel for all parameters on CUDA
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=opt.betas, fused=accelerator.device.type == "cuda" or None)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    set_seed(cfg.train.seed + accelerator.process_index)
-
-    global_batch = d.batch_size * accelerator.num_processes * opt.accum_steps
+    share_cpu_cores(acc, d.num_workers)
+    set_seed(t.seed)  # the same head init on every rank
+    objective = Classify(cfg.model, cfg.augment, num_classes, cfg.optim.layer_decay)
+    optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
+    if found is not None and (mismatch := model_mismatch(objective, found[1])):
+        raise ValueError(f"checkpoint {found[1]} was made with a different model ({mismatch}); resume with the "
+                         "run's own config, or set a new train.run_dir")
+    global_batch = d.batch_size * acc.num_processes * cfg.optim.accum_steps
     steps_per_epoch = max(1, n_train // global_batch)
-    total = cfg.train.epochs * steps_per_epoch
-    last = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
-    peak = opt.lr if opt.lr is not None else opt.base_lr * global_batch / 256
-    mixup, criterion = mixup_and_criterion(cfg.augment, num_classes)
-    loader = iter(labelled_train_stream(d.train, train_transform(cfg.augment, img_size), batch_size=d.batch_size,
-                                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                                        rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, seed=cfg.train.seed,
-                                        allow_pipe=d.allow_pipe, device=accelerator.device))
-    eval_kwargs = dict(img_size=img_size, batch_size=d.batch_size, num_workers=min(d.num_workers, 4),
-                       crop_ratio=d.crop_ratio, allow_pipe=d.allow_pipe)
-    log = RunLog(run_dir, enabled=accelerator.is_main_process)
-    accelerator.print(f"fine-tune: {n_train} train images, {num_classes} classes, global batch {global_batch}, "
-                      f"{steps_per_epoch} steps/epoch, peak lr {peak:.3g}")
-    bar = tqdm(total=last, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    best: dict[str, Any] = {"top1": -1.0}
-    # the window's loss stays on the device: reading it every step would stall a GPU on each one
-    history, window, t0 = [], [torch.zeros((), device=accelerator.device), 0], time.perf_counter()
-    train_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # met while drawing batches (resampled)
-    val_skipped: dict[str, int] = {}
-    model.train()
-    for step in range(last):
-        lr = warmup_cosine(step, total, cfg.train.warmup_epochs * steps_per_epoch, peak, opt.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay
-        for micro in range(opt.accum_steps):
-            batch = next(loader)
-            train_skipped += batch["skipped"].sum(dim=0)
-            labels = batch["label"]
-            _check_train_labels(labels, num_classes)
-            images = batch["image"].to(accelerator.device, non_blocking=True)
-            targets = labels.to(accelerator.device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            sync = accelerator.no_sync(model) if micro < opt.accum_steps - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                loss = criterion(model(images), targets)
-                accelerator.backward(loss / opt.accum_steps)
-            window[0] += loss.detach().float() / opt.accum_steps
-        if opt.clip_grad is not None:
-            accelerator.clip_grad_norm_(model.parameters(), opt.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window[1] += 1
-        bar.update(1)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == last:
-            mean_loss = accelerator.reduce(window[0] / window[1], "mean")
-            log.scalars(done, {"train/loss": float(mean_loss), "train/lr": lr,
-                               "perf/step_time_s": (time.perf_counter() - t0) / window[1]})
-            bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
-            window, t0 = [torch.zeros((), device=accelerator.device), 0], time.perf_counter()
-        if done % steps_per_epoch == 0 or done == last:  # end of an epoch (or of a run stopped by max_steps)
-            scores = evaluate_classifier(unwrapped, d.val, accelerator, **eval_kwargs)
-            val_skipped = scores.pop("skipped")  # the same val set every epoch: reported once, in finetune.json
-            epoch = -(-done // steps_per_epoch)
-            log.scalars(done, {"val/top1": scores["top1"], "val/top5": scores["top5"], "epoch": epoch})
-            history.append({"epoch": epoch, "step": done, **scores})
-            accelerator.print(f"epoch {epoch}: val top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%")
-            if scores["top1"] > best["top1"]:
-                best = history[-1]
-                if accelerator.is_main_process:
-                    export_backbone(unwrapped, run_dir / "best", model_name, model_kwargs,
-                                               {"finetuned_from": cfg.model.backbone, **best})
-                accelerator.wait_for_everyone()
-    bar.close()
-    log.close()
-    skipped = {"train": skip_totals(accelerator, train_skipped), "val": val_skipped}
-    accelerator.print(f"fine-tune data: {n_train} train images ({describe_skipped(skipped['train'])} while drawing "
-                      f"batches), {int(best['n'])} val images ({describe_skipped(skipped['val'])})")
-    if accelerator.is_main_process:
-        summary = {"best": best, "history": history, "num_classes": num_classes, "n_train": n_train,
+    total = t.epochs * steps_per_epoch
+    peak, warmup = peak_lr(cfg, acc.num_processes), t.warmup_epochs * steps_per_epoch
+
+    def schedule(step: int) -> tuple[float, float]:
+        return warmup_cosine(step, total, warmup, peak, cfg.optim.min_lr), cfg.optim.weight_decay
+
+    # a checkpoint at every epoch end, right after its evaluation; the stream is reseeded there too
+    settings = LoopSettings(run_dir, min(total, t.max_steps or total), t.seed, cfg.optim.accum_steps,
+                            cfg.optim.clip_grad, t.log_every, save_every=steps_per_epoch, keep_last=t.keep_last,
+                            max_nonfinite_steps=t.max_nonfinite_steps, max_skip_rate=DataConfig.max_skip_rate,
+                            name="finetune")
+    evaluation = EpochEvaluation(objective, d, acc, steps_per_epoch, run_dir / "best", cfg.model.backbone)
+    trainer = Trainer(acc, objective, optimizer, _train_batches(d, objective, acc, t.seed, num_classes), schedule,
+                      settings, resume=found[1] if found else None, evaluation=evaluation)
+    if acc.is_main_process:  # only once the inputs have checked out: a failed start writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if found is not None and (notice := keep_changed_config(run_dir, cfg, trainer.step, load_finetune_config)):
+            acc.print(notice)
+        dump_config(cfg, run_dir / "config.yaml")
+    acc.print(f"fine-tune: {n_train} train images, {num_classes} classes, global batch {global_batch}, "
+              f"{steps_per_epoch} steps/epoch, peak lr {peak:.3g}")
+    result = trainer.run()
+    if result.stopped_by:
+        return FinetuneResult(run_dir, result.step, evaluation.best, None, result.stopped_by)
+    if not evaluation.history:  # a rerun asked to end before its checkpoint's step, which no evaluation followed
+        evaluation(result.step)
+    best = evaluation.best
+    skipped = {"train": dict(zip(SKIP_REASONS, trainer.counters.skipped, strict=True)), "val": evaluation.val_skipped}
+    acc.print(f"fine-tune data: {n_train} train images ({describe_skipped(skipped['train'])} while drawing "
+              f"batches), {int(best['n'])} val images ({describe_skipped(skipped['val'])})")
+    if acc.is_main_process:
+        summary = {"best": best, "history": evaluation.history, "num_classes": num_classes, "n_train": n_train,
                    "skipped": skipped}
         (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return FinetuneResult(run_dir, last, best, run_dir / "best" / "backbone.safetensors")
+    return FinetuneResult(run_dir, result.step, best, run_dir / "best" / "backbone.safetensors")

@@ -1,5 +1,5 @@
-"""Building the Accelerator: the one place that knows how processes find each other, and what a run cannot do
-under FSDP."""
+"""Building the Accelerator: the one place that knows how processes find each other, how they share the CPU
+cores, and what a run cannot do under FSDP."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=resolve_precision(mixed_precision),
                        cpu=multi_process and not _has_accelerator())
+
+
+def share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
+    """On CPU, leave each loader worker a core: torch's default of one thread per core plus busy workers
+    oversubscribes the machine, and spinning OpenMP threads then make steps several times slower.
+    An explicit OMP_NUM_THREADS wins."""
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    per_process = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    torch.set_num_threads(max(1, per_process - num_workers))
 
 
 def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:

@@ -1,9 +1,10 @@
-"""The one pretraining loop. It runs any `Objective` and never asks which one.
-
-Step-based: every schedule is a function of the optimizer step, checkpoints are taken every N steps, and
-re-running the same command resumes from the newest complete checkpoint. Guarantees (docs/troubleshooting.md):
-- exact resume: the data stream is reseeded on a fixed grid of steps (every `train.save_every`), so a run
-  resumed from a checkpoint reads the very batches the uninterrupted run reads;
+"""The one training loop. It runs any `Objective` and never asks which one: pretraining (`pretrain` below) and
+fine-tuning (eval/finetune.py) build the objective, its optimizer, a batch-stream factory, the schedules and the
+`LoopSettings`, and hand them to `Trainer`. Step-based: schedules are functions of the optimizer step, checkpoints
+are taken every N steps, and re-running the same command resumes from the newest complete checkpoint.
+Guarantees (docs/troubleshooting.md):
+- exact resume: the data stream is reseeded on a fixed grid of steps (every `save_every`), so a run resumed
+  from a checkpoint reads the very batches the uninterrupted run reads;
 - SIGTERM/SIGINT stop every rank after the same step, save, and return normally;
 - a NaN/inf loss or gradient norm on any rank skips that update on all ranks; too many in a row abort;
 - too many unusable samples abort with the counts by reason.
@@ -12,13 +13,12 @@ re-running the same command resumes from the newest complete checkpoint. Guarant
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -30,25 +30,51 @@ from ssl_vit.data.batches import to_device, training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.methods import Objective, build_objective
 from ssl_vit.models.backbone import backbone_kwargs, build_backbone
-from ssl_vit.training.checkpoint import (
-    export_backbone,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ssl_vit.training.distributed import check_fsdp_supported, make_accelerator
+from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
+from ssl_vit.training.distributed import check_fsdp_supported, make_accelerator, share_cpu_cores
 from ssl_vit.training.monitor import Counters, RunAborted, StepWindow
-from ssl_vit.training.optim import cosine, warmup_cosine
+from ssl_vit.training.optim import build_optimizer, cosine, peak_lr, warmup_cosine
 from ssl_vit.training.resume import check_resume_model, process_count_notice
-from ssl_vit.training.run_dir import check_new_pretraining_dir, keep_changed_config
+from ssl_vit.training.run_dir import PRETRAINING, check_run_dir, keep_changed_config
 from ssl_vit.training.run_log import RunLog
 from ssl_vit.training.signals import StopRequest
 
-__all__ = ["PretrainResult", "RunAborted", "peak_lr", "pretrain", "resolve_demo"]
+__all__ = ["LoopSettings", "RunResult", "Trainer", "build_optimizer", "peak_lr", "pretrain", "resolve_demo"]
+
+Stream = Callable[[int, int], Iterator[dict[str, Any]]]  # (start step, batches to skip) → endless batches
+Schedule = Callable[[int], tuple[float, float]]  # step → (lr, weight decay); a group's `lr_scale` multiplies the lr
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop steps, logs and saves: pretraining takes them from its `train.*` and `optim.*` keys."""
+
+    run_dir: Path
+    total_steps: int  # the run ends after this optimizer step
+    seed: int  # rank r draws from seed + r
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # global grad-norm clip; None = none (the norm is measured either way)
+    log_every: int = 20
+    save_every: int = 0  # the checkpoint grid, on which the stream is also reseeded; 0 = at the end only
+    keep_last: int = 2  # complete checkpoints kept
+    image_every: int = 0  # steps between the objective's TensorBoard images; 0 = never
+    max_nonfinite_steps: int = 20  # consecutive NaN/inf steps before the run aborts
+    max_skip_rate: float = 0.1  # share of unusable samples before the run aborts
+    name: str = "pretrain"  # of the progress bar
+
+
+class Evaluation(Protocol):
+    """Run on every rank each `every` steps and after the last: scalars to log at `step`. Its state (JSON) rides
+    along in every checkpoint."""
+
+    every: int
+    def __call__(self, step: int) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
-class PretrainResult:
+class RunResult:
     run_dir: Path
     step: int  # optimizer steps done in total (this run and the ones it resumed)
     backbone: Path | None  # exported backbone.safetensors, when exported
@@ -56,91 +82,35 @@ class PretrainResult:
     checkpoint: Path | None = None  # the newest checkpoint written
 
 
-def peak_lr(cfg: Config, num_processes: int) -> float:
-    """The linear scaling rule: lr = base_lr × global batch / 256, unless an absolute lr is given."""
-    if cfg.optim.lr is not None:
-        return cfg.optim.lr
-    return cfg.optim.base_lr * cfg.data.batch_size * num_processes * cfg.optim.accum_steps / 256
-
-
-def build_optimizer(objective: Objective, cfg: Config, use_fused: bool) -> torch.optim.AdamW:
-    groups = objective.param_groups(cfg.optim.weight_decay)
-    # lr is set from the schedule before every step; the value here is a placeholder.
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=use_fused or None)
-
-
-def _share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
-    """On CPU, leave each loader worker a core: torch's default of one thread per core plus busy workers
-    oversubscribes the machine, and spinning OpenMP threads then make steps several times slower.
-    An explicit OMP_NUM_THREADS wins."""
-    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    per_process = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    torch.set_num_threads(max(1, per_process - num_workers))
-
-
 class Trainer:
-    """State of one pretraining run on this rank; `run()` trains to `train.total_steps` or a stop signal."""
+    """State of one run on this rank; `run()` trains to `total_steps` or a stop signal. `objective` and
+    `optimizer` as built (alike on every rank); `resume`: the checkpoint to go on from, checked by the caller."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
-        self.cfg, self.acc = cfg, accelerator
-        resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
-        check_fsdp_supported(cfg, accelerator)  # not after days of training
-        self.run_dir = Path(cfg.train.run_dir)
-        found = latest_checkpoint(self.run_dir)
-        if found is None:  # a new run: it must not overwrite what the directory already holds
-            check_new_pretraining_dir(self.run_dir)
-        _share_cpu_cores(accelerator, cfg.data.num_workers)
-        # Same seed everywhere so every rank builds identical weights; ranks diverge (masks, data) only below.
-        set_seed(cfg.train.seed)
-        objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
-                                    total_steps=cfg.train.total_steps,
-                                    device_aug=cfg.data.device_aug,
-                                    compile=cfg.train.compile)
-        optimizer = build_optimizer(objective, cfg, use_fused=accelerator.device.type == "cuda")
+    def __init__(self, accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
+                 stream: Stream, schedule: Schedule, settings: LoopSettings, *, resume: Path | None = None,
+                 evaluation: Evaluation | None = None) -> None:
+        self.acc, self.s, self.schedule, self.evaluation = accelerator, settings, schedule, evaluation
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: Objective = accelerator.unwrap_model(self.model)
-        set_seed(cfg.train.seed + accelerator.process_index)
-        self.step, self.counters, self.checkpoint = 0, Counters(), None
-        if found is not None:
-            sharded = accelerator.distributed_type == DistributedType.FSDP
-            check_resume_model(self.objective, cfg, found[1], sharded)  # before anything is loaded or written
-            marker = load_checkpoint(accelerator, found[1])  # also restores every rank's RNG state
-            self.step, self.checkpoint = marker["step"], found[1]
-            self.counters = Counters.from_dict(marker.get("counters"))
-            accelerator.print(f"resumed from {found[1]} (step {self.step})")
-            if notice := process_count_notice(cfg, found[1], accelerator.num_processes):
-                accelerator.print(notice)
-        # Only now: a resume that fails must leave the run's config.yaml (what export rebuilds the model from) alone.
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if found is not None and (notice := keep_changed_config(self.run_dir, cfg, self.step)):
-                accelerator.print(notice)
-            dump_config(cfg, self.run_dir / "config.yaml")
+        set_seed(settings.seed + accelerator.process_index)  # ranks diverge (masks, data) only from here
+        self.step, self.counters, self.checkpoint = 0, Counters(), resume
+        if resume is not None:
+            marker = load_checkpoint(accelerator, resume)  # also restores every rank's RNG state
+            self.step, self.counters = marker["step"], Counters.from_dict(marker.get("counters"))
+            if evaluation is not None:
+                evaluation.load_state_dict(marker["evaluation"])
+            accelerator.print(f"resumed from {resume} (step {self.step})")
         # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
-        # and one resumed from any checkpoint then read the same batches.
-        self.segment = cfg.train.save_every or cfg.train.total_steps
-        # after a stop signal off the grid: skip what the interrupted run already read since the last grid point
-        self.loader = self._stream(self.step - self.step % self.segment,
-                                   skip=(self.step % self.segment) * cfg.optim.accum_steps)
-
-    def _stream(self, start_step: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        # and one resumed from any checkpoint then read the same batches. After a stop signal off the grid, what
+        # the interrupted run read since the last grid point is skipped.
         # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
-        # A batch is read in full (moved, trained on, logged) before the next is asked for, as the stream needs.
-        cfg = self.cfg
-        return training_batches(cfg.data, self.objective.views, self.acc.device, img_size=cfg.model.img_size,
-                                rank=self.acc.process_index, world_size=self.acc.num_processes,
-                                seed=cfg.train.seed, start_step=start_step, skip=skip,
-                                progress=self.acc.is_main_process)
+        self.stream, self.segment = stream, settings.save_every or settings.total_steps
+        self.loader = stream(self.step - self.step % self.segment, (self.step % self.segment) * settings.accum_steps)
 
     def _set_schedules(self) -> tuple[float, float]:
-        cfg = self.cfg
-        lr = warmup_cosine(self.step, cfg.train.total_steps, cfg.train.warmup_steps,
-                           peak_lr(cfg, self.acc.num_processes), cfg.optim.min_lr)
-        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-        wd = cosine(self.step, cfg.train.total_steps, cfg.optim.weight_decay, wd_end)
+        lr, wd = self.schedule(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay (fine-tuning)
             group["weight_decay"] = wd if group["apply_wd"] else 0.0
         return lr, wd
 
@@ -148,9 +118,10 @@ class Trainer:
                                                              float]:
         """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss (on the
         device: reading it here would stall the GPU every micro-batch), wait."""
-        accum, wait, loss_sum = self.cfg.optim.accum_steps, 0.0, None
+        accum, wait, loss_sum = self.s.accum_steps, 0.0, None
         for micro in range(accum):
             t_wait = time.perf_counter()
+            # A batch is read in full (moved, trained on, logged) before the next is asked for, as the stream needs.
             batch = to_device(next(self.loader), self.acc.device)
             wait += time.perf_counter() - t_wait
             window.add_batch(batch)
@@ -164,9 +135,9 @@ class Trainer:
         return out, batch, loss_sum / accum, wait
 
     def _grad_norm(self) -> torch.Tensor:
-        """Global gradient norm, clipped to `optim.clip_grad` when set (measured either way, for the NaN guard)."""
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
-        return self.acc.clip_grad_norm_(self.model.parameters(), clip)
+        """Global gradient norm, clipped to `clip_grad` when set (measured either way, for the NaN guard)."""
+        return self.acc.clip_grad_norm_(self.model.parameters(),
+                                        self.s.clip_grad if self.s.clip_grad is not None else float("inf"))
 
     def _agree(self, stop: StopRequest, nonfinite: torch.Tensor) -> tuple[bool, bool]:
         """One small all-reduce per step: does any rank want to stop, did any rank see a non-finite value?
@@ -176,10 +147,10 @@ class Trainer:
         stop_now, skip = (flag > 0 for flag in self.acc.reduce(flags, reduction="sum").tolist())
         return stop_now, skip
 
-    def run(self) -> PretrainResult:
-        acc, total = self.acc, self.cfg.train.total_steps
-        log = RunLog(self.run_dir, enabled=acc.is_main_process, resume_step=self.step)
-        bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
+    def run(self) -> RunResult:
+        acc = self.acc
+        log = RunLog(self.s.run_dir, enabled=acc.is_main_process, resume_step=self.step)
+        bar = tqdm(total=self.s.total_steps, initial=self.step, desc=self.s.name, disable=not acc.is_main_process,
                    dynamic_ncols=True)
         try:
             stopped_by = self._train(log, bar)
@@ -192,12 +163,11 @@ class Trainer:
         if stopped_by:
             acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
                       "run the same command again to continue")
-            return PretrainResult(self.run_dir, self.step, None, stopped_by, self.checkpoint)
-        return PretrainResult(self.run_dir, self.step, self._export(), None, self.checkpoint)
+        return RunResult(self.s.run_dir, self.step, None, stopped_by, self.checkpoint)
 
     def _train(self, log: RunLog, bar: tqdm) -> str | None:
-        """Steps to `train.total_steps`; returns what stopped them early (a signal's name), else None."""
-        cfg, acc, total = self.cfg, self.acc, self.cfg.train.total_steps
+        """Steps to `total_steps`; returns what stopped them early (a signal's name), else None."""
+        acc, total = self.acc, self.s.total_steps
         window, consecutive_nonfinite, stopped_by = StepWindow(acc.device), 0, None
         self.model.train()
         with StopRequest() as stop:
@@ -217,7 +187,7 @@ class Trainer:
                         acc.scaler.update()  # too (the next unscale_ raises otherwise), lowering its scale on inf
                     self.counters.nonfinite_steps += 1
                     consecutive_nonfinite += 1
-                    if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                    if consecutive_nonfinite >= self.s.max_nonfinite_steps:
                         raise RunAborted(
                             f"{consecutive_nonfinite} consecutive steps had a NaN/inf loss or gradient norm (up to "
                             f"step {self.step + 1}); last good checkpoint: {self.checkpoint or 'none'}; lower the lr, "
@@ -231,7 +201,7 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 extra = {k: v for k, v in out.items() if k != "loss" and v.numel() == 1}
-                if cfg.optim.clip_grad is not None:
+                if self.s.clip_grad is not None:
                     extra["grad_norm"] = grad_norm
                 window.add_step(None if skip else loss, wait, time.perf_counter() - t_start, extra)
                 self._after_step(log, bar, window, batch, lr, wd, stop_now)
@@ -242,43 +212,81 @@ class Trainer:
 
     def _after_step(self, log: RunLog, bar: tqdm, window: StepWindow, batch: dict[str, Any], lr: float, wd: float,
                     stop_now: bool) -> None:
-        cfg, step, total = self.cfg, self.step, self.cfg.train.total_steps
+        s, step, total = self.s, self.step, self.s.total_steps
         on_grid = step % self.segment == 0
         save = on_grid or step == total or stop_now
         # a checkpoint step also closes the log window: its images and skips must be in the saved counters
-        if step % cfg.train.log_every == 0 or save:
+        if step % s.log_every == 0 or save:
             scalars = {**window.reduce(self.acc, self.counters), "train/lr": lr, "train/weight_decay": wd}
             log.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}")
-            self.counters.check_skip_rate(cfg.data.max_skip_rate)
-        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == total) and self.acc.is_main_process:
+            self.counters.check_skip_rate(s.max_skip_rate)
+        if s.image_every and (step % s.image_every == 0 or step == total) and self.acc.is_main_process:
             self.model.eval()
             for tag, image in self.objective.visualize(batch).items():
                 log.image(step, tag, image)
             self.model.train()
+        evaluation = self.evaluation
+        if evaluation is not None and (step % evaluation.every == 0 or step == total):
+            log.scalars(step, evaluation(step))  # before the save: the checkpoint keeps what it found
         if save:
-            self.checkpoint = save_checkpoint(self.acc, self.run_dir, step, cfg.train.keep_last,
-                                              {"counters": self.counters.to_dict()})
+            extra = {"counters": self.counters.to_dict()}
+            if evaluation is not None:
+                extra["evaluation"] = evaluation.state_dict()
+            self.checkpoint = save_checkpoint(self.acc, s.run_dir, step, s.keep_last, extra)
             if self.acc.is_main_process:
                 bar.write(f"checkpoint: {self.checkpoint}")
         if on_grid and step < total and not stop_now:
-            self.loader = self._stream(step)  # reseed on the grid (see __init__)
+            self.loader = self.stream(step, 0)  # reseed on the grid (see __init__)
 
-    def _export(self) -> Path | None:
-        cfg, acc = self.cfg, self.acc
-        if not cfg.train.export:
-            return None
+
+def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
+    """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
+    acc = accelerator or make_accelerator(cfg.train.precision)
+    t, run_dir = cfg.train, Path(cfg.train.run_dir)
+    resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
+    check_fsdp_supported(cfg, acc)  # not after days of training
+    found = latest_checkpoint(run_dir)
+    check_run_dir(run_dir, PRETRAINING, resuming=found is not None)  # a new run must not overwrite what it holds
+    share_cpu_cores(acc, cfg.data.num_workers)
+    set_seed(t.seed)  # the same weights on every rank
+    objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
+                                total_steps=t.total_steps, device_aug=cfg.data.device_aug, compile=t.compile)
+    optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
+    if found is not None:  # before anything is loaded or written
+        check_resume_model(objective, cfg, found[1], acc.distributed_type == DistributedType.FSDP)
+    peak = peak_lr(cfg, acc.num_processes)
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+
+    def schedule(step: int) -> tuple[float, float]:
+        return (warmup_cosine(step, t.total_steps, t.warmup_steps, peak, cfg.optim.min_lr),
+                cosine(step, t.total_steps, cfg.optim.weight_decay, wd_end))
+
+    def stream(start_step: int, skip: int) -> Iterator[dict[str, Any]]:
+        return training_batches(cfg.data, objective.views, acc.device, img_size=cfg.model.img_size,
+                                rank=acc.process_index, world_size=acc.num_processes, seed=t.seed,
+                                start_step=start_step, skip=skip, progress=acc.is_main_process)
+
+    settings = LoopSettings(run_dir, t.total_steps, t.seed, cfg.optim.accum_steps, cfg.optim.clip_grad, t.log_every,
+                            t.save_every, t.keep_last, t.image_every, t.max_nonfinite_steps, cfg.data.max_skip_rate)
+    trainer = Trainer(acc, objective, optimizer, stream, schedule, settings, resume=found[1] if found else None)
+    if found is not None and (notice := process_count_notice(cfg, found[1], acc.num_processes)):
+        acc.print(notice)
+    # Only now: a resume that fails must leave the run's config.yaml (what export rebuilds the model from) alone.
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if found is not None and (notice := keep_changed_config(run_dir, cfg, trainer.step)):
+            acc.print(notice)
+        dump_config(cfg, run_dir / "config.yaml")
+    result = trainer.run()
+    if t.export and not result.stopped_by:
         if acc.is_main_process:
-            path = export_backbone(self.objective.export_backbone(), self.run_dir, cfg.model.name,
-                                   backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": self.step})
+            path = export_backbone(trainer.objective.export_backbone(), run_dir, cfg.model.name,
+                                   backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": result.step})
             acc.print(f"exported backbone: {path}")
         acc.wait_for_everyone()
-        return self.run_dir / "backbone.safetensors"
-
-
-def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> PretrainResult:
-    """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
-    return Trainer(cfg, accelerator or make_accelerator(cfg.train.precision)).run()
+        result.backbone = run_dir / "backbone.safetensors"
+    return result
 
 
 def resolve_demo(cfg: Config) -> Config:

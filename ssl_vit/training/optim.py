@@ -1,8 +1,17 @@
-"""Schedules as pure functions of the optimizer step: a stream has no epoch length, and resume needs no state."""
+"""The optimizer and its schedules. Schedules are pure functions of the optimizer step: a stream has no epoch
+length, and resume needs no state."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ssl_vit.config.finetune import FinetuneConfig
+    from ssl_vit.config.pretrain import Config
+    from ssl_vit.methods import Objective
 
 
 def cosine(step: int, total_steps: int, start: float, end: float) -> float:
@@ -18,3 +27,17 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
     if step < warmup_steps:
         return peak * step / warmup_steps
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
+
+
+def peak_lr(cfg: Config | FinetuneConfig, num_processes: int) -> float:
+    """The linear scaling rule: lr = base_lr × global batch / 256, unless an absolute lr is given."""
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return cfg.optim.base_lr * cfg.data.batch_size * num_processes * cfg.optim.accum_steps / 256
+
+
+def build_optimizer(objective: Objective, cfg: Config | FinetuneConfig, use_fused: bool) -> torch.optim.AdamW:
+    """AdamW over the objective's parameter groups (`apply_wd`, and `lr_scale` where it has layer decay)."""
+    groups = objective.param_groups(cfg.optim.weight_decay)
+    # lr is set from the schedule before every step; the value here is a placeholder.
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=use_fused or None)

@@ -30,8 +30,9 @@ def layer_id(name: str, num_blocks: int) -> int:
 
 def param_groups_lrd(model: VisionTransformer, weight_decay: float, no_weight_decay_list: Collection[str],
                      layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW param groups with an "lr_scale" each (the schedule's lr is multiplied by it every step); no weight
-    decay on 1-D parameters (norms, biases) and on `no_weight_decay_list` (cls token, position embedding)."""
+    """AdamW param groups with an "lr_scale" each (the loop multiplies the schedule's lr by it every step); no weight
+    decay (`apply_wd` false) on 1-D parameters (norms, biases) and on `no_weight_decay_list` (cls token, position
+    embedding)."""
     num_layers = len(model.blocks) + 1
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
@@ -39,7 +40,7 @@ def param_groups_lrd(model: VisionTransformer, weight_decay: float, no_weight_de
             continue
         decay = not (param.ndim == 1 or name in no_weight_decay_list)
         lid = layer_id(name, len(model.blocks))
-        group = groups.setdefault((lid, decay), {"params": [], "param_names": [],
+        group = groups.setdefault((lid, decay), {"params": [], "param_names": [], "apply_wd": decay,
                                                  "weight_decay": weight_decay if decay else 0.0,
                                                  "lr_scale": layer_decay ** (num_layers - lid)})
         group["params"].append(param)
