@@ -6,11 +6,11 @@ import json
 import pytest
 from PIL import Image
 from test_benchmark import TINY
+from webdataset.tariterators import tarfile_samples as tar_samples
 
 from ssl_vit.bench.suite import make_jpeg_shards, render, select_cases, table_row
 from ssl_vit.cli.main import main
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.data.tar_reader import tar_samples
 
 
 @pytest.fixture(scope="module")

@@ -223,7 +223,7 @@ def test_a_shard_that_is_not_a_tar_is_named_in_its_read_error_warning(tmp_path: 
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     shard = tmp_path / "notes.tar"
     shard.write_bytes(b"not a tar file at all " * 3)
-    with caplog.at_level("WARNING", logger="ssl_vit.data.shards"):
+    with caplog.at_level("WARNING", logger="ssl_vit.data.tar_samples"):
         keys, _, _, skipped = _read_all(eval_stream(str(shard), _size_of, batch_size=4, num_workers=0, rank=0,
                                                     world_size=1))
     assert keys == [] and skipped == _counts(read_error=1)

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from webdataset.handlers import reraise_exception
+from webdataset.tariterators import tarfile_samples
 
 from ssl_vit.config.pretrain import DataConfig
-from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.samples import SampleError
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.shards import DecodeStage, SkipCounter, train_stream
-from ssl_vit.data.tar_reader import tar_samples
 
 
 class SingleCore:
@@ -36,7 +34,7 @@ class SingleCore:
         self.raw: list[dict] = []
         while len(self.raw) < samples:  # a small demo set is cycled until `samples` are held in memory
             before = len(self.raw)
-            shards = tar_samples([dict(url=u) for u in urls], reraise_exception)
+            shards = tarfile_samples([dict(url=u) for u in urls])  # webdataset's reader; errors raise
             self.raw += list(islice(shards, samples - len(self.raw)))
             if len(self.raw) == before:
                 raise ValueError(f"no samples in {cfg.train!r}")
@@ -81,16 +79,15 @@ def warmup_batches(cfg: DataConfig) -> int:
 
 
 class LoaderWindows:
-    """The training stream alone (no model), read as the trainer reads it (pooled shared memory released after
-    use), started and warmed up (`warmup_batches`) once; `rate` times a window of it."""
+    """The training stream alone (no model), read as the trainer reads it, started and warmed up
+    (`warmup_batches`) once; `rate` times a window of it."""
 
     def __init__(self, cfg: DataConfig, views: Callable[[Image.Image], Any], seed: int = 0) -> None:
         self.batch_size = cfg.batch_size
         # Between windows the workers fill the DataLoader's prefetch queue (2 batches each), which the next
         # window must not count: drain it, and wait for one batch made while being read, before timing.
         self.drain = 3 * cfg.num_workers
-        self.stream = released_after_use(iter(train_stream(cfg, views, rank=0, world_size=1, seed=seed,
-                                                           reuse_memory=True)))
+        self.stream = iter(train_stream(cfg, views, rank=0, world_size=1, seed=seed))
         for _ in range(1 + warmup_batches(cfg)):
             next(self.stream)
 

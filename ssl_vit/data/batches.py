@@ -1,5 +1,5 @@
-"""The pretraining stream as the trainer (and the benchmark) reads it: `train_stream`, pooled shared memory
-released after use, and JPEGs decoded on the training device with `data.device_decode`."""
+"""The pretraining stream as the trainer (and the benchmark) reads it: `train_stream`, copied to a CUDA device
+one batch ahead, or with `data.device_decode` its JPEGs decoded on the training device."""
 
 from __future__ import annotations
 
@@ -11,17 +11,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ssl_vit.config.pretrain import DataConfig
-from ssl_vit.data.batch_pool import released_after_use
 from ssl_vit.data.device.augment import cheap_size
 from ssl_vit.data.device.decode import decoded_batches
 from ssl_vit.data.shards import train_stream
-
-
-def reuses_memory(device: torch.device) -> bool:
-    """Whether a batch's pooled shared memory may be released once the next batch is read: on CPU the step is
-    synchronous; on CUDA the pin-memory thread has copied the batch out of the pool before the step sees it.
-    Elsewhere a non-blocking copy could still be reading the pool, so batches keep fresh memory."""
-    return device.type in ("cpu", "cuda")
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -84,20 +76,14 @@ def training_batches(cfg: DataConfig, views: Callable[[Image.Image], Any], devic
                      rank: int, world_size: int, seed: int, start_step: int = 0, skip: int = 0,
                      progress: bool = False) -> Iterator[dict[str, Any]]:
     """Endless pretraining batches: on CUDA already on the device (copied one batch ahead by `DevicePrefetcher`;
-    device-decoded ones are decoded there), elsewhere on the CPU, whose tensors are valid until the next batch
-    is asked for. The first `skip` batches are read and dropped before any is decoded on or copied to the device
-    (a resume fast-forwarding to where it stopped; `progress`: with a progress bar)."""
-    reuse = reuses_memory(device)
-    stream: Iterator[dict[str, Any]] = iter(train_stream(cfg, views, rank=rank, world_size=world_size, seed=seed,
-                                                         start_step=start_step, reuse_memory=reuse))
-    if reuse:
-        stream = released_after_use(stream)
+    device-decoded ones are decoded there), elsewhere on the CPU. The first `skip` batches are read and dropped
+    before any is decoded on or copied to the device (a resume fast-forwarding to where it stopped; `progress`:
+    with a progress bar)."""
+    stream = iter(train_stream(cfg, views, rank=rank, world_size=world_size, seed=seed, start_step=start_step))
     for _ in tqdm(range(skip), desc="fast-forwarding data", disable=not progress or not skip):
         next(stream)
     if cfg.device_decode:
         # The loader ships JPEG bytes; decoding them here counts as data wait (it is data preparation). The
         # decoder synchronises the training stream itself (see DeviceDecoder), so no side-stream copies here.
         return decoded_batches(stream, cheap_size(img_size), device)
-    # The pooled batch a prefetcher reads ahead releases the one before it: on CUDA the pin-memory thread has
-    # copied that one out of shared memory already (`reuses_memory`).
     return DevicePrefetcher(stream, device) if device.type == "cuda" else stream

@@ -16,88 +16,21 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
-from webdataset.tariterators import base_plus_ext
 
 from ssl_vit.config.pretrain import DataConfig
-from ssl_vit.data.collate import PooledCollate, collate
+from ssl_vit.data.collate import collate
 from ssl_vit.data.device.decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
-from ssl_vit.data.samples import SKIP_REASONS, SampleError, decode_sample, read_label
+from ssl_vit.data.samples import SampleError, decode_sample, read_label
 from ssl_vit.data.shard_urls import resolve_shards
-from ssl_vit.data.tar_reader import tar_samples
+from ssl_vit.data.tar_samples import SkipCounter, TarSamples
 from ssl_vit.data.worker_signals import leave_stop_signals_to_the_main_process
 
 log = logging.getLogger(__name__)
 
-TORN_UNKNOWN = "<a member the reader did not name>"  # SkipCounter.torn after a read error of unknown place
 _MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
-
-
-class SkipCounter:
-    """Per-worker skip counts; each yielded sample takes the increments since the worker's previous yield, so
-    the main process sums `batch["skipped"]` to exact totals without any inter-process channel."""
-
-    def __init__(self, give_up_after: int | None = None) -> None:
-        self.pending = [0] * len(SKIP_REASONS)
-        self.read_errors = 0  # all time: tells `_TarSamples` that a shard broke off ...
-        self.torn: str | None = None  # ... and in which member, when it broke off inside one (see read_error)
-        self.fruitless = 0  # failures (and empty shards) since the last good sample
-        self.give_up_after = give_up_after
-
-    def add(self, reason: str) -> None:
-        self.pending[SKIP_REASONS.index(reason)] += 1
-        self.no_progress()
-
-    def no_progress(self) -> None:
-        self.fruitless += 1
-        if self.give_up_after is not None and self.fruitless > self.give_up_after:
-            counts = dict(zip(SKIP_REASONS, self.pending, strict=True))
-            raise ValueError(f"no usable sample in the last {self.give_up_after} tries (skips since the last "
-                             f"good one: {counts}); the shards look unreadable")
-
-    def take(self) -> list[int]:
-        # a plain list: one tensor per batch in `collate`, not one per sample (a measurable share of cheap views)
-        out = self.pending
-        self.pending = [0] * len(SKIP_REASONS)
-        self.fruitless = 0
-        return out
-
-    def read_error(self, exn: Exception, url: str | None = None) -> bool:
-        """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept). `url`: the
-        shard's, which `_TarSamples` binds (our tar reader's errors do not carry it, webdataset's only some)."""
-        log.warning("skipping the rest of shard %s after a read error: %s", url or "<unknown>", exn)
-        self.read_errors += 1
-        # tar_reader names the member whose data stopped early (None: none did); webdataset's reader of compressed
-        # shards does not say, so the last sample may be torn
-        self.torn = getattr(exn, "member", TORN_UNKNOWN)
-        self.add("read_error")
-        return False
-
-
-class _TarSamples:
-    """Shard dicts → raw samples, one shard at a time: a shard that breaks off mid-way then counts as one
-    read error and its last sample is never merged with the next shard's first (as a shared stream would).
-
-    The last sample of a shard that broke off inside one of its members is marked `__cut__`: what arrived of it
-    (a `cls` without its image) is no sample of its own to count again (see `DecodeStage`)."""
-
-    def __init__(self, counter: SkipCounter) -> None:
-        self.counter = counter
-
-    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
-        for shard in shards:
-            errors, last = self.counter.read_errors, None
-            handler = partial(self.counter.read_error, url=shard.get("url"))  # so that its warning names the shard
-            for sample in tar_samples([dict(shard)], handler):
-                if last is not None:
-                    yield last
-                last = sample
-            if last is None:
-                self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
-                continue
-            torn = self.counter.torn if self.counter.read_errors != errors else None
-            if torn is TORN_UNKNOWN or (torn is not None and base_plus_ext(torn)[0] == last.get("__key__")):
-                last["__cut__"] = True
-            yield last
+# What a sample torn by its shard's break lacks for that reason alone: members after the break (an image or a
+# `cls`). The members it has arrived whole (tarfile hands out no cut member), so their faults still count.
+_TEAR = ("read_error", "no_image")
 
 
 class _SeededShuffle:
@@ -155,7 +88,7 @@ class DecodeStage:
                 out = self.convert(sample)
             except SampleError as err:
                 log.debug("skipping sample %s: %s", sample.get("__key__"), err)
-                if sample.get("__cut__"):  # torn by the shard's break, already counted as its read_error
+                if sample.get("__cut__") and err.reason in _TEAR:  # counted as the shard's read_error already
                     self.counter.no_progress()
                 else:
                     self.counter.add(err.reason)
@@ -217,15 +150,8 @@ def _shard_dicts(urls: list[str]) -> Iterator[dict]:
     return (dict(url=u) for u in mine)
 
 
-def _check_loader_args(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size} and {num_workers}")
-
-
 def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,
-                 seed: int, start_step: int = 0, with_label: bool = False, reuse_memory: bool = False) -> DataLoader:
+                 seed: int, start_step: int = 0, with_label: bool = False) -> DataLoader:
     """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)},
     plus "label" (-1 if none) and "key" with `with_label` (supervised training on labelled shards).
 
@@ -234,19 +160,13 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     steps whatever their shard counts. Resuming with `start_step` starts a fresh stream: statistically the same as the
     interrupted one, not the same samples. Shard order and shuffling are reproducible for a given start_step;
     augmentations too when num_workers > 0 (with 0 they draw from the caller's global torch RNG).
-
-    `reuse_memory`: loader workers stack images into a few reusable shared-memory buffers each, and a batch
-    carries a "lease" that the consumer releases when done with it (`released_after_use`); see `batch_pool`.
     """
-    _check_loader_args(rank, world_size, cfg.batch_size, cfg.num_workers)
-    if cfg.shuffle_buffer < 0:
-        raise ValueError(f"data.shuffle_buffer must be ≥ 0, got {cfg.shuffle_buffer}")
     urls = resolve_shards(cfg.train, cfg.allow_pipe)
     counter = SkipCounter(give_up_after=_MAX_FRUITLESS)
     shard_seed = partial(_stream_seed, seed, rank, start_step, 0)
     pipeline = wds.DataPipeline(
         _ResampledShares(urls, rank, world_size, shard_seed),
-        _TarSamples(counter),
+        TarSamples(counter),
         _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
         if cfg.shuffle_buffer > 1 else None,
         DecodeStage(counter, views, cfg.max_image_pixels, with_label=with_label, pass_jpeg=cfg.device_decode),
@@ -254,8 +174,7 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
     # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))
     return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True,
-                      collate_fn=PooledCollate() if reuse_memory else collate,
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=generator,
                       worker_init_fn=leave_stop_signals_to_the_main_process)
 
@@ -270,12 +189,11 @@ def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], 
     shards than ranks). Each worker's last partial batch is kept. Skip counts are exact: a worker whose shards
     hold no usable sample sends its counts in a batch of no images (an empty "key" list; see `collate`).
     """
-    _check_loader_args(rank, world_size, batch_size, num_workers)
     urls = resolve_shards(shards, allow_pipe)
     counter = SkipCounter()
     pipeline = wds.DataPipeline(
         partial(_shard_dicts, urls[rank::world_size]),  # not a list: DataPipeline splices lists in
-        _TarSamples(counter),
+        TarSamples(counter),
         DecodeStage(counter, transform, max_pixels=max_image_pixels, with_label=True, lone_skips=True),
     )
     return DataLoader(pipeline, batch_size=batch_size, drop_last=False, collate_fn=collate,

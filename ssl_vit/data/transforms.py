@@ -42,8 +42,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
         return images
     mean = device_constant(tuple(255 * m for m in IMAGENET_MEAN), images.device).view(3, 1, 1)
     std = device_constant(tuple(255 * s for s in IMAGENET_STD), images.device).view(3, 1, 1)
-    # Loader batches may be channels-last (see batch_pool); the model is faster on contiguous (B, C, H, W), and
-    # the conversion to float is a full pass over the batch anyway, so it also lays the batch out.
+    # The model is faster on contiguous (B, C, H, W); the conversion to float is a full pass over the batch anyway,
+    # so it also lays out any strided input (device augmentation's crops) for free.
     return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
 
 

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ssl_vit.data.samples import to_rgb
-from ssl_vit.data.tar_reader import is_meta_name
 
 log = logging.getLogger(__name__)
 
 _EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # stored member extension
 _FORMATS = ("JPEG", "PNG", "WEBP")
+# webdataset's `tar_file_iterator` (skip_meta): members named like this are metadata, never read as samples
+_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass
@@ -94,9 +96,9 @@ def _find_images(src: Path) -> list[Path]:
 def _make_key(rel: Path, used: set[str]) -> str:
     """A unique sample key from a relative path: no dots (webdataset splits key and extension at the first dot
     of the basename), hence no '..' either; and no first folder named like `__x__`, which webdataset's readers
-    (and ours) take for metadata and drop: `__background__/a` becomes `_background__/a`."""
+    take for metadata and drop: `__background__/a` becomes `_background__/a`."""
     parts = [part.replace(".", "_") for part in rel.with_suffix("").parts]
-    while is_meta_name("/".join(parts)):
+    while _META.match("/".join(parts)):
         parts[0] = parts[0][1:]
     base = "/".join(parts)
     key, i = base, 0

@@ -129,7 +129,7 @@ def _train_batches(d: FTDataConfig, objective: Classify, accelerator: Accelerato
         batches = labelled_train_stream(d.train, objective.views, batch_size=d.batch_size, num_workers=d.num_workers,
                                         shuffle_buffer=d.shuffle_buffer, rank=accelerator.process_index,
                                         world_size=accelerator.num_processes, seed=seed, start_step=start_step,
-                                        allow_pipe=d.allow_pipe, device=accelerator.device)
+                                        allow_pipe=d.allow_pipe)
         for _ in range(skip):
             next(batches)
         return _checked_labels(batches, num_classes)

@@ -13,8 +13,6 @@ from PIL import Image
 from torch import Tensor
 
 from ssl_vit.config.pretrain import DataConfig
-from ssl_vit.data.batch_pool import released_after_use
-from ssl_vit.data.batches import reuses_memory
 from ssl_vit.data.samples import IMAGE_EXTS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.shards import train_stream
@@ -26,20 +24,16 @@ _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream
 def labelled_train_stream(shards: str, transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int,
                           num_workers: int, shuffle_buffer: int, rank: int, world_size: int, seed: int,
                           start_step: int = 0, allow_pipe: bool = False,
-                          max_image_pixels: int = DataConfig.max_image_pixels,
-                          device: torch.device | None = None) -> Iterator[dict]:
+                          max_image_pixels: int = DataConfig.max_image_pixels) -> Iterator[dict]:
     """Endless shuffled batches {"image", "label" (-1 if none), "key", "skipped"}, full batches only: the
     pretraining stream (shards dealt to ranks and workers, resampled, seeded shuffle, safe decoding, reseeded
-    at `start_step`) with the labels kept. With the training `device`, workers reuse their batch memory where
-    that is safe there (`reuses_memory`): a batch's CPU tensors are then valid until the next batch is asked for."""
+    at `start_step`) with the labels kept."""
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be ≥ 0, got {shuffle_buffer}")
     cfg = DataConfig(train=shards, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                      max_image_pixels=max_image_pixels, allow_pipe=allow_pipe)
-    reuse = device is not None and reuses_memory(device)
-    stream = iter(train_stream(cfg, transform, rank=rank, world_size=world_size, seed=seed + _SEED_OFFSET,
-                               start_step=start_step, with_label=True, reuse_memory=reuse))
-    return released_after_use(stream) if reuse else stream
+    return iter(train_stream(cfg, transform, rank=rank, world_size=world_size, seed=seed + _SEED_OFFSET,
+                             start_step=start_step, with_label=True))
 
 
 def count_samples(shards: str | Sequence[str], allow_pipe: bool = False) -> int:

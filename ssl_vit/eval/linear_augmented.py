@@ -46,8 +46,7 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     loader = iter(labelled_train_stream(data.train, transform, batch_size=per_device,
                                         num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
                                         rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe,
-                                        device=accelerator.device))
+                                        world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe))
     bar = tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
                disable=not accelerator.is_main_process)
     step = 0

@@ -112,11 +112,9 @@ class DeviceDecoder:
     """Completes a loader batch of `data.device_decode`, still on the host (decode_jpeg reads its input from host
     memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B, 3, size, size)
     "image" tensor on `device`. Returns None when no image of the batch decodes; that batch's skip counts
-    then ride on the next one."""
+    then ride on the next one. Needs `decode_jpeg`: `load_config` refuses data.device_decode without it."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        if decode_jpeg is None:
-            raise RuntimeError("data.device_decode needs torchvision.io.decode_jpeg, which this torchvision lacks")
         # the very transform the CPU path applies to PIL images; on a (3, H, W) tensor it runs where the tensor is
         self.size, self.device, self.square = size, device, cheap_view(size)
         self._carry: Tensor | None = None  # skip counts of a batch returned as None
