@@ -1,5 +1,5 @@
-"""Regenerate docs/config.md from the field comments in ssl_vit/config/pretrain.py (`--check`: only say whether it is
-current, exit 1 if not)."""
+"""Regenerate docs/config.md from the field comments and value tables in ssl_vit/config/pretrain.py (`--check`: only
+say whether it is current, exit 1 if not)."""
 
 import argparse
 import sys

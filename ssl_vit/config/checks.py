@@ -8,20 +8,23 @@ Each check raises a one-line `ConfigError` naming the key, so a bad value fails 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from ssl_vit.config.schema import ConfigError
+from ssl_vit.config.schema import ConfigError, field_types
 
-# The optimizer keys pretraining and fine-tuning share, with their intervals and what null means there.
-OPTIM_RANGES = {
+# The keys pretraining and fine-tuning share, with their intervals and what null means there.
+SHARED_RANGES = {
     "optim.base_lr": "(0, inf)", "optim.lr": "(0, inf)", "optim.min_lr": "[0, inf)",
     "optim.weight_decay": "[0, inf)", "optim.betas": "[0, 1)",
     "optim.clip_grad": "(0, inf)",  # max norm 0 zeroes every gradient; a negative one flips them
+    "optim.accum_steps": "[1, inf)", "data.batch_size": "[1, inf)", "data.num_workers": "[0, inf)",
+    "data.shuffle_buffer": "[0, inf)", "train.keep_last": "[0, inf)", "train.max_nonfinite_steps": "[1, inf)",
+    "train.log_every": "[1, inf)",  # not 0 for never: it divided by zero
 }
-OPTIM_NULL_MEANS = {"optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping"}
+SHARED_NOTES = {"optim.lr": "or null: base_lr × global batch / 256", "optim.clip_grad": "or null: no clipping",
+                "data.num_workers": "0: load in the training process", "train.keep_last": "0: keep all"}
 
 
 def lookup(cfg: Any, key: str) -> Any:
@@ -31,37 +34,9 @@ def lookup(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
-    out = []
-    for f in dataclasses.fields(cfg):
-        value, key = getattr(cfg, f.name), prefix + f.name
-        if dataclasses.is_dataclass(value):
-            out += _floats(value, key + ".")
-        elif isinstance(value, float):
-            out.append((key, value))
-        elif isinstance(value, tuple):
-            out += [(key, v) for v in value if isinstance(v, float)]
-    return out
-
-
-def check_finite(cfg: Any) -> None:
-    """No key means anything by NaN or inf (null says "off" or "auto" where a key has such a setting); they
-    would only turn into NaN losses or an lr schedule of NaN."""
-    for key, value in _floats(cfg):
-        if not math.isfinite(value):
-            whole = lookup(cfg, key)  # a list is shown whole, as it was written
-            shown = list(whole) if isinstance(whole, tuple) else value
-            raise ConfigError(f"{key}: must be a finite number, got {shown}")
-
-
-def _bound(text: str) -> float:
-    return math.inf if text.strip() == "inf" else float(text)
-
-
 def in_interval(value: float, interval: str) -> bool:
     """Whether `value` lies in an interval written as "[0, 1)", "(0, inf)" and so on."""
-    low, high = interval[1:-1].split(",")
-    lo, hi = _bound(low), _bound(high)
+    lo, hi = map(float, interval[1:-1].split(","))  # float() reads " inf"
     above = value > lo if interval[0] == "(" else value >= lo
     below = value < hi if interval[-1] == ")" else value <= hi
     return above and below
@@ -75,19 +50,31 @@ def describe_interval(interval: str) -> str:
     return f"must be in {interval}"
 
 
-def check_ranges(cfg: Any, ranges: Mapping[str, str], notes: Mapping[str, str]) -> None:
-    """Each key's value in its interval (every element of a list); null passes, as it means the key's own
-    default behaviour. `notes` adds what null or 0 means to the message, as the user may want that instead."""
+def check_values(cfg: Any, choices: Mapping[str, tuple[Any, ...]], ranges: Mapping[str, str],
+                 notes: Mapping[str, str]) -> None:
+    """Each key's value one of its `choices`; no float NaN or inf (no key means anything by them: null says "off"
+    or "auto" where a key has such a setting); each number, or every element of a list, in its interval from
+    `ranges`, where null passes, as it means the key's own default behaviour. `notes` adds what null or 0 means
+    to the message, as the user may want that instead."""
+    for key, allowed in choices.items():
+        if lookup(cfg, key) not in allowed:
+            names = ", ".join("null" if a is None else repr(a) for a in allowed)
+            raise ConfigError(f"{key}: {lookup(cfg, key)!r} is not one of [{names}]")
+    def elements(value: Any) -> tuple[Any, ...]:
+        return value if isinstance(value, tuple) else (value,)
+
+    def shown(value: Any) -> Any:  # a list is shown whole, as it was written
+        return list(value) if isinstance(value, tuple) else value
+
+    for key in field_types(type(cfg)):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in elements(lookup(cfg, key))):
+            raise ConfigError(f"{key}: must be a finite number, got {shown(lookup(cfg, key))}")
     for key, interval in ranges.items():
         value = lookup(cfg, key)
-        if value is None:
-            continue
-        values = value if isinstance(value, tuple) else (value,)
-        if not all(in_interval(v, interval) for v in values):
+        if value is not None and not all(in_interval(v, interval) for v in elements(value)):
             each = "each " if isinstance(value, tuple) else ""
             note = f" ({notes[key]})" if key in notes else ""
-            shown = list(value) if isinstance(value, tuple) else value
-            raise ConfigError(f"{key}: {each}{describe_interval(interval)}{note}, got {shown}")
+            raise ConfigError(f"{key}: {each}{describe_interval(interval)}{note}, got {shown(value)}")
 
 
 def check_scale(key: str, scale: tuple[float, float]) -> None:

@@ -1,4 +1,4 @@
-"""Typed, closed fine-tuning configuration: the same YAML-delta and `--set` machinery as `config.py`.
+"""Typed, closed fine-tuning configuration: the same YAML-delta and `--set` machinery as `pretrain.py`.
 
 Defaults are MAE's ViT-B/16 fine-tuning recipe (MAE repository, FINETUNE.md and main_finetune.py): blr 5e-4 at
 batch 1024, 100 epochs with 5 warmup, layer decay 0.65, wd 0.05, drop path 0.1, RandAugment m9-mstd0.5,
@@ -95,49 +95,33 @@ def load_finetune_config(recipe: str | Path | None = None,
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    choices = {
-        "model.pool": (cfg.model.pool, ("avg", "cls")),
-        "augment.remode": (cfg.augment.remode, ("pixel", "rand", "const")),
-        "augment.mixup_mode": (cfg.augment.mixup_mode, ("batch", "pair", "elem")),
-        "train.precision": (cfg.train.precision, (None, "no", "fp16", "bf16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            names = ", ".join("null" if a is None else repr(a) for a in allowed)
-            raise ConfigError(f"{key}: {value!r} is not one of [{names}]")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:  # no step, no evaluation: nothing to report
-        raise ConfigError(f"train.max_steps: must be at least 1 (or null for every epoch), got {cfg.train.max_steps}")
-    for key, value in (("train.epochs", cfg.train.epochs), ("data.batch_size", cfg.data.batch_size),
-                       ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", cfg.train.log_every)):
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    checks.check_finite(cfg)
-    checks.check_ranges(cfg, _RANGES, _NULL_MEANS)
+    """The values OmegaConf's types let through but no run can use, each named by key."""
+    checks.check_values(cfg, CHOICES, RANGES, NOTES)
     checks.check_scale("augment.crop_scale", cfg.augment.crop_scale)
     checks.check_run_dir(cfg.train.run_dir)
     if not 0 <= cfg.train.warmup_epochs <= cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs], got {cfg.train.warmup_epochs}")
-    if not 0.0 < cfg.optim.layer_decay <= 1.0:
-        raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
     mixing = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
     if mixing and cfg.data.batch_size % 2:
         raise ConfigError(f"data.batch_size: mixup/cutmix pair images, so it must be even, got {cfg.data.batch_size}")
     checks.check_auto_augment(cfg.augment.auto_augment)
 
 
-# As in config.py: intervals as the error shows them; null (where a key takes it) is always allowed.
-_RANGES = {
+CHOICES = {"model.pool": ("avg", "cls"), "augment.remode": ("pixel", "rand", "const"),
+           "augment.mixup_mode": ("batch", "pair", "elem"), "train.precision": (None, "no", "fp16", "bf16")}
+
+# As in pretrain.py: intervals as the error shows them; null (where a key takes it) is always allowed.
+RANGES = {
     "model.drop_path_rate": "[0, 1)", "model.head_init_std": "[0, inf)",
     # 0 is no size and no class, not "auto": null is auto, as the docs say
-    "data.train_size": "[1, inf)", "data.num_classes": "[1, inf)",
-    "data.num_workers": "[0, inf)", "data.shuffle_buffer": "[0, inf)", "data.crop_ratio": "(0, 1]",
+    "data.train_size": "[1, inf)", "data.num_classes": "[1, inf)", "data.crop_ratio": "(0, 1]",
     "augment.color_jitter": "[0, inf)", "augment.reprob": "[0, 1]", "augment.recount": "[1, inf)",
     "augment.mixup": "[0, inf)", "augment.cutmix": "[0, inf)",  # Beta(α, α) parameters; 0 = off
     "augment.mixup_prob": "[0, 1]", "augment.mixup_switch_prob": "[0, 1]",
     "augment.smoothing": "[0, 1)",  # 1 spreads every label uniformly: nothing left to learn
-    **checks.OPTIM_RANGES,
+    **checks.SHARED_RANGES, "optim.layer_decay": "(0, 1]",
+    "train.epochs": "[1, inf)", "train.max_steps": "[1, inf)",  # no step, no evaluation: nothing to report
 }
-_NULL_MEANS = {"data.train_size": "or null: counted from the tar headers",
-               "data.num_classes": "or null: lines of classes.txt beside the train or val shards",
-               **checks.OPTIM_NULL_MEANS}
+NOTES = {"data.train_size": "or null: counted from the tar headers",
+         "data.num_classes": "or null: lines of classes.txt beside the train or val shards",
+         "train.max_steps": "or null for every epoch", **checks.SHARED_NOTES}

@@ -1,7 +1,8 @@
 """Typed, closed configuration: frozen dataclasses, YAML recipes as deltas, `--set a.b=value` overrides.
 
 Defaults are the MAE paper's ViT-B/16 pretraining values; a recipe lists only what differs. Any unknown key
-is an error naming the closest valid one, and any value of the wrong type is an error naming key and type.
+is an error naming the closest valid one, and any value of the wrong type is an error naming key and type
+(schema.py, on OmegaConf); a value out of its range or choices is one too (`validate`, once, at load).
 """
 
 from __future__ import annotations
@@ -141,32 +142,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    choices = {
-        "objective": (cfg.objective, ("mae", "dino")),
-        "train.precision": (cfg.train.precision, (None, "no", "fp16", "bf16", "auto")),
-        "eval.pool": (cfg.eval.pool, ("cls", "avg")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            names = ", ".join("null" if a is None else repr(a) for a in allowed)
-            raise ConfigError(f"{key}: {value!r} is not one of [{names}]")
-    checks.check_finite(cfg)
-    t = cfg.train
-    for key, value in (("train.total_steps", t.total_steps), ("data.batch_size", cfg.data.batch_size),
-                       ("optim.accum_steps", cfg.optim.accum_steps), ("train.log_every", t.log_every),
-                       ("train.max_nonfinite_steps", t.max_nonfinite_steps)):
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key, value in (("train.warmup_steps", t.warmup_steps), ("train.image_every", t.image_every),
-                       ("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
-                       ("data.num_workers", cfg.data.num_workers), ("eval.num_workers", cfg.eval.num_workers)):
-        if value < 0:
-            raise ConfigError(f"{key}: must be at least 0 (0: {_ZERO_MEANS[key]}), got {value}")
-    checks.check_ranges(cfg, _RANGES, _NULL_MEANS)
-    for key in ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale"):
+    """The values OmegaConf's types let through but no run can use, each named by key."""
+    checks.check_values(cfg, CHOICES, RANGES, NOTES)
+    for key in SCALES:
         checks.check_scale(key, checks.lookup(cfg, key))
-    checks.check_run_dir(t.run_dir)
+    checks.check_run_dir(cfg.train.run_dir)
     _check_architecture(cfg)
     _check_data(cfg)
 
@@ -183,32 +163,38 @@ def doubtful_settings(cfg: Config) -> list[str]:
     return notes
 
 
-_ZERO_MEANS = {"train.warmup_steps": "no warmup", "train.image_every": "never", "train.save_every": "only at the end",
-               "train.keep_last": "keep all", "data.num_workers": "load in the training process",
-               "eval.num_workers": "load in the evaluating process"}
+SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale")  # RandomResizedCrop area ranges
+CHOICES = {"objective": ("mae", "dino"), "train.precision": (None, "no", "fp16", "bf16", "auto"),
+           "eval.pool": ("cls", "avg")}
 
 # Every number whose nonsense values would not fail on their own but train wrongly or crash late. Intervals as
-# the error shows them; null (where a key takes it) is always allowed, and _NULL_MEANS says what it means.
-_RANGES = {
+# the error shows them; null (where a key takes it) is always allowed, and NOTES says what it (or 0) means.
+RANGES = {
     "model.img_size": "[1, inf)", "model.patch_size": "[1, inf)", "model.embed_dim": "[1, inf)",
     "model.depth": "[1, inf)", "model.num_heads": "[1, inf)",
     "model.drop_path_rate": "[0, 1)",  # 1 drops every block and divides by keep-probability 0
     "mae.mask_ratio": "(0, 1)",  # 0 masks no patch: the loss over masked patches is 0 / 0
     "mae.decoder_dim": "[1, inf)", "mae.decoder_depth": "[0, inf)", "mae.decoder_heads": "[1, inf)",
-    "dino.out_dim": "[1, inf)", "dino.hidden_dim": "[1, inf)", "dino.bottleneck_dim": "[1, inf)",
+    "dino.out_dim": "[2, inf)",  # a softmax over one prototype is 1 whatever the image
+    "dino.hidden_dim": "[1, inf)", "dino.bottleneck_dim": "[1, inf)",
     "dino.head_layers": "[1, inf)", "dino.student_temp": "(0, inf)", "dino.teacher_temp": "(0, inf)",
     "dino.warmup_teacher_temp": "(0, inf)", "dino.warmup_teacher_temp_steps": "[0, inf)",
-    "dino.center_momentum": "[0, 1]", "dino.momentum_teacher": "[0, 1]", "dino.freeze_last_layer_steps": "[0, inf)",
+    "dino.center_momentum": "[0, 1)",  # 1 never moves the center from 0
+    "dino.momentum_teacher": "[0, 1]", "dino.freeze_last_layer_steps": "[0, inf)",
     "dino.local_crops_number": "[0, inf)", "dino.local_crops_size": "[1, inf)", "dino.color_jitter_prob": "[0, 1]",
     "dino.grayscale_prob": "[0, 1]", "dino.blur_probs": "[0, 1]", "dino.solarize_prob": "[0, 1]",
-    "data.shuffle_buffer": "[0, inf)", "data.max_image_pixels": "[1, inf)", "data.max_skip_rate": "[0, 1]",
-    **checks.OPTIM_RANGES, "optim.weight_decay_end": "[0, inf)",
+    "data.max_image_pixels": "[1, inf)", "data.max_skip_rate": "[0, 1]",
+    **checks.SHARED_RANGES, "optim.weight_decay_end": "[0, inf)",
+    "train.total_steps": "[1, inf)", "train.warmup_steps": "[0, inf)", "train.image_every": "[0, inf)",
+    "train.save_every": "[0, inf)",
     "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.crop_ratio": "(0, 1]",
-    "eval.batch_size": "[1, inf)",
+    "eval.batch_size": "[1, inf)", "eval.num_workers": "[0, inf)",
 }
-_NULL_MEANS = {**checks.OPTIM_NULL_MEANS, "optim.weight_decay_end": "or null: constant",
-               "model.embed_dim": "or null: the timm model's own", "model.depth": "or null: the timm model's own",
-               "model.num_heads": "or null: the timm model's own"}
+NOTES = {**checks.SHARED_NOTES, "optim.weight_decay_end": "or null: constant",
+         "model.embed_dim": "or null: the timm model's own", "model.depth": "or null: the timm model's own",
+         "model.num_heads": "or null: the timm model's own", "train.warmup_steps": "0: no warmup",
+         "train.image_every": "0: never", "train.save_every": "0: only at the end",
+         "eval.num_workers": "0: load in the evaluating process"}
 
 
 def _check_architecture(cfg: Config) -> None:

@@ -66,14 +66,14 @@ def finetune_votes(path: Path, overrides: Sequence[str]) -> int:
 
     from ssl_vit.config.finetune import FinetuneConfig
     from ssl_vit.config.pretrain import Config
-    from ssl_vit.config.schema import all_keys
+    from ssl_vit.config.schema import field_types
 
     try:
         data = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable: load_config says why
         data = None
     keys = [o.split("=", 1)[0].strip() for o in overrides] + _leaf_keys(data)
-    finetune, pretrain = set(all_keys(FinetuneConfig)), set(all_keys(Config))
+    finetune, pretrain = set(field_types(FinetuneConfig)), set(field_types(Config))
     return sum(k in finetune - pretrain for k in keys) - sum(k in pretrain - finetune for k in keys)
 
 

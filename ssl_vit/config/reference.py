@@ -1,7 +1,8 @@
-"""The config reference (docs/config.md), generated from the dataclasses' own field comments.
+"""The config reference (docs/config.md), generated from the dataclasses' own field comments and the value
+checks' tables.
 
-The comments beside each field in config.py are the single source: `python tools/config_reference.py` rewrites
-the doc, and a test fails when the checked-in doc no longer matches.
+The comments beside each field in pretrain.py and its CHOICES / RANGES / SCALES are the single source:
+`python tools/config_reference.py` rewrites the doc, and a test fails when the checked-in doc no longer matches.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import inspect
 import re
 import typing
 
-from ssl_vit.config.pretrain import Config
+from ssl_vit.config.pretrain import CHOICES, RANGES, SCALES, Config
 from ssl_vit.config.schema import type_name
 
 _FIELD = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
@@ -22,8 +23,9 @@ Every key a recipe or `--set section.key=value` can set, with its default and me
 paper's ViT-B/16 pretraining values; a recipe lists only what differs. Generated from `ssl_vit/config/pretrain.py` by
 `python tools/config_reference.py` — edit the comments there, not this file.
 
-An unknown key is an error naming the closest valid one; a value of the wrong type is an error naming the key
-and the expected type. `ssl-vit config RECIPE [--set ...]` prints the resolved config.
+An unknown key is an error naming the closest valid one; a value of the wrong type, or outside the values the
+table gives (an interval, or the choices), is an error naming the key. Values are literal: an OmegaConf
+interpolation (`${...}`) is refused. `ssl-vit config RECIPE [--set ...]` prints the resolved config.
 """
 
 
@@ -48,8 +50,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _values(key: str) -> str:
+    if key in CHOICES:
+        return " \\| ".join("null" if c is None else repr(c) for c in CHOICES[key])
+    return "[min, max] in (0, 1]" if key in SCALES else RANGES.get(key, "")
+
+
 def _row(key: str, tp: object, f: dataclasses.Field, comment: str) -> str:
-    return f"| `{key}` | {_cell(type_name(tp))} | `{_default(f)}` | {_cell(comment)} |"
+    return f"| `{key}` | {_cell(type_name(tp))} | {_values(key)} | `{_default(f)}` | {_cell(comment)} |"
 
 
 def render_reference() -> str:
@@ -58,14 +66,14 @@ def render_reference() -> str:
     top_hints = typing.get_type_hints(Config)
     top_comments = _comments(Config)
     scalars = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(top_hints[f.name])]
-    out.append("## top level\n\n| key | type | default | meaning |\n|---|---|---|---|")
+    out.append("## top level\n\n| key | type | values | default | meaning |\n|---|---|---|---|---|")
     out += [_row(f.name, top_hints[f.name], f, top_comments.get(f.name, "")) for f in scalars]
     for section in dataclasses.fields(Config):
         cls = top_hints[section.name]
         if not dataclasses.is_dataclass(cls):
             continue
         hints, comments = typing.get_type_hints(cls), _comments(cls)
-        out.append(f"\n## {section.name}\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        out.append(f"\n## {section.name}\n\n| key | type | values | default | meaning |\n|---|---|---|---|---|")
         for f in dataclasses.fields(cls):
             out.append(_row(f"{section.name}.{f.name}", hints[f.name], f, comments.get(f.name, "")))
     return "\n".join(out) + "\n"

@@ -57,7 +57,6 @@ class DINO(Objective):
                  total_steps: int = TrainConfig.total_steps, collapse_window: int = COLLAPSE_WINDOW,
                  device_aug: bool = False) -> None:
         super().__init__()
-        _validate(cfg)
         self.cfg, self.total_steps = cfg, total_steps
         self.backbone = backbone
         if backbone.cls_token is not None:  # DINO's reference draws it like its other weights; timm's std is 1e-6
@@ -175,11 +174,3 @@ def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor],
         x = torch.cat(list(group))  # (n·B, 3, H, W): same-resolution crops share a pass
         feats.append(encoder(backbone, x)[:, 0])  # cls token, (n·B, D)
     return head(torch.cat(feats))  # one head pass over all crops
-
-
-def _validate(cfg: DINOConfig) -> None:
-    # Values the config's ranges allow but DINO cannot use (the rest is checked once, when the config loads).
-    if cfg.out_dim < 2:
-        raise ValueError(f"dino.out_dim must be at least 2, got {cfg.out_dim}")
-    if cfg.center_momentum >= 1.0:
-        raise ValueError(f"dino.center_momentum must be below 1, got {cfg.center_momentum}")
