@@ -31,6 +31,7 @@ from ssl_vit.training.distributed import make_accelerator
 from safetensors.torch import save_file
 from ssl_vit.eval.features import FeatureSpec, extract_features
 from ssl_vit.eval.finetune import finetune
+from ssl_vit.cli.main import close_process_group
 from ssl_vit.eval.linear import ProbeData, ProbeProtocol
 from ssl_vit.eval.linear_probe import linear_probe
 from ssl_vit.config.finetune import load_finetune_config
@@ -54,6 +55,7 @@ if acc.is_main_process:
     json.dump({"slow_heads": len(slow["heads"]), "ft_best": result.best, "mixed_keys": mixed.keys,
                "mixed_skipped": mixed.skipped}, open(out + "/two.json", "w"))
     save_file({"features": mixed.features, "labels": mixed.labels}, out + "/mixed.safetensors")
+close_process_group()  # as the CLI does after a command
 """
 
 

@@ -226,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command, its expected failures as one line each: no traceback for what the user can fix."""
+    code = _command(args)
+    if code == 0:  # not after a failure: a rank that failed alone must not wait for the others forever
+        close_process_group()
+    return code
+
+
+def _command(args: argparse.Namespace) -> int:
     from ssl_vit.config.pretrain import ConfigError
     from ssl_vit.training.monitor import RunAborted
 
@@ -240,6 +247,16 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as err:  # the filesystem said no (read-only, full, a file where a folder goes): not a bug
         print(f"ssl-vit {args.command}: error: {_os_error(err)}", file=sys.stderr)
         return 1
+
+
+def close_process_group() -> None:
+    """Every rank waits for the others, then closes its process group: a rank that exits while another still
+    talks to it over gloo aborts (SIGABRT, "terminate called without an active exception") after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _os_error(err: OSError) -> str:
