@@ -334,12 +334,12 @@ def test_build_objective_passes_total_steps():
 
 
 def test_multicrop_shapes():
-    views = MultiCropViews(global_size=32, local_size=16, local_number=5)
+    views = MultiCropViews(DINOConfig(local_crops_size=16, local_crops_number=5), global_size=32)
     crops = views(_image())
     assert len(crops) == 7
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 5
     assert all(type(c) is torch.Tensor and c.dtype == torch.uint8 for c in crops)  # normalised on the device
-    assert len(MultiCropViews(global_size=24, local_size=8, local_number=0)(_image())) == 2
+    assert len(MultiCropViews(DINOConfig(local_crops_size=8, local_crops_number=0), global_size=24)(_image())) == 2
 
 
 def _count_blurs(view: v2.Compose, counter: list[int]) -> None:
@@ -358,8 +358,9 @@ def _count_blurs(view: v2.Compose, counter: list[int]) -> None:
 @pytest.mark.parametrize("blur_probs,solarize_prob", [((1.0, 0.1, 0.5), 0.2), ((0.3, 0.8, 0.0), 0.6)])
 def test_per_view_blur_and_solarize_probabilities(blur_probs, solarize_prob):
     """Measured over many draws: blur by counting the blur's calls, solarize from the pixels it inverts."""
-    views = MultiCropViews(global_size=16, local_size=8, local_number=1, color_jitter_prob=0.0,
-                           grayscale_prob=0.0, blur_probs=blur_probs, solarize_prob=solarize_prob)
+    cfg = DINOConfig(local_crops_size=8, local_crops_number=1, color_jitter_prob=0.0, grayscale_prob=0.0,
+                     blur_probs=blur_probs, solarize_prob=solarize_prob)
+    views = MultiCropViews(cfg, global_size=16)
     counts = {name: [0] for name in ("global1", "global2", "local")}
     for name, counter in counts.items():
         _count_blurs(getattr(views, name), counter)

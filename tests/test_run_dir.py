@@ -177,7 +177,7 @@ def test_finetuning_refuses_another_run_and_a_result_it_cannot_resume(tmp_path, 
 
 
 def test_a_resume_on_fewer_processes_says_what_it_changes(tmp_path):
-    from ssl_vit.training.resume import process_count_notice
+    from ssl_vit.training.run_dir import process_count_notice
 
     ckpt = tmp_path / "step_00000010"
     ckpt.mkdir()

@@ -166,7 +166,7 @@ def test_whole_model_reads_under_fsdp_are_refused_before_training():
 
 
 def test_shapeless_changes_compare_heads_as_built():
-    from ssl_vit.training.resume import shapeless_changes
+    from ssl_vit.training.run_dir import shapeless_changes
 
     saved = load_config(None, ["model.name=vit_tiny_patch16_224"])  # num_heads null: the timm model's 3
     assert shapeless_changes(saved, load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_heads=3"])) == []

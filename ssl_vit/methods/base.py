@@ -1,4 +1,4 @@
-"""What the training loop knows about a pretext objective, and nothing more."""
+"""`Objective`: all the training loop knows about a method. A new method subclasses it in its own folder."""
 
 from __future__ import annotations
 
@@ -11,26 +11,20 @@ from torch import Tensor, nn
 
 from ssl_vit.models.backbone import encode
 
-# Learned tokens and embeddings are not weights: never decayed, as in timm's `no_weight_decay` (the papers' pretraining
-# code decays them: a deliberate difference, docs/design.md).
+# Learned tokens and embeddings are never decayed, as in timm (the papers decay them: docs/design.md).
 _NO_DECAY_SUFFIXES = ("cls_token", "reg_token", "dist_token", "mask_token", "pos_embed")
 
 
 class Objective(nn.Module):
-    """A pretext task over a shared timm ViT `backbone`.
-
-    `forward(batch, step)` returns a dict holding the scalar `loss` plus any scalars worth logging. The hooks
-    let a method act around the optimizer step (EMA teachers, gradient freezes) without the loop knowing which
-    method runs.
-    """
+    """A pretext task over a shared timm ViT `backbone`. `forward(batch, step)` returns the scalar `loss` and any
+    scalars to log; the hooks act around the optimizer step (EMA teachers, gradient freezes)."""
 
     backbone: VisionTransformer
     # Every encoder call of an objective goes through this, so `compile_encoder` can swap in a compiled one.
     encode: Callable[..., Tensor] = staticmethod(encode)
 
     def compile_encoder(self) -> None:
-        """Run the encoder calls through `torch.compile` (static shapes): one graph per crop resolution and
-        mask ratio, since `keep_idx` has a fixed shape for a given ratio and batch."""
+        """Run the encoder calls through `torch.compile`, static shapes: one graph per crop size and mask ratio."""
         self.encode = torch.compile(encode, dynamic=False)
 
     @property
@@ -48,11 +42,10 @@ class Objective(nn.Module):
         """Called after every optimizer step (e.g. to update an EMA teacher)."""
 
     def after_skipped_step(self, step: int) -> None:
-        """Called instead of `after_step` when the update is skipped (a NaN/inf loss or gradient norm on some
-        rank): drop whatever the step's forward passes left to apply."""
+        """Called instead of `after_step` when a NaN/inf skips the update: drop what the forward passes left."""
 
     def after_training(self) -> None:
-        """Called once when the loop ends (the last step, or a stop signal): report what is still pending."""
+        """Called once when the loop ends (last step, stop signal or abort): report what is still pending."""
 
     def export_backbone(self) -> VisionTransformer:
         """The backbone a user takes away: the one to export and evaluate."""
@@ -64,14 +57,9 @@ class Objective(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: decay on weight matrices only, none on 1-D params (norms, biases) and tokens."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if param.ndim <= 1 or name.endswith(_NO_DECAY_SUFFIXES):
-                no_decay.append(param)
-            else:
-                decay.append(param)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(_NO_DECAY_SUFFIXES)]
+        decay = [p for n, p in params if not (p.ndim <= 1 or n.endswith(_NO_DECAY_SUFFIXES))]
         return [
             {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},

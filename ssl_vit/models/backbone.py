@@ -1,8 +1,5 @@
-"""The shared backbone: a plain timm `VisionTransformer`, plus a masked encode that runs on kept tokens only.
-
-The backbone is the timm module itself (no wrapper), so its state dict is exactly what timm loads. It owns no
-classifier head (`num_classes=0`), hence no parameter that a pretext objective leaves unused.
-"""
+"""The shared backbone: the timm `VisionTransformer` itself, headless (its state dict is what timm loads), and a
+masked encode that runs on the kept tokens only."""
 
 from __future__ import annotations
 
@@ -19,27 +16,15 @@ from ssl_vit.config.pretrain import ModelConfig
 
 def backbone_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """timm `create_model` kwargs that define the architecture (what an export records)."""
-    kwargs: dict[str, Any] = {
-        "img_size": cfg.img_size,
-        "patch_size": cfg.patch_size,
-        "num_classes": 0,
-        # Accept any input size (DINO's local crops, evaluation at another resolution): timm resamples the
-        # position embedding on the fly.
-        "dynamic_img_size": True,
-    }
-    for key in ("embed_dim", "depth", "num_heads"):
-        value = getattr(cfg, key)
-        if value is not None:
-            kwargs[key] = value
-    return kwargs
+    # dynamic_img_size: any input size (DINO's local crops, evaluation elsewhere); timm resamples the positions.
+    kwargs = {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "num_classes": 0, "dynamic_img_size": True}
+    return kwargs | {k: v for k in ("embed_dim", "depth", "num_heads") if (v := getattr(cfg, k)) is not None}
 
 
 def build_backbone(cfg: ModelConfig) -> VisionTransformer:
     """A randomly initialised timm ViT (fused SDPA attention is timm's default on torch 2)."""
     try:
-        model = timm.create_model(
-            cfg.name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **backbone_kwargs(cfg)
-        )
+        model = timm.create_model(cfg.name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **backbone_kwargs(cfg))
     except RuntimeError as err:  # timm's "Unknown model" error
         raise ValueError(f"model.name: {err}") from None
     if not isinstance(model, VisionTransformer):
@@ -49,11 +34,8 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
 
 
 def encode(vit: VisionTransformer, images: Tensor, keep_idx: Tensor | None = None) -> Tensor:
-    """Tokens after the final norm: (B, prefix + K, D), prefix = cls (+ register) tokens.
-
-    With `keep_idx` (B, K) only those patch tokens (indices into the L patches, position embedding already
-    added) enter the blocks, which is where MAE's speed comes from. `keep_idx=None` equals `forward_features`.
-    """
+    """Tokens after the final norm, (B, prefix + K, D); with `keep_idx` (B, K) only those patches (positions
+    added) enter the blocks: MAE's speed. `keep_idx=None` equals `forward_features`."""
     x = vit.patch_embed(images)
     x = vit._pos_embed(x)  # (B, prefix + L, D): cls/register tokens prepended, position embedding added
     if keep_idx is not None:
@@ -63,8 +45,5 @@ def encode(vit: VisionTransformer, images: Tensor, keep_idx: Tensor | None = Non
         x = torch.cat([x[:, :n_prefix], kept], dim=1)
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)
-    if vit.grad_checkpointing and torch.is_grad_enabled():
-        x = checkpoint_seq(vit.blocks, x)
-    else:
-        x = vit.blocks(x)
-    return vit.norm(x)
+    checkpointed = vit.grad_checkpointing and torch.is_grad_enabled()
+    return vit.norm(checkpoint_seq(vit.blocks, x) if checkpointed else vit.blocks(x))

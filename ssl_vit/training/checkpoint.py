@@ -1,10 +1,5 @@
-"""Resume state (Accelerate), backbone export (safetensors + timm recipe) and the one backbone loader.
-
-Layout of a run directory:
-    checkpoints/step_00001000/   accelerate.save_state output + COMPLETE (JSON with the step)
-    backbone.safetensors         encoder weights, timm key names, no prefixes
-    backbone.json                {"model_name", "model_kwargs", ...}: `timm.create_model(name, **kwargs)`
-"""
+"""Resume state (accelerate's save_state under checkpoints/step_<step>/ + a COMPLETE marker), backbone export
+(backbone.safetensors + backbone.json, loadable with plain timm) and the one backbone loader (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -39,25 +34,14 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint whose save finished, oldest first. Half-written ones are ignored."""
-    root = checkpoint_dir(run_dir)
     found = []
-    for path in root.glob(f"{_PREFIX}*") if root.is_dir() else ():
-        marker = path / COMPLETE  # written last, atomically: its presence means the save finished
-        step = _marker_step(marker) if marker.is_file() else None
-        if step is not None:
-            found.append((step, path))
+    for marker in checkpoint_dir(run_dir).glob(f"{_PREFIX}*/{COMPLETE}"):  # written last, atomically
+        try:
+            found.append((int(json.loads(marker.read_text())["step"]), marker.parent))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged marker must not block every resume
+            warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts "
+                          "as incomplete", stacklevel=2)
     return sorted(found)
-
-
-def _marker_step(marker: Path) -> int | None:
-    """The marker's step, or None (with a warning naming it) when it cannot be read: a marker damaged on disk or
-    by hand must not stop every resume and export, so its checkpoint counts as incomplete."""
-    try:
-        return int(json.loads(marker.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts as "
-                      "incomplete", stacklevel=3)
-        return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
@@ -67,11 +51,8 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Save model, optimizer, scaler and per-rank RNG; atomic: temp dir → rename → COMPLETE marker.
-
-    `extra` (JSON) goes into the marker beside the step. Every rank must call this (Accelerate writes one RNG
-    file per rank).
-    """
+    """Save model, optimizer, scaler and per-rank RNG (every rank calls this); atomic: temp dir → rename →
+    COMPLETE marker, which holds the step and `extra` (JSON)."""
     root = checkpoint_dir(run_dir)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp_{_PREFIX}{step:08d}"
@@ -96,10 +77,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, ke
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns the marker: {"step": ..., **extra}. Pickles load with
-    `weights_only=True` (a refused file is a one-line error); every RNG file is checked (docs/design.md)."""
-    # Every rank checks every rank's file, so that all refuse together: a rank that had its own file would go on
-    # and write the run's config.yaml while another one fails.
+    """Restore everything `save_checkpoint` wrote; returns the marker: {"step": ..., **extra}. Every rank checks
+    every rank's RNG file, so that all refuse together; pickles load with `weights_only=True` (docs/design.md)."""
     missing = [i for i in range(accelerator.num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
     if missing:  # saved by fewer processes than this run has: not a damaged checkpoint
         saved = len(list(path.glob("random_states_*.pkl")))
@@ -119,8 +98,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
 
 @contextmanager
 def reading(path: Path) -> Iterator[None]:
-    """Around reads of the checkpoint at `path`: a file cut short, garbled or gone becomes one line naming the
-    checkpoint and the older one to fall back on; other failures (out of memory, say) pass through."""
+    """A checkpoint file cut short, garbled or gone becomes one line naming the older checkpoint to fall back on;
+    other failures (out of memory, say) pass through."""
     try:
         yield
     except (SafetensorError, EOFError, FileNotFoundError, RuntimeError) as err:
@@ -128,17 +107,12 @@ def reading(path: Path) -> Iterator[None]:
         signs = ("PytorchStreamReader", "zip archive", "unexpected pos")
         if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in signs):
             raise
-        raise _unreadable(path, err) from None
-
-
-def _unreadable(path: Path, err: BaseException) -> ValueError:
-    """One line for a checkpoint whose files do not read, naming the older checkpoint to fall back on."""
-    first = (str(err).strip().splitlines() or [""])[0][:160]
-    step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else None
-    older = [p for s, p in complete_checkpoints(path.parent.parent) if step is None or s < step]
-    fallback = f"delete it to fall back on {older[-1].name}" if older else "delete it to start afresh"
-    return ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {first}); if it is damaged, "
-                      f"{fallback}")
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else None
+        older = [p for s, p in complete_checkpoints(path.parent.parent) if step is None or s < step]
+        fallback = f"delete it to fall back on {older[-1].name}" if older else "delete it to start afresh"
+        raise ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {first}); if it is damaged, "
+                         f"{fallback}") from None
 
 
 def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str, model_kwargs: dict[str, Any],
@@ -155,8 +129,7 @@ def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str
 
 
 def save_shared(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, then the mode any new file gets (0o666 less the umask): safetensors creates its
-    files 0600, and exports and feature caches are for sharing."""
+    """safetensors' `save_file` (which creates files 0600), then the mode of any new file: exports are shared."""
     save_file(tensors, str(path), metadata=metadata)
     path.chmod(0o666 & ~_umask())
 
@@ -172,11 +145,8 @@ def _umask() -> int:
 
 
 def model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
-    """The first tensor in which `model` and the checkpoint at `path` differ (name or shape), or None.
-
-    Reads only the safetensors header. None too where the checkpoint holds no `model.safetensors` (e.g. sharded
-    FSDP state, which Accelerate checks itself when loading).
-    """
+    """The first tensor in which `model` and the checkpoint at `path` differ (name or shape), or None; from the
+    safetensors header only. None without a `model.safetensors` (sharded FSDP state: Accelerate checks that)."""
     weights = path / "model.safetensors"
     if not weights.is_file():
         return None
@@ -190,21 +160,20 @@ def shape_mismatch(model: torch.nn.Module, saved: dict[str, tuple[int, ...]], wh
     state = model.state_dict()
     ours = {k: tuple(v.shape) for k, v in state.items()}
     # Tensors sharing memory (tied weights) are saved once, under one of their names: the others are not missing.
-    same_memory: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for k, v in state.items():
-        same_memory.setdefault((v.data_ptr(), ours[k]), []).append(k)
+    saved_memory = {(state[k].data_ptr(), ours[k]) for k in saved.keys() & ours.keys()}
     for key in sorted(saved.keys() | ours.keys()):
         if key not in ours:
             return f"{key} is in {where}, not in this model"
-        if key in saved:
-            if saved[key] != ours[key]:
-                return f"{key} has shape {list(saved[key])} in {where}, {list(ours[key])} in this model"
-        elif not any(k in saved for k in same_memory[(state[key].data_ptr(), ours[key])]):
+        if key in saved and saved[key] != ours[key]:
+            return f"{key} has shape {list(saved[key])} in {where}, {list(ours[key])} in this model"
+        if key not in saved and (state[key].data_ptr(), ours[key]) not in saved_memory:
             return f"{key} is in this model, not in {where}"
     return None
 
 
-def _resolve(path: str | Path) -> tuple[Path, Path]:
+def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Build the exported backbone (`path`: run dir or .safetensors) with timm and load its weights strictly;
+    `random_init=True` builds the same architecture untrained, the baseline every evaluation compares with."""
     path = Path(path)
     weights = path / "backbone.safetensors" if path.is_dir() else path
     if not weights.is_file():
@@ -213,21 +182,12 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"{weights}: backbones load from .safetensors only (no pickled checkpoints)")
     if weights.suffix != ".safetensors":
         raise ValueError(f"{weights}: not a backbone; give a run directory or its backbone.safetensors")
-    meta = weights.with_suffix(".json")
-    if not meta.is_file():
+    meta_path = weights.with_suffix(".json")
+    if not meta_path.is_file():
         if weights.name == "model.safetensors" and weights.parent.name.startswith(_PREFIX):
             raise FileNotFoundError(f"{weights} is a training checkpoint, not an exported backbone; export it with "
                                     f"`ssl-vit export {weights.parent.parent.parent}` and use that run directory")
-        raise FileNotFoundError(f"{weights}: missing {meta.name} beside it (timm model name and kwargs)")
-    return weights, meta
-
-
-def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Build the exported backbone with timm and load its weights strictly. `path`: run dir or .safetensors file.
-
-    `random_init=True` builds the same architecture untrained: the baseline every evaluation compares with.
-    """
-    weights, meta_path = _resolve(path)
+        raise FileNotFoundError(f"{weights}: missing {meta_path.name} beside it (timm model name and kwargs)")
     try:
         meta = json.loads(meta_path.read_text())
         name, kwargs = meta["model_name"], dict(meta["model_kwargs"])
@@ -251,7 +211,7 @@ def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
     """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, and its step."""
     from ssl_vit.config.pretrain import load_config
     from ssl_vit.methods import build_objective
-    from ssl_vit.models.backbone import build_backbone
+    from ssl_vit.models.backbone import build_backbone  # imported here: the methods import this module
 
     found = latest_checkpoint(run_dir)
     if found is None:

@@ -1,5 +1,4 @@
-"""Building the Accelerator: the one place that knows how processes find each other, how they share the CPU
-cores, and what a run cannot do under FSDP."""
+"""The Accelerator: how processes find each other and share the CPU cores, and what FSDP cannot do."""
 
 from __future__ import annotations
 
@@ -17,18 +16,9 @@ if TYPE_CHECKING:
     from ssl_vit.config.pretrain import Config
 
 
-def _has_accelerator() -> bool:
-    probe = getattr(torch, "accelerator", None)  # torch ≥ 2.6 covers CUDA, XPU, MPS, ...
-    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
-
-
 def resolve_precision(requested: str | None) -> str:
-    """The mixed precision to run with: the config's, when it names one; else the launcher's.
-
-    `accelerate launch --mixed_precision X` (or `mixed_precision: X` in its config file) reaches the processes as
-    ACCELERATE_MIXED_PRECISION; launch sets it to "no" when given nothing, and it is unset outside a launcher.
-    An explicit config value wins over it (a recipe is the record of the run), with a warning where they disagree.
-    """
+    """The config's mixed precision when it names one (a recipe is the record of the run), with a warning where
+    the launcher's (ACCELERATE_MIXED_PRECISION) disagrees; else the launcher's (docs/distributed.md)."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if requested is None:
         return launcher
@@ -41,22 +31,17 @@ def resolve_precision(requested: str | None) -> str:
 
 
 def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
-    """An Accelerator for this process, also forming a real multi-process CPU group where there is no GPU.
-
-    `mixed_precision`: no | fp16 | bf16 | auto (bf16 on CUDA, else no); None takes the launcher's (see
-    `resolve_precision`). Accelerate (1.x) only picks its gloo MULTI_CPU mode when told `cpu=True`. Without it,
-    each process of `accelerate launch --multi_gpu --num_processes N` on a CPU-only machine silently trains alone,
-    as rank 0 of 1, and N runs overwrite one another's files.
-    """
+    """An Accelerator for this process; `mixed_precision`: no | fp16 | bf16 | auto | None (the launcher's).
+    Accelerate only forms a multi-process gloo group without a GPU when told `cpu=True` (docs/distributed.md)."""
+    probe = getattr(torch, "accelerator", None)  # torch ≥ 2.6 covers CUDA, XPU, MPS, ...
+    has_accelerator = bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=resolve_precision(mixed_precision),
-                       cpu=multi_process and not _has_accelerator())
+    return Accelerator(mixed_precision=resolve_precision(mixed_precision), cpu=multi_process and not has_accelerator)
 
 
 def share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
-    """On CPU, leave each loader worker a core: torch's default of one thread per core plus busy workers
-    oversubscribes the machine, and spinning OpenMP threads then make steps several times slower.
-    An explicit OMP_NUM_THREADS wins."""
+    """On CPU, leave each loader worker a core (spinning OpenMP threads on an oversubscribed machine make steps
+    several times slower); an explicit OMP_NUM_THREADS wins."""
     if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     per_process = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
@@ -64,10 +49,8 @@ def share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
 
 
 def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:
-    """What reads the whole model on the main process alone fails under FSDP, whose ranks each hold a shard
-    (docs/distributed.md): the end-of-run export, and MAE's reconstruction images (the encoder and decoder run
-    outside the root module's forward, on rank 0 only: it fails, and the other ranks wait in the next
-    collective). Refused before training rather than at the first image or after days of training."""
+    """Refuse, before training, what reads the whole model on rank 0 alone, which fails under FSDP: the export
+    and MAE's reconstruction images (docs/distributed.md)."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     if cfg.train.export:

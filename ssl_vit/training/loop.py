@@ -1,14 +1,6 @@
-"""The one training loop. It runs any `Objective` and never asks which one: pretraining (`pretrain` below) and
-fine-tuning (eval/finetune.py) build the objective, its optimizer, a batch-stream factory, the schedules and the
-`LoopSettings`, and hand them to `Trainer`. Step-based: schedules are functions of the optimizer step, checkpoints
-are taken every N steps, and re-running the same command resumes from the newest complete checkpoint.
-Guarantees (docs/troubleshooting.md):
-- exact resume: the data stream is reseeded on a fixed grid of steps (every `save_every`), so a run resumed
-  from a checkpoint reads the very batches the uninterrupted run reads;
-- SIGTERM/SIGINT stop every rank after the same step, save, and return normally;
-- a NaN/inf loss or gradient norm on any rank skips that update on all ranks; too many in a row abort;
-- too many unusable samples abort with the counts by reason.
-"""
+"""The one step-based training loop: it runs any `Objective` and never asks which one. Pretraining (`pretrain`) and
+fine-tuning (eval/finetune.py) hand it the objective, optimizer, batch stream, schedules and `LoopSettings`.
+Its guarantees (exact resume, graceful stops, NaN/inf skips, skip-rate aborts): docs/design.md."""
 
 from __future__ import annotations
 
@@ -34,8 +26,13 @@ from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, load
 from ssl_vit.training.distributed import check_fsdp_supported, make_accelerator, share_cpu_cores
 from ssl_vit.training.monitor import Counters, RunAborted, StepWindow
 from ssl_vit.training.optim import build_optimizer, cosine, peak_lr, warmup_cosine
-from ssl_vit.training.resume import check_resume_model, process_count_notice
-from ssl_vit.training.run_dir import PRETRAINING, check_run_dir, keep_changed_config
+from ssl_vit.training.run_dir import (
+    PRETRAINING,
+    check_resume_model,
+    check_run_dir,
+    keep_changed_config,
+    process_count_notice,
+)
 from ssl_vit.training.run_log import RunLog
 from ssl_vit.training.signals import StopRequest
 
@@ -64,8 +61,7 @@ class LoopSettings:
 
 
 class Evaluation(Protocol):
-    """Run on every rank each `every` steps and after the last: scalars to log at `step`. Its state (JSON) rides
-    along in every checkpoint."""
+    """Run on every rank each `every` steps and after the last; its state (JSON) rides along in checkpoints."""
 
     every: int
     def __call__(self, step: int) -> dict[str, float]: ...
@@ -83,8 +79,8 @@ class RunResult:
 
 
 class Trainer:
-    """State of one run on this rank; `run()` trains to `total_steps` or a stop signal. `objective` and
-    `optimizer` as built (alike on every rank); `resume`: the checkpoint to go on from, checked by the caller."""
+    """One run on this rank; `run()` trains to `total_steps` or a stop signal. `resume`: the checkpoint to go on
+    from, checked by the caller."""
 
     def __init__(self, accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
                  stream: Stream, schedule: Schedule, settings: LoopSettings, *, resume: Path | None = None,
@@ -96,28 +92,18 @@ class Trainer:
         self.step, self.counters, self.checkpoint = 0, Counters(), resume
         if resume is not None:
             marker = load_checkpoint(accelerator, resume)  # also restores every rank's RNG state
-            self.step, self.counters = marker["step"], Counters.from_dict(marker.get("counters"))
+            self.step, self.counters = marker["step"], Counters(**(marker.get("counters") or {}))
             if evaluation is not None:
                 evaluation.load_state_dict(marker["evaluation"])
             accelerator.print(f"resumed from {resume} (step {self.step})")
-        # The stream is reseeded at every multiple of `segment` steps (the checkpoint grid): an uninterrupted run
-        # and one resumed from any checkpoint then read the same batches. After a stop signal off the grid, what
-        # the interrupted run read since the last grid point is skipped.
-        # Deliberately not passed to accelerator.prepare: the stream already splits by rank and worker itself.
+        # Reseeded on the checkpoint grid (exact resume, docs/design.md); not prepared: it splits by rank itself.
         self.stream, self.segment = stream, settings.save_every or settings.total_steps
         self.loader = stream(self.step - self.step % self.segment, (self.step % self.segment) * settings.accum_steps)
 
-    def _set_schedules(self) -> tuple[float, float]:
-        lr, wd = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay (fine-tuning)
-            group["weight_decay"] = wd if group["apply_wd"] else 0.0
-        return lr, wd
-
     def _forward_backward(self, window: StepWindow) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor,
                                                              float]:
-        """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss (on the
-        device: reading it here would stall the GPU every micro-batch), wait."""
+        """Accumulate gradients over `accum_steps` micro-batches; returns last outputs, batch, mean loss (left on
+        the device: reading it would stall the GPU), wait."""
         accum, wait, loss_sum = self.s.accum_steps, 0.0, None
         for micro in range(accum):
             t_wait = time.perf_counter()
@@ -133,19 +119,6 @@ class Trainer:
             loss = out["loss"].detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
         return out, batch, loss_sum / accum, wait
-
-    def _grad_norm(self) -> torch.Tensor:
-        """Global gradient norm, clipped to `clip_grad` when set (measured either way, for the NaN guard)."""
-        return self.acc.clip_grad_norm_(self.model.parameters(),
-                                        self.s.clip_grad if self.s.clip_grad is not None else float("inf"))
-
-    def _agree(self, stop: StopRequest, nonfinite: torch.Tensor) -> tuple[bool, bool]:
-        """One small all-reduce per step: does any rank want to stop, did any rank see a non-finite value?
-        Its one read to the host is the step's only host-device sync."""
-        # torch.full is a fill kernel: torch.tensor([...], device=...) would be a blocking copy besides
-        flags = torch.stack([torch.full((), float(stop.requested), device=self.acc.device), nonfinite.float()])
-        stop_now, skip = (flag > 0 for flag in self.acc.reduce(flags, reduction="sum").tolist())
-        return stop_now, skip
 
     def run(self) -> RunResult:
         acc = self.acc
@@ -173,18 +146,24 @@ class Trainer:
         with StopRequest() as stop:
             while self.step < total:
                 t_start = time.perf_counter()
-                lr, wd = self._set_schedules()
+                lr, wd = self.schedule(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay (fine-tuning)
+                    group["weight_decay"] = wd if group["apply_wd"] else 0.0
                 out, batch, loss, wait = self._forward_backward(window)
-                grad_norm = self._grad_norm()
-                # fp16: the grad scaler already skips steps with inf/NaN gradients (and lowers its scale).
-                check_grads = acc.mixed_precision != "fp16"  # the launcher may have chosen it (distributed.py)
-                nonfinite = ~loss.isfinite() | (~grad_norm.isfinite() if check_grads else False)
-                stop_now, skip = self._agree(stop, nonfinite)
+                # measured even unclipped, for the NaN guard
+                clip = self.s.clip_grad if self.s.clip_grad is not None else float("inf")
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+                # fp16 (perhaps the launcher's choice): the grad scaler already skips inf/NaN gradients.
+                nonfinite = ~loss.isfinite() | (~grad_norm.isfinite() if acc.mixed_precision != "fp16" else False)
+                # One all-reduce, the step's only host sync (torch.full: a fill kernel, not a blocking copy).
+                flags = torch.stack([torch.full((), float(bool(stop.name)), device=acc.device), nonfinite.float()])
+                stop_now, skip = (flag > 0 for flag in acc.reduce(flags, reduction="sum").tolist())
                 if skip:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.objective.after_skipped_step(self.step)
-                    if acc.scaler is not None:  # fp16: _grad_norm unscaled the gradients; end the scaler's step
-                        acc.scaler.update()  # too (the next unscale_ raises otherwise), lowering its scale on inf
+                    if acc.scaler is not None:  # fp16: clipping unscaled the gradients; end the scaler's step too
+                        acc.scaler.update()  # (the next unscale_ raises otherwise), lowering its scale on inf
                     self.counters.nonfinite_steps += 1
                     consecutive_nonfinite += 1
                     if consecutive_nonfinite >= self.s.max_nonfinite_steps:
@@ -230,7 +209,7 @@ class Trainer:
         if evaluation is not None and (step % evaluation.every == 0 or step == total):
             log.scalars(step, evaluation(step))  # before the save: the checkpoint keeps what it found
         if save:
-            extra = {"counters": self.counters.to_dict()}
+            extra = {"counters": dataclasses.asdict(self.counters)}
             if evaluation is not None:
                 extra["evaluation"] = evaluation.state_dict()
             self.checkpoint = save_checkpoint(self.acc, s.run_dir, step, s.keep_last, extra)
@@ -290,8 +269,8 @@ def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
 
 
 def resolve_demo(cfg: Config) -> Config:
-    """With no training shards configured, train on the built-in demo data (generated once, then cached) and,
-    unless k-NN shards are given, evaluate on its labelled splits."""
+    """Without training shards, the built-in demo data (generated once, cached), and its labelled splits for k-NN
+    unless k-NN shards are given."""
     if cfg.data.train:
         return cfg
     from ssl_vit.data.demo import ensure_demo_data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,13 +25,6 @@ class Counters:
     images: int = 0  # usable samples read
     skipped: list[int] = field(default_factory=lambda: [0] * len(SKIP_REASONS))  # by reason, SKIP_REASONS order
     nonfinite_steps: int = 0  # updates skipped for a NaN/inf loss or gradient norm
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Counters:
-        return cls(**data) if data else cls()
 
     def check_skip_rate(self, max_rate: float) -> None:
         seen = self.images + sum(self.skipped)
@@ -62,8 +55,7 @@ class StepWindow:
         self.skipped += batch["skipped"].sum(0)
 
     def add_step(self, loss: torch.Tensor | None, wait: float, seconds: float, extra: dict[str, torch.Tensor]) -> None:
-        """`loss` None: the update was skipped as non-finite. The loss and `extra` stay on the device (summed as
-        tensors, read only in `reduce`), so logging costs no host sync per step."""
+        """`loss` None: the update was skipped. Sums stay on the device until `reduce`: no host sync per step."""
         self.steps += 1
         self.wait += wait
         self.time += seconds

@@ -1,5 +1,4 @@
-"""The optimizer and its schedules. Schedules are pure functions of the optimizer step: a stream has no epoch
-length, and resume needs no state."""
+"""The optimizer and its schedules: pure functions of the optimizer step (a stream has no epochs; resume no state)."""
 
 from __future__ import annotations
 

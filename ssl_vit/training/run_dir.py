@@ -1,26 +1,28 @@
-"""What a run directory already holds, checked before a run writes into it.
-
-A run (pretraining or fine-tuning) resumes from its own checkpoints; apart from that, nothing a run directory
-holds is overwritten unasked: not another kind of run, not an exported backbone or a best fine-tuned model whose
-checkpoints are gone. On a resume, settings that changed since the run's config.yaml are named, and the old file
-is kept beside the new one.
-"""
+"""What a run directory holds, checked before a run writes into it: nothing is overwritten unasked, a resume with
+another model is refused, and one with changed settings names them and keeps the old config (docs/design.md)."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
+
+from ssl_vit.config.schema import ConfigError
+from ssl_vit.training.checkpoint import model_mismatch
+
+if TYPE_CHECKING:
+    from ssl_vit.config.pretrain import Config
+    from ssl_vit.methods import Objective
 
 PRETRAINING, FINETUNING = "pretraining", "fine-tuning"
 
 
 def run_kind(run_dir: Path) -> str | None:
-    """The kind of run whose config.yaml is in `run_dir` (PRETRAINING, FINETUNING, or "unknown" for a file that
-    reads as neither), or None where there is none."""
+    """PRETRAINING, FINETUNING or "unknown" by `run_dir`'s config.yaml; None without one."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
@@ -41,8 +43,8 @@ _RESULTS = {PRETRAINING: ("backbone.safetensors",), FINETUNING: ("best", "finetu
 
 
 def check_run_dir(run_dir: Path, kind: str, resuming: bool) -> None:
-    """Refuse a `run_dir` that is a file or holds another kind of run than `kind`; and to start a new run (not
-    `resuming` from a checkpoint) where an earlier result (an exported backbone, a best model) would be overwritten."""
+    """Refuse a `run_dir` that is a file or holds another kind of run, or a new run (not `resuming`) that would
+    overwrite an earlier result."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.run_dir {run_dir} is a file, not a directory; set another train.run_dir")
     found = run_kind(run_dir)
@@ -57,12 +59,10 @@ def check_run_dir(run_dir: Path, kind: str, resuming: bool) -> None:
 
 
 def keep_changed_config(run_dir: Path, cfg: Any, step: int, load: Callable[[Path], Any] | None = None) -> str | None:
-    """On a resume at `step`: where `cfg` differs from the run's config.yaml (read with `load`, by default the
-    pretraining config's loader), keep that file as `config.before_step_<step>.yaml` and return a one-line notice
-    naming the changes; None if nothing changed. (The model is checked before this: only settings that keep it
-    can differ here.)"""
+    """On a resume at `step` where `cfg` differs from the run's config.yaml (read with `load`, by default
+    pretraining's), keep that file as `config.before_step_<step>.yaml` and return a notice naming the changes."""
     from ssl_vit.config.pretrain import load_config
-    from ssl_vit.config.schema import ConfigError, differences
+    from ssl_vit.config.schema import differences
 
     path = run_dir / "config.yaml"
     try:
@@ -77,3 +77,66 @@ def keep_changed_config(run_dir: Path, cfg: Any, step: int, load: Callable[[Path
     shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
     return (f"resuming with settings that differ from the run's config.yaml ({shown}): a resume repeats the "
             f"uninterrupted run only with the same settings; the old config is kept as {kept.name}")
+
+
+def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: bool = False) -> None:
+    """Refuse, in one line naming what differs from the run's config.yaml, to resume from `path` with another
+    architecture: by tensor shapes (not for `sharded` FSDP state, which Accelerate checks), and by the keys that
+    change a model but no shape."""
+    from ssl_vit.config.pretrain import load_config
+    from ssl_vit.config.schema import differences
+
+    try:
+        saved: Config | None = load_config(Path(cfg.train.run_dir) / "config.yaml")
+    except (ConfigError, OSError):
+        saved = None
+    shapes = None if sharded else model_mismatch(objective, path)
+    if shapes is not None:  # name the keys that changed since the run's config.yaml, when it can be read
+        changed = [] if saved is None else differences(saved, cfg, ("objective", "model.", f"{cfg.objective}."))
+        why = (f"{', '.join(changed)} since the run's config.yaml; " if changed else "") + shapes
+    elif saved is not None and (same_shapes := shapeless_changes(saved, cfg)):
+        why = f"{', '.join(same_shapes)} since the run's config.yaml"
+    else:
+        return
+    raise ValueError(f"checkpoint {path} was made with a different model config ({why}); resume with the run's "
+                     "own config, or set a new train.run_dir")
+
+
+# Keys that change a model but no shape, so `model_mismatch` cannot see them (value: the objective they apply to).
+_SHAPELESS = {"model.name": None, "model.num_heads": None, "mae.decoder_heads": "mae", "dino.norm_last_layer": "dino"}
+
+
+def shapeless_changes(saved: Config, cfg: Config) -> list[str]:
+    """`key old → new` for each of those keys that differ (heads as built: null is the timm model's own)."""
+    changed = []
+    for key, objective in _SHAPELESS.items():
+        section, name = key.split(".")
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if objective not in (None, cfg.objective) or old == new:
+            continue
+        if key != "model.num_heads" or _heads(saved) != _heads(cfg):
+            changed.append(f"{key} {old} → {new}")
+    return changed
+
+
+def _heads(cfg: Config) -> list[int]:
+    from ssl_vit.models.backbone import build_backbone
+
+    try:
+        with torch.device("meta"):  # the structure without allocating or initialising any weight
+            vit = build_backbone(cfg.model)
+    except ValueError:  # older timm (1.0.16 at least) calls .item() while building, which meta tensors refuse
+        vit = build_backbone(cfg.model)
+    return [block.attn.num_heads for block in vit.blocks]
+
+
+def process_count_notice(cfg: Config, checkpoint: Path, processes: int) -> str | None:
+    """A line when a resume runs on fewer processes than the checkpoint was saved by (more are refused): the
+    global batch shrinks, and the lr with it. No config key holds the count, so `keep_changed_config` cannot."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved in (0, processes):
+        return None
+    batch = cfg.data.batch_size * cfg.optim.accum_steps
+    lr = "" if cfg.optim.lr is not None else ", and the peak lr (optim.base_lr × global batch / 256) with it"
+    return (f"note: {checkpoint.name} was saved by {saved} processes, this run has {processes}: global batch "
+            f"{batch * saved} → {batch * processes}{lr}; raise optim.accum_steps to keep them")

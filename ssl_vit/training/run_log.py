@@ -14,9 +14,8 @@ class RunLog:
     """Scalars to TensorBoard and `log.jsonl`, images to TensorBoard. A no-op on non-main ranks."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None) -> None:
-        """`resume_step`: the step a (re)started training run goes on from, its checkpoint's or 0. What an earlier,
-        killed run logged after it is dropped, so curves don't fold back; what it logged at that step (just
-        before saving) stays. None: a log of its own (evaluations), appended to as it is."""
+        """`resume_step`: the step a training run goes on from; what a killed run logged after it is dropped, so
+        curves don't fold back. None: a log appended to as it is (evaluations)."""
         self.enabled = enabled
         if not enabled:
             return
@@ -54,8 +53,7 @@ class RunLog:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a log.jsonl line; infinite (dropped on resume) for a line a crash tore in the middle, which
-    must not stop the run from resuming."""
+    """The step of a log.jsonl line; infinite (dropped on resume) for a line a crash tore."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):

@@ -10,32 +10,20 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Context manager that turns the first SIGTERM/SIGINT into a flag the training loop polls.
-
-    A second signal of the same kind falls through to the previous handler (Ctrl-C twice still interrupts at
-    once). The loop all-reduces the flag every step, so a signal delivered to any one rank stops all of them
-    after the same step.
-    """
+    """Turns the first SIGTERM/SIGINT into a flag the loop all-reduces every step; a second one falls through to
+    the previous handler (Ctrl-C twice still interrupts at once)."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.name = ""  # of the signal that asked to stop
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # asked twice: stop being graceful
+        if self.name:  # asked twice: stop being graceful
             previous = self._previous.get(signum)
             signal.signal(signum, previous if callable(previous) else signal.SIG_DFL)
             signal.raise_signal(signum)
             return
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
+        self.name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

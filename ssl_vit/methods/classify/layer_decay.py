@@ -1,11 +1,5 @@
-"""Layer-wise lr decay for fine-tuning a ViT, as MAE's `util/lr_decay.py` assigns it.
-
-With L blocks there are L + 2 layer ids: 0 for the stem (cls token, position embedding, patch embedding),
-i + 1 for block i, L + 1 for everything after the blocks (final norm, fc_norm, head). Layer id n gets
-lr × decay^(L + 1 − n): the head side trains at the full lr, each step towards the input a factor decay less.
-timm's `param_groups_layer_decay` differs on one point: its ViT group matcher counts the final `norm` into
-the last block's group (lr × decay), so with `pool: cls` the norm would train slower than MAE's.
-"""
+"""Layer-wise lr decay as MAE's `util/lr_decay.py` assigns it: layer id n of L + 2 (stem 0, block i → i + 1, the
+rest L + 1) gets lr × decay^(L + 1 − n). Not timm's `param_groups_layer_decay`: docs/design.md says why."""
 
 from __future__ import annotations
 
@@ -14,8 +8,7 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
-# Everything that acts before the first block. timm's optional pre-norm and register tokens are not in MAE's
-# models; they sit on the input side of the blocks, so they take the stem's id.
+# Before the first block; timm's pre-norm and register tokens (not in MAE's models) take the stem's id too.
 _STEM = ("cls_token", "pos_embed", "reg_token", "dist_token", "patch_embed.", "norm_pre.")
 
 
@@ -30,9 +23,8 @@ def layer_id(name: str, num_blocks: int) -> int:
 
 def param_groups_lrd(model: VisionTransformer, weight_decay: float, no_weight_decay_list: Collection[str],
                      layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW param groups with an "lr_scale" each (the loop multiplies the schedule's lr by it every step); no weight
-    decay (`apply_wd` false) on 1-D parameters (norms, biases) and on `no_weight_decay_list` (cls token, position
-    embedding)."""
+    """AdamW groups with an "lr_scale" each (the loop multiplies the lr by it); no decay on 1-D parameters and on
+    `no_weight_decay_list`."""
     num_layers = len(model.blocks) + 1
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():

@@ -1,6 +1,5 @@
-"""Fine-tuning as an objective (MAE's fine-tuning recipe): the backbone's timm architecture with a new head, timm's
-ImageNet training transform as its view, trained on mixup/cutmix soft targets, with MAE's layer-wise lr decay as
-the optimizer's parameter groups."""
+"""Fine-tuning as an objective, MAE's recipe: the backbone with a new head, timm's ImageNet training view,
+mixup/cutmix soft targets, layer-wise lr decay."""
 
 from __future__ import annotations
 
@@ -60,11 +59,8 @@ def train_transform(cfg: FTAugmentConfig, img_size: int) -> Any:
 
 
 def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op, also for 0 bits (a black image, as Pillow < 13 made it; Pillow 13 raises).
-
-    RandAugment "rand-m9-mstd0.5-inc1" asks for 0 bits whenever the sampled magnitude reaches 10 (~2% of
-    the posterize draws), which would end a fine-tuning run with timm 1.0 on Pillow 13.
-    """
+    """timm's posterize op, also for the 0 bits RandAugment draws at magnitude 10 (a black image, as Pillow < 13
+    made it; Pillow 13 raises and would end the run)."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return auto_augment.posterize(img, bits_to_keep)

@@ -1,4 +1,4 @@
-"""DINO's projection head (Caron et al., 2021), testable on its own."""
+"""DINO's projection head (Caron et al., 2021)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,11 @@ class DINOHead(nn.Module):
                  layers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
-        mlp: list[nn.Module] = []
-        for i in range(layers):
-            mlp.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < layers - 1:
-                mlp.append(nn.GELU())
-        self.mlp = nn.Sequential(*mlp)
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        linears = [nn.Linear(dims[i], dims[i + 1]) for i in range(layers)]
+        for layer in linears:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        self.mlp = nn.Sequential(*[m for layer in linears for m in (layer, nn.GELU())][:-1])
         # weight = g · v / ‖v‖ per prototype; the last layer keeps nn.Linear's default init, as in DINO.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         gain = self.last_layer.parametrizations.weight.original0  # (out_dim, 1)

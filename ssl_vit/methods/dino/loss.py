@@ -20,11 +20,8 @@ def teacher_targets(teacher_out: Tensor, center: Tensor, temperature: float) -> 
 
 
 def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: float) -> Tensor:
-    """Mean cross-entropy H(targets_t, student_s) over every (teacher view t, student view s) pair with s ≠ t.
-
-    `student_out` (n_crops·B, K) holds the crops in order, the teacher's views first; `targets` (T·B, K) holds
-    the teacher's T views. Every pair term is the batch mean of a per-sample cross-entropy.
-    """
+    """Mean over the (teacher view t, student view s ≠ t) pairs of the batch-mean H(targets_t, student_s).
+    `student_out` (n_crops·B, K): the crops in order, the teacher's T views first; `targets` (T·B, K)."""
     if n_crops < 2 or student_out.shape[0] % n_crops:
         raise ValueError(f"student output of {student_out.shape[0]} rows does not split into {n_crops} crops")
     batch = student_out.shape[0] // n_crops
@@ -42,8 +39,7 @@ def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: 
 
 @torch.no_grad()
 def center_stats(teacher_out: Tensor) -> Tensor:
-    """(K + 1,): the teacher outputs' column sums, then their row count. Sums of these over micro-batches and
-    ranks give the step's true mean, even if ranks hold unequal batches."""
+    """(K + 1,): column sums, then row count: summed over micro-batches and ranks, the step's true mean."""
     # new_full is a fill kernel; new_tensor([rows]) would be a blocking host-to-device copy every micro-batch
     rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=torch.float32)
     return torch.cat([teacher_out.float().sum(dim=0), rows])
@@ -51,10 +47,9 @@ def center_stats(teacher_out: Tensor) -> Tensor:
 
 @torch.no_grad()
 def update_center(center: Tensor, stats: Tensor, momentum: float) -> None:
-    """center ← momentum·center + (1 − momentum)·(mean teacher output over every rank's rows in `stats`, from
-    `center_stats`), in place. A collective when a process group is up: every rank must call it."""
+    """center ← momentum·center + (1 − momentum)·(mean teacher output over every rank's `center_stats`), in
+    place; a collective under a process group (also runs without one)."""
     stats = stats.clone()  # all_reduce works in place; the caller's sums stay its own
-    # Guarded so that the loss also runs, and is tested, without a process group.
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
     batch_mean = stats[:-1] / stats[-1]  # (K,)

@@ -28,7 +28,6 @@ from ssl_vit.methods.dino.head import DINOHead
 from ssl_vit.methods.dino.loss import center_stats, dino_loss, mean_entropy, teacher_targets, update_center
 from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
 from ssl_vit.methods.dino.transforms import device_views, dino_views
-from ssl_vit.models.backbone import encode
 from ssl_vit.training.optim import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
@@ -48,10 +47,7 @@ def teacher_momentum(step: int, total_steps: int, base: float) -> float:
 
 class DINO(Objective):
     """Student = shared backbone + DINOHead; teacher = their EMA copy, never optimised, always in eval mode.
-
-    `total_steps` (the run's optimizer steps) sets the length of the teacher-momentum cosine. `device_aug`: the
-    loader only resizes (uint8) and the multi-crop runs batched at the start of `forward`.
-    """
+    `total_steps`: the teacher-momentum cosine's length; `device_aug`: multi-crop batched in `forward`."""
 
     def __init__(self, cfg: DINOConfig, backbone: VisionTransformer,
                  total_steps: int = TrainConfig.total_steps, collapse_window: int = COLLAPSE_WINDOW,
@@ -68,12 +64,11 @@ class DINO(Objective):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
-        # This step's teacher-output sums (all its micro-batches), applied to the center in `after_step` only: a
-        # skipped step (NaN/inf) must leave the center as it was, or one overflow poisons every later target.
+        # The step's teacher-output sums and entropy, applied in `after_step` only: a skipped step must leave the
+        # center alone, or one overflow poisons every later target.
         self._center_sums: Tensor | None = None
+        self._entropy: tuple[Tensor, int] | None = None  # sum, micro-batches
         self.collapse = CollapseWatch(cfg.out_dim, collapse_window)
-        # this step's teacher entropy, summed over its micro-batches, and their count: for the collapse watch
-        self._entropy: tuple[Tensor, int] | None = None
         self.device_aug = DeviceAugment(device_views(cfg, backbone.patch_embed.img_size[0])) if device_aug else None
 
     def train(self, mode: bool = True) -> DINO:
@@ -165,10 +160,8 @@ class DINO(Objective):
         return {"dino/crops": denormalize(torch.cat(rows, dim=-2))}
 
 
-def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor],
-          encoder: Callable[..., Tensor] = encode) -> Tensor:
-    """Head outputs (V·B, K) of the V crops, in crop order; one backbone pass per run of equal-sized crops
-    (through `encoder`, the plain or compiled `encode`)."""
+def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor], encoder: Callable[..., Tensor]) -> Tensor:
+    """Head outputs (V·B, K) of the V crops in order; one `encoder` pass per run of equal-sized crops."""
     feats = []
     for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
         x = torch.cat(list(group))  # (n·B, 3, H, W): same-resolution crops share a pass

@@ -1,7 +1,5 @@
-"""DINO's collapse monitor: the teacher entropy held in a collapsed band (one-hot or uniform) for a window of steps.
-
-Counted on the device and read by the host only every `window` steps and at the end (docs/dino.md, "The warning").
-"""
+"""DINO's collapse monitor: teacher entropy in a collapsed band (one-hot or uniform) for a window of steps, counted
+on the device and read every `window` steps and at the end (docs/dino.md, "The warning")."""
 
 from __future__ import annotations
 
@@ -12,10 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Steps the teacher entropy must stay in a collapsed band before we warn: long enough to ride out the first
-# steps (a random teacher maps all images alike, so its centered output starts near uniform), short next to
-# a run.
-COLLAPSE_WINDOW = 200
+COLLAPSE_WINDOW = 200  # rides out a random teacher's near-uniform start (docs/dino.md)
 COLLAPSE_LOW, COLLAPSE_HIGH = 0.05, 0.98  # collapsed bands, as fractions of log(out_dim): one-hot / uniform
 _KINDS = {1: "one-hot", 2: "uniform"}
 _BAND, _RUN, _ALARM_STEP, _ALARM_BAND, _ALARM_ENTROPY = range(5)  # the fields of `CollapseWatch.state`
@@ -25,10 +20,6 @@ class CollapseWarning(UserWarning):
     """The teacher's output looks collapsed (one-hot or uniform) for a sustained window of steps."""
 
 
-def _is_main_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 class CollapseWatch:
     """`update(entropy, step)` once per optimizer step; rank 0 warns once per episode of ≥ `window` steps."""
 
@@ -36,9 +27,8 @@ class CollapseWatch:
         if window < 1:
             raise ValueError(f"collapse_window must be ≥ 1, got {window}")
         self.log_k, self.window = math.log(out_dim), window
-        # float32 on the entropy's device (MPS has no float64; steps are exact up to 2^24): the last step's band
-        # (0 none, 1 one-hot, 2 uniform), the length of its run, and the step at which the latest episode reached
-        # the window (-1: none yet), its band and entropy
+        # float32 on the device (MPS has no float64): last band (0 none, 1 one-hot, 2 uniform), its run length,
+        # and the step the latest episode reached the window (-1: none yet), its band and entropy
         self.state: Tensor | None = None
         self.reported = -1.0  # the alarm step of the episode warned about last
 
@@ -66,7 +56,7 @@ class CollapseWatch:
         if alarm_step < 0 or alarm_step == self.reported:
             return
         self.reported = alarm_step
-        if _is_main_rank():
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             first, last = int(alarm_step) - self.window + 1, int(alarm_step)
             warnings.warn(f"DINO looks collapsed ({_KINDS[int(band)]}): teacher entropy {entropy:.3f} nats (log K = "
                           f"{self.log_k:.2f}) for steps {first}-{last}; see docs/dino.md", CollapseWarning,

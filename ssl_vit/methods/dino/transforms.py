@@ -1,9 +1,5 @@
-"""DINO's multi-crop views (torchvision.transforms.v2 on the PIL image, like the reference implementation).
-
-Two global crops, the teacher's inputs, and N small local crops that only the student sees. Every view gets
-a random resized crop (bicubic), a flip, colour jitter and grayscale (BYOL's colour augmentations); Gaussian
-blur and solarization differ per view so that the two global views are asymmetric (paper, Appendix D).
-"""
+"""DINO's multi-crop (torchvision v2 on the PIL image): two global crops for the teacher, N local ones for the
+student only; blur and solarization differ per view so the globals are asymmetric (paper, Appendix D)."""
 
 from __future__ import annotations
 
@@ -37,17 +33,12 @@ def dino_view(size: int, scale: tuple[float, float], color_jitter_prob: float, g
 class MultiCropViews:
     """PIL image → [global 1, global 2, local 1, ..., local N] uint8 tensors (globals first)."""
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, local_number: int = 10,
-                 global_scale: tuple[float, float] = (0.4, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.4),
-                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
-                 blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
-                 solarize_prob: float = 0.2) -> None:
-        colour = (color_jitter_prob, grayscale_prob)
-        self.global1 = dino_view(global_size, global_scale, *colour, blur_probs[0])
-        self.global2 = dino_view(global_size, global_scale, *colour, blur_probs[1], solarize_prob)
-        self.local = dino_view(local_size, local_scale, *colour, blur_probs[2])
-        self.local_number = local_number
+    def __init__(self, cfg: DINOConfig, global_size: int) -> None:
+        colour, blur = (cfg.color_jitter_prob, cfg.grayscale_prob), cfg.blur_probs
+        self.global1 = dino_view(global_size, cfg.global_crops_scale, *colour, blur[0])
+        self.global2 = dino_view(global_size, cfg.global_crops_scale, *colour, blur[1], cfg.solarize_prob)
+        self.local = dino_view(cfg.local_crops_size, cfg.local_crops_scale, *colour, blur[2])
+        self.local_number = cfg.local_crops_number
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         locals_ = [self.local(image) for _ in range(self.local_number)]
@@ -57,11 +48,7 @@ class MultiCropViews:
 def dino_views(cfg: DINOConfig, global_size: int,
                device_aug: bool = False) -> Callable[[Image.Image], torch.Tensor | list[torch.Tensor]]:
     """The loader's view of an image: the multi-crop, or with `device_aug` one resized square (`device_views`)."""
-    if device_aug:
-        return cheap_view(cheap_size(global_size))
-    return MultiCropViews(global_size, cfg.local_crops_size, cfg.local_crops_number, cfg.global_crops_scale,
-                          cfg.local_crops_scale, cfg.color_jitter_prob, cfg.grayscale_prob, cfg.blur_probs,
-                          cfg.solarize_prob)
+    return cheap_view(cheap_size(global_size)) if device_aug else MultiCropViews(cfg, global_size)
 
 
 def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:

@@ -25,9 +25,8 @@ from ssl_vit.methods.mae.transforms import device_views, mae_views
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sine-cosine position embedding (L, dim), tokens in row-major order. The first half of the
-    channels encodes the column and the second half the row, the layout of MAE's reference code, so that its
-    released weights (encoder `pos_embed`, decoder positions) line up with ours."""
+    """Fixed 2-D sin-cos position embedding (L, dim), tokens row-major; column in the first half of the channels,
+    row in the second, MAE's layout so its released weights line up (timm's differs: docs/design.md)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(
@@ -42,22 +41,21 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (L, dim)
 
 
+def prefixed_sincos(dim: int, grid: tuple[int, int], n_prefix: int) -> Tensor:
+    """(1, n_prefix + L, dim): zeros for the prefix tokens, then `sincos_pos_embed_2d`."""
+    return torch.cat([torch.zeros(n_prefix, dim), sincos_pos_embed_2d(dim, grid)]).unsqueeze(0)
+
+
 def random_masking(batch: int, length: int, mask_ratio: float, device: torch.device | None = None,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample random masking by sorting uniform noise.
-
-    Returns `keep_idx` (B, K) patch indices the encoder sees, `mask` (B, L) with 1 = hidden, and
-    `restore` (B, L) such that `shuffled.gather(1, restore)` puts tokens back in patch order.
-    """
+    """Per-sample random masking by sorting noise: `keep_idx` (B, K) patches the encoder sees, `mask` (B, L)
+    1 = hidden, `restore` (B, L) such that `shuffled.gather(1, restore)` puts tokens back in patch order."""
     n_keep = int(length * (1 - mask_ratio))
     noise = torch.rand(batch, length, device=device, generator=generator)  # (B, L)
     shuffle = noise.argsort(dim=1)  # ascending noise: the first n_keep are kept
     restore = shuffle.argsort(dim=1)
-    keep_idx = shuffle[:, :n_keep]  # (B, K)
-    mask = torch.ones(batch, length, device=device)
-    mask[:, :n_keep] = 0
-    mask = mask.gather(1, restore)  # (B, L) in patch order
-    return keep_idx, mask, restore
+    mask = (restore >= n_keep).float()  # (B, L) in patch order: a patch's rank in the noise order
+    return shuffle[:, :n_keep], mask, restore
 
 
 def patchify(images: Tensor, p: int) -> Tensor:
@@ -85,8 +83,7 @@ class MAEDecoder(nn.Module):
         self.n_prefix = n_prefix
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        pos = torch.cat([torch.zeros(n_prefix, dim), sincos_pos_embed_2d(dim, grid)])
-        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # fixed, so not checkpointed
+        self.register_buffer("pos_embed", prefixed_sincos(dim, grid, n_prefix), persistent=False)  # fixed
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
                                       for _ in range(depth)])
@@ -106,8 +103,7 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, self.n_prefix:])  # (B, L, p·p·3)
 
 
-def _init_like_mae(module: nn.Module) -> None:
-    # MAE initialises every linear layer (and the patch projection, seen as a linear map) with Xavier-uniform.
+def _init_like_mae(module: nn.Module) -> None:  # Xavier-uniform linears (and patch projection), as MAE
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -128,14 +124,11 @@ class MAE(Objective):
         self.backbone = backbone
         self.patch = backbone.patch_embed.patch_size[0]
         self.grid = tuple(backbone.patch_embed.grid_size)
-        n_prefix = backbone.num_prefix_tokens
         # MAE's encoder position embedding is fixed sin-cos (zero for the cls token), not learned.
         with torch.no_grad():
-            pos = torch.cat([torch.zeros(n_prefix, backbone.embed_dim),
-                             sincos_pos_embed_2d(backbone.embed_dim, self.grid)])
-            backbone.pos_embed.copy_(pos.unsqueeze(0))
+            backbone.pos_embed.copy_(prefixed_sincos(backbone.embed_dim, self.grid, backbone.num_prefix_tokens))
         backbone.pos_embed.requires_grad_(False)
-        self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch, n_prefix,
+        self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch, backbone.num_prefix_tokens,
                                   cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
         for part in (backbone.blocks, backbone.norm, self.decoder):
             part.apply(_init_like_mae)
