@@ -20,7 +20,6 @@ from ssl_vit.data.device.augment import (
     cheap_view,
     sample_crop_boxes,
     sample_group_params,
-    sample_view_params,
 )
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.methods.dino.transforms import device_views
@@ -56,7 +55,7 @@ def test_per_view_probabilities_match_dino():
     g = torch.Generator().manual_seed(1)
     expected_blur = [cfg.blur_probs[0], cfg.blur_probs[1], cfg.blur_probs[2], cfg.blur_probs[2]]
     expected_solarize = [0.0, cfg.solarize_prob, 0.0, 0.0]
-    alone = [sample_view_params(spec, N, generator=g) for spec in specs]
+    alone = [sample_group_params([spec], N, generator=g) for spec in specs]
     # grouped as DeviceAugment groups them: each view keeps its own probabilities in its rows of the group
     globals_, locals_ = sample_group_params(specs[:2], N, generator=g), sample_group_params(specs[2:], N, generator=g)
     grouped = [_rows(globals_, 0, N), _rows(globals_, 1, N), _rows(locals_, 0, N), _rows(locals_, 1, N)]
@@ -87,7 +86,7 @@ def _unnormalize(x):
 
 
 def _params(b, **overrides):
-    p = sample_view_params(ViewSpec(16, (1.0, 1.0), flip_prob=0.0), b, generator=torch.Generator().manual_seed(2))
+    p = sample_group_params([ViewSpec(16, (1.0, 1.0), flip_prob=0.0)], b, generator=torch.Generator().manual_seed(2))
     p.boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b)
     for k, v in overrides.items():
         setattr(p, k, v)
@@ -156,7 +155,7 @@ def test_a_group_is_its_views_augmented_alone():
     with pytest.raises(ValueError, match="multiple of 4"):
         augment_view(torch.rand(4, 3, 20, 20), p, 16)
     # a skipped effect (None) gives the images the effect computed on every row and kept on none gives
-    crop = sample_view_params(ViewSpec(16, (0.2, 1.0)), b, generator=torch.Generator().manual_seed(4))
+    crop = sample_group_params([ViewSpec(16, (0.2, 1.0))], b, generator=torch.Generator().manual_seed(4))
     assert crop.jitter is crop.jittered is crop.gray is crop.blur_sigma is crop.solarize is None
     off = torch.zeros(b, dtype=torch.bool)
     computed = dataclasses.replace(crop, jitter=torch.tensor([[0.6, 1.4, 1.2, 0.1]] * b), jittered=off, gray=off,

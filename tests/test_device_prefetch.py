@@ -50,12 +50,14 @@ def test_prefetcher_copies_one_batch_ahead_on_its_own_stream(monkeypatch):
     ]
 
 
-def test_training_batches_prefetch_on_cuda_only(monkeypatch):
-    made = []
-    monkeypatch.setattr(batches, "train_stream", lambda *a, **k: iter([{"image": torch.zeros(1)}]))
-    monkeypatch.setattr(batches, "DevicePrefetcher", lambda stream, device: made.append(device) or stream)
+def test_training_batches_skip_then_prefetch_on_cuda_only(monkeypatch):
+    source = [{"image": torch.full((1,), i)} for i in range(3)]
+    monkeypatch.setattr(batches, "train_stream", lambda *a, **k: iter(source))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)  # no GPU in CI: only the type is checked
     cfg = batches.DataConfig(train="x")
-    batches.training_batches(cfg, lambda img: img, torch.device("cpu"), img_size=32, rank=0, world_size=1, seed=0)
-    assert made == []
-    batches.training_batches(cfg, lambda img: img, torch.device("cuda"), img_size=32, rank=0, world_size=1, seed=0)
-    assert made == [torch.device("cuda")]
+    on_cpu = batches.training_batches(cfg, lambda img: img, torch.device("cpu"), img_size=32, rank=0, world_size=1,
+                                      seed=0, skip=1)
+    assert [b["image"].item() for b in on_cpu] == [1, 2]  # the first batch dropped, the rest as they were
+    on_cuda = batches.training_batches(cfg, lambda img: img, torch.device("cuda"), img_size=32, rank=0,
+                                       world_size=1, seed=0)
+    assert isinstance(on_cuda, batches.DevicePrefetcher)

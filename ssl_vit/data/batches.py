@@ -1,5 +1,4 @@
-"""The pretraining stream as the trainer (and the benchmark) reads it: `train_stream`, copied to a CUDA device
-one batch ahead, or with `data.device_decode` its JPEGs decoded on the training device."""
+"""The pretraining stream as the trainer reads it: on CUDA copied one batch ahead, or device-decoded."""
 
 from __future__ import annotations
 
@@ -16,33 +15,25 @@ from ssl_vit.data.device.decode import decoded_batches
 from ssl_vit.data.shards import train_stream
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in `batch` (nested dicts, lists, tuples) moved to `device`, without blocking the host
-    (pinned memory on CUDA); anything else as it is."""
+def _tree_map(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """`fn` of every tensor in `batch` (nested dicts, lists, tuples); anything else as it is."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: _tree_map(fn, v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(_tree_map(fn, v) for v in batch)
     return batch
 
 
-def _tensors(batch: Any) -> Iterator[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, dict):
-        for value in batch.values():
-            yield from _tensors(value)
-    elif isinstance(batch, (list, tuple)):
-        for value in batch:
-            yield from _tensors(value)
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor in `batch` moved to `device` without blocking the host (pinned memory on CUDA)."""
+    return _tree_map(lambda t: t.to(device, non_blocking=True), batch)
 
 
 class DevicePrefetcher:
-    """Batches copied to a CUDA device one batch ahead, on a side stream. On the training stream the copy of the
-    next batch would queue between two steps' kernels; on its own stream it overlaps the current step, as in
-    timm's PrefetchLoader. The batch handed out is made to wait for its copy on the GPU, not on the host."""
+    """Batches copied to a CUDA device one batch ahead on a side stream, so the copy overlaps the current step
+    (as timm's PrefetchLoader); the training stream waits for it on the GPU, not the host."""
 
     def __init__(self, stream: Iterator[dict[str, Any]], device: torch.device) -> None:
         self.stream, self.device = stream, device
@@ -61,10 +52,8 @@ class DevicePrefetcher:
         batch = self.ahead if self.ahead is not None else self._copy_next()  # StopIteration at the end
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.copy_stream)  # the step's kernels start once its copy is done
-        for tensor in _tensors(batch):
-            # allocated on the copy stream, used on this one: the allocator must not hand its memory to the next
-            # copy while this step's kernels may still read it
-            tensor.record_stream(current)
+        # allocated on the copy stream, used on this one: its memory must not go to the next copy while in use
+        _tree_map(lambda t: t.record_stream(current), batch)
         try:
             self.ahead = self._copy_next()  # the next copy runs while this batch trains
         except StopIteration:  # a finite stream: this was its last batch
@@ -75,15 +64,12 @@ class DevicePrefetcher:
 def training_batches(cfg: DataConfig, views: Callable[[Image.Image], Any], device: torch.device, *, img_size: int,
                      rank: int, world_size: int, seed: int, start_step: int = 0, skip: int = 0,
                      progress: bool = False) -> Iterator[dict[str, Any]]:
-    """Endless pretraining batches: on CUDA already on the device (copied one batch ahead by `DevicePrefetcher`;
-    device-decoded ones are decoded there), elsewhere on the CPU. The first `skip` batches are read and dropped
-    before any is decoded on or copied to the device (a resume fast-forwarding to where it stopped; `progress`:
-    with a progress bar)."""
+    """Endless pretraining batches, on CUDA already on the device; the first `skip` are dropped before any is
+    decoded or copied there (a resume fast-forwarding)."""
     stream = iter(train_stream(cfg, views, rank=rank, world_size=world_size, seed=seed, start_step=start_step))
     for _ in tqdm(range(skip), desc="fast-forwarding data", disable=not progress or not skip):
         next(stream)
     if cfg.device_decode:
-        # The loader ships JPEG bytes; decoding them here counts as data wait (it is data preparation). The
-        # decoder synchronises the training stream itself (see DeviceDecoder), so no side-stream copies here.
+        # decoding here counts as data wait; the decoder synchronises the training stream itself (no side stream)
         return decoded_batches(stream, cheap_size(img_size), device)
     return DevicePrefetcher(stream, device) if device.type == "cuda" else stream

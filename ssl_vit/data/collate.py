@@ -1,5 +1,4 @@
-"""Samples → one batch: torch's `default_collate` (image stacks, a list of them for multi-crop views, labels,
-keys), plus the skip counts and device-decode payloads it does not know how to stack."""
+"""Samples → one batch: torch's `default_collate`, plus the skip counts and device-decode payloads."""
 
 from __future__ import annotations
 
@@ -14,13 +13,8 @@ _OWN = ("image", "jpeg", "skipped")  # the fields collated here, not by default_
 
 
 def collate(samples: list[dict]) -> dict[str, Any]:
-    """`default_collate` of the samples, with their skip counts as one LongTensor (B, reasons).
-
-    With JPEG pass-through, "image" stacks only the samples decoded here (in batch order) and the JPEG payloads
-    are packed into one "jpeg" tensor with per-sample "jpeg_sizes", 0 for the others (see `pack_payloads`): two
-    shared-memory blocks a batch, not one per image. The skip counts of a stream with no usable sample
-    (`DecodeStage`'s lone_skips) make a batch of no images and no keys.
-    """
+    """`default_collate` of the samples, skip counts as one LongTensor (B, reasons); JPEG payloads packed into
+    one "jpeg" tensor (`pack_payloads`); a lone skip-count sample makes a batch of no images and no keys."""
     skipped = torch.tensor([s["skipped"] for s in samples], dtype=torch.long)
     first = samples[0]
     if first["image"] is None and first.get("key", "") is None:  # lone skip counts

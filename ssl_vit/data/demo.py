@@ -1,12 +1,5 @@
-"""Built-in demo data: 32×32 shapes and textures that an SSL method can learn in minutes on a CPU.
-
-Ten classes told apart by structure only: brightness, contrast, tint, position, scale, rotation and noise are
-drawn independently of the class, so raw pixel statistics do not give the class away. A light shape on a dark
-ground whose levels and tint vary *less* than the views' colour jitter: a nuisance that augmentation cannot
-cover (v1 drew fully random colours) becomes the shortcut that a joint-embedding method like DINO learns
-instead of shape, and its features then lose to a random backbone (docs/dino.md).
-Every image is a pure function of (split, index), so the shards are identical on every machine run.
-"""
+"""Built-in demo data: ten classes of 32×32 shapes and textures, told apart by structure only, that an SSL method
+learns in minutes on a CPU; each image a pure function of (split, index) (docs/data.md says why)."""
 
 from __future__ import annotations
 
@@ -35,9 +28,7 @@ _SPLITS = {"train": 0, "knn_train": 1, "knn_val": 2}  # per-split seeds, so the 
 
 
 @dataclass
-class DemoData:
-    """Shard specs (brace patterns) of the demo splits."""
-
+class DemoData:  # shard specs (brace patterns) of the demo splits
     train: str  # unlabeled
     knn_train: str  # labelled (cls)
     knn_val: str  # labelled (cls)
@@ -51,7 +42,6 @@ def _rotate(points: np.ndarray, angle: float, center: np.ndarray) -> list[tuple[
 
 
 def _shape_mask(cls: str, rng: np.random.Generator) -> np.ndarray:
-    """A (S, S) bool mask of one shape at a random position, size and mild rotation."""
     img = Image.new("L", (_S, _S), 0)
     draw = ImageDraw.Draw(img)
     center = rng.uniform(0.35, 0.65, size=2) * _S
@@ -80,7 +70,6 @@ def _shape_mask(cls: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _texture_mask(cls: str, rng: np.random.Generator) -> np.ndarray:
-    """A (S, S) bool mask of a full-frame texture with random period, phase and mild rotation."""
     if cls == "dots":
         yy, xx = np.mgrid[0:_S, 0:_S]
         mask = np.zeros((_S, _S), bool)
@@ -107,8 +96,7 @@ def render(split: str, index: int) -> tuple[bytes, int]:
     label = index % len(DEMO_CLASSES)  # balanced classes; the loaders shuffle
     cls = DEMO_CLASSES[label]
     mask = _shape_mask(cls, rng) if label < 5 else _texture_mask(cls, rng)
-    # Shape level 170–255 (±20%), ground 0–85, a tint of ±10% per channel: less than DINO's brightness and
-    # contrast jitter (±40%), so two views of one image are no easier to match by colour than two images.
+    # levels and tint vary less than DINO's colour jitter, so colour never tells two images apart better than views
     fg, bg = rng.uniform(170, 255), rng.uniform(0, 85)
     tint = rng.uniform(0.9, 1.1, size=3)
     fg, bg = np.clip(fg * tint, 0, 255), np.clip(bg * tint, 0, 255)
@@ -119,21 +107,16 @@ def render(split: str, index: int) -> tuple[bytes, int]:
     return buf.getvalue(), label
 
 
-def _samples(split: str, n: int, labelled: bool) -> Iterator[dict]:
+def _samples(split: str, n: int) -> Iterator[dict]:
     for i in range(n):
         png, label = render(split, i)
-        sample = {"__key__": f"{split}_{i:06d}", "png": png}
-        if labelled:
-            sample["cls"] = str(label).encode("ascii")
-        yield sample
+        yield {"__key__": f"{split}_{i:06d}", "png": png, **({"cls": str(label).encode()} if split != "train" else {})}
 
 
 def ensure_demo_data(root: str | Path | None = None, *, n_train: int = 20_000, n_knn_train: int = 5_000,
                      n_knn_val: int = 1_000) -> DemoData:
-    """Generate the demo shards once (about 10 s) and return their specs; later calls return at once.
-
-    `root` defaults to $SSL_VIT_CACHE/demo or ~/.cache/ssl_vit/demo; each set of sizes gets its own folder.
-    """
+    """Generate the demo shards once (about 10 s) under `root` ($SSL_VIT_CACHE/demo or ~/.cache/ssl_vit/demo, a
+    folder per set of sizes) and return their specs."""
     sizes = {"train": n_train, "knn_train": n_knn_train, "knn_val": n_knn_val}
     if min(sizes.values()) < 1:
         raise ValueError(f"demo split sizes must be ≥ 1, got {sizes}")
@@ -161,8 +144,7 @@ def _generate(final: Path, sizes: dict[str, int]) -> None:
         shards = {}
         for split, n in sizes.items():
             per_shard = min(5000, math.ceil(n / 8))  # ~8 shards a split, to share among workers/ranks
-            samples = _samples(split, n, labelled=split != "train")
-            shards[split] = write_samples(samples, tmp, split, max_count=per_shard)
+            shards[split] = write_samples(_samples(split, n), tmp, split, max_count=per_shard)
         (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in DEMO_CLASSES))
         meta = {"version": _VERSION, "sizes": sizes, "shards": shards}
         (tmp / "demo.json").write_text(json.dumps(meta, indent=1) + "\n")

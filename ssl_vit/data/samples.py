@@ -1,8 +1,4 @@
-"""One WebDataset sample → (RGB image, label), or a SampleError naming why it cannot be used.
-
-Only image members (jpg/jpeg/png/webp, restricted to the JPEG/PNG/WEBP decoders) and the integer `cls` member
-are ever decoded; nothing is unpickled.
-"""
+"""One WebDataset sample → (RGB image, label), or a SampleError naming why it cannot be used; nothing unpickled."""
 
 from __future__ import annotations
 
@@ -15,7 +11,7 @@ from PIL import Image
 
 SKIP_REASONS: tuple[str, ...] = ("read_error", "no_image", "corrupt_image", "too_large", "bad_label")
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-_FORMATS = ("JPEG", "PNG", "WEBP")  # never let PIL try other (riskier) decoders, whatever the extension
+FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # never let PIL try other (riskier) decoders, whatever the extension
 
 
 class SampleError(ValueError):
@@ -28,22 +24,17 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-def decode_sample(sample: dict, max_image_pixels: int,
-                  with_label: bool = True) -> tuple[Image.Image, int | None]:
-    """(RGB image, label or None) from a raw WebDataset sample; raises SampleError(reason) if unusable.
-
-    Images above `max_image_pixels` are refused from their header, before decoding. PIL's own bomb check
-    (2 × Image.MAX_IMAGE_PIXELS) still applies on top; raise that too to admit even larger images.
-    """
+def decode_sample(sample: dict, max_image_pixels: int) -> Image.Image:
+    """The RGB image of a raw sample; SampleError(reason) if unusable. Images above `max_image_pixels` are refused
+    from their header (PIL's own bomb check still applies on top)."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None or not isinstance(sample[ext], (bytes, bytearray, memoryview)):
         raise SampleError("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
-    label = read_label(sample.get("cls")) if with_label else None
     try:
         with warnings.catch_warnings():
             # our own pixel limit below decides; PIL's warning threshold would silently override a larger one
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(sample[ext]), formats=_FORMATS)
+            img = Image.open(io.BytesIO(sample[ext]), formats=FORMATS)
             if img.width * img.height > max_image_pixels:
                 raise SampleError("too_large", f"{img.width}x{img.height} > {max_image_pixels} pixels")
             rgb = to_rgb(img)  # forces the full decode: truncated data fails here, not in a transform
@@ -53,7 +44,7 @@ def decode_sample(sample: dict, max_image_pixels: int,
         raise SampleError("too_large", str(err)) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken data
         raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
-    return rgb, label
+    return rgb
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -68,6 +59,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def read_label(data: Any) -> int | None:
+    """The integer of a `cls` member (None without one); SampleError("bad_label") if it is not one."""
     if data is None:
         return None
     try:

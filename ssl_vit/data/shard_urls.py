@@ -16,9 +16,7 @@ def resolve_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[
     """Shard URLs from a brace pattern, a directory (its `*.tar`, sorted), a `.txt` list (one entry a line,
     relative paths relative to the list file) or a sequence of these. Remote URLs pass through untouched."""
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        urls += _resolve_item(str(item), allow_pipe, base=None)
+    urls = [url for item in items for url in _resolve_item(str(item), allow_pipe, base=None)]
     if not urls:
         raise ValueError(f"no shards found in {spec!r}")
     return urls

@@ -1,8 +1,4 @@
-"""WebDataset pipelines: safe decoding with skip counting, train and eval loaders (shard lists: `shard_urls`).
-
-Only image members (jpg/jpeg/png/webp, restricted to the JPEG/PNG/WEBP decoders) and the integer `cls` member
-are ever decoded; nothing is unpickled. Bad samples are skipped and counted per reason, never fatal.
-"""
+"""WebDataset train and eval loaders: safe decoding, bad samples skipped and counted per reason (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -28,33 +24,21 @@ from ssl_vit.data.worker_signals import leave_stop_signals_to_the_main_process
 log = logging.getLogger(__name__)
 
 _MAX_FRUITLESS = 10_000  # consecutive failures without one good sample before the train stream gives up
-# What a sample torn by its shard's break lacks for that reason alone: members after the break (an image or a
-# `cls`). The members it has arrived whole (tarfile hands out no cut member), so their faults still count.
+# what a sample torn by its shard's break lacks for that reason alone; faults of the members it has still count
 _TEAR = ("read_error", "no_image")
 
 
-class _SeededShuffle:
+def _seeded_shuffle(src: Iterable[dict], bufsize: int, seed_fn: Callable[[], int]) -> Iterator[dict]:
     """wds.shuffle seeded inside the worker (a main-process rng would be copied into every worker alike)."""
-
-    def __init__(self, bufsize: int, seed_fn: Callable[[], int]) -> None:
-        self.bufsize, self.seed_fn = bufsize, seed_fn
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), seed=self.seed_fn())(src)
+    return wds.shuffle(bufsize, initial=min(bufsize, 100), seed=seed_fn())(src)
 
 
 class DecodeStage:
-    """Raw samples → {"image", "skipped"[, "label", "key"][, "jpeg"]}, holding each good sample back until the
-    next one (or the end of the stream) so that skips after a worker's last good sample are still reported.
+    """Raw samples → {"image", "skipped"[, "label", "key"][, "jpeg"]}, each held back until the next good one so
+    that skips after a worker's last good sample are still reported.
 
-    `pass_jpeg` (data.device_decode): JPEGs the device can decode leave as encoded bytes ("jpeg", with "image"
-    None) after a header check; everything else is decoded here and has "jpeg" None. Otherwise, for a
-    transform that `takes_tensors` (device augmentation's square), those JPEGs are decoded straight into a
-    tensor (`decode_on_host`: PIL's pixels, for less CPU); the rest, and any that fails there, through PIL.
-
-    `lone_skips` (finite streams): a stream without one good sample to carry its skip counts sends them at its
-    end on a sample of their own, {"image": None, "skipped", "label": -1, "key": None}, which `collate` turns
-    into a batch of no images.
+    `pass_jpeg` (data.device_decode): device-decodable JPEGs leave as bytes ("jpeg", "image" None). `lone_skips`
+    (finite streams): a stream with no good sample sends its skip counts on an image-less sample at its end.
     """
 
     def __init__(self, counter: SkipCounter, transform: Callable, max_pixels: int, with_label: bool,
@@ -64,7 +48,6 @@ class DecodeStage:
         self.to_tensor = not pass_jpeg and getattr(transform, "takes_tensors", False) and torchvision_decodes_jpeg()
 
     def convert(self, sample: dict) -> dict[str, Any]:
-        """One raw sample → its output dict (without "skipped"); raises SampleError if unusable."""
         label = read_label(sample.get("cls")) if self.with_label else None  # first: bad_label wins over the image
         if label is None and self.with_label and sample.get("__cut__"):  # its cls may have been cut off
             raise SampleError("read_error", "the shard broke off after its image")
@@ -74,7 +57,7 @@ class DecodeStage:
         else:
             img = decode_on_host(payload) if payload is not None else None
             if img is None:
-                img, _ = decode_sample(sample, self.max_pixels, with_label=False)
+                img = decode_sample(sample, self.max_pixels)
             out = {"image": self.transform(img), **({"jpeg": None} if self.pass_jpeg else {})}
         if self.with_label:
             out["label"] = -1 if label is None else label
@@ -94,14 +77,12 @@ class DecodeStage:
                     self.counter.add(err.reason)
                 continue
             if held is not None:
-                held["skipped"] = self.counter.take()
-                yield held
+                yield {**held, "skipped": self.counter.take()}
             held = out
+        if held is None and self.lone_skips and any(self.counter.pending):
+            held = {"image": None, "label": -1, "key": None}  # a lone skip-count sample
         if held is not None:
-            held["skipped"] = self.counter.take()
-            yield held
-        elif self.lone_skips and any(self.counter.pending):
-            yield {"image": None, "skipped": self.counter.take(), "label": -1, "key": None}
+            yield {**held, "skipped": self.counter.take()}
 
 
 def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
@@ -113,20 +94,15 @@ def _stream_seed(seed: int, rank: int, start_step: int, salt: int) -> int:
 
 
 def share_of_shards(urls: Sequence[str], index: int, count: int) -> list[str]:
-    """The shards that participant `index` of `count` (a rank, or a loader worker of a rank) reads.
-
-    Dealt round-robin, so participants hold disjoint shards. With fewer shards than participants, every one
-    keeps them all: a resampled stream then still differs per participant through its seed.
-    """
+    """The shards participant `index` of `count` (a rank, or a rank's loader worker) reads: dealt round-robin, or
+    all of them with fewer shards than participants (a resampled stream still differs through its seed)."""
     return list(urls[index::count]) if len(urls) >= count else list(urls)
 
 
 class _ResampledShares:
-    """Endless shard draws (with replacement) from this rank's share, then this worker's share of that.
-
-    Disjoint shards per rank and worker whenever there are enough of them; resampling keeps every rank's
-    stream endless, so all ranks run the same number of steps even when their shard counts differ.
-    """
+    """Endless shard draws (with replacement) from this worker's share of this rank's share: an endless stream
+    keeps all ranks at the same number of steps, whatever their shard counts. (A class: tests/inject_fault.py
+    wraps its `__call__`.)"""
 
     def __init__(self, urls: list[str], rank: int, world_size: int, seed_fn: Callable[[], int]) -> None:
         self.urls, self.rank, self.world_size, self.seed_fn = urls, rank, world_size, seed_fn
@@ -141,10 +117,8 @@ class _ResampledShares:
 
 
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
-    """This loader worker's shards (dealt round-robin; all of them without workers), as webdataset's dicts.
-
-    Not `wds.split_by_worker`: it trusts WORKER / NUM_WORKERS in the environment over the DataLoader, and where a
-    launcher sets them every worker would read the same shards (each sample counted several times)."""
+    """This loader worker's shards, dealt round-robin (not `wds.split_by_worker`, which trusts WORKER/NUM_WORKERS
+    from the environment over the DataLoader: docs/data.md)."""
     info = torch.utils.data.get_worker_info()
     mine = urls if info is None else urls[info.id::info.num_workers]
     return (dict(url=u) for u in mine)
@@ -152,26 +126,19 @@ def _shard_dicts(urls: list[str]) -> Iterator[dict]:
 
 def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,
                  seed: int, start_step: int = 0, with_label: bool = False) -> DataLoader:
-    """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)},
-    plus "label" (-1 if none) and "key" with `with_label` (supervised training on labelled shards).
-
-    Shards are dealt to ranks, then to loader workers (see `share_of_shards`); each worker draws from its
-    share with replacement, seeded from (seed, rank, worker, start_step), so all ranks run the same number of
-    steps whatever their shard counts. Resuming with `start_step` starts a fresh stream: statistically the same as the
-    interrupted one, not the same samples. Shard order and shuffling are reproducible for a given start_step;
-    augmentations too when num_workers > 0 (with 0 they draw from the caller's global torch RNG).
-    """
+    """Endless pretraining batches {"image": Tensor(B,3,H,W) or list of them, "skipped": LongTensor(B, n)}, plus
+    "label" (-1 if none) and "key" with `with_label`; reproducible for a given (seed, rank, start_step)."""
     urls = resolve_shards(cfg.train, cfg.allow_pipe)
     counter = SkipCounter(give_up_after=_MAX_FRUITLESS)
     shard_seed = partial(_stream_seed, seed, rank, start_step, 0)
     pipeline = wds.DataPipeline(
         _ResampledShares(urls, rank, world_size, shard_seed),
         TarSamples(counter),
-        _SeededShuffle(cfg.shuffle_buffer, partial(_stream_seed, seed, rank, start_step, 1))
+        partial(_seeded_shuffle, bufsize=cfg.shuffle_buffer, seed_fn=partial(_stream_seed, seed, rank, start_step, 1))
         if cfg.shuffle_buffer > 1 else None,
         DecodeStage(counter, views, cfg.max_image_pixels, with_label=with_label, pass_jpeg=cfg.device_decode),
     )
-    # seeds the workers' torch/numpy/random state, so augmentations are reproducible for a given start_step
+    # seeds the workers' torch/numpy/random state (augmentations); with 0 workers they use the global torch RNG
     generator = torch.Generator().manual_seed(_stream_seed(seed, rank, start_step, 2))
     return DataLoader(pipeline, batch_size=cfg.batch_size, drop_last=True,
                       collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -182,13 +149,8 @@ def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: 
 def eval_stream(shards: str | Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *,
                 batch_size: int, num_workers: int, rank: int, world_size: int, allow_pipe: bool = False,
                 max_image_pixels: int = DataConfig.max_image_pixels) -> DataLoader:
-    """One deterministic pass: {"image", "label" (-1 if none), "key": list[str], "skipped": LongTensor(B, n)}.
-
-    Shards are dealt to ranks (shard i → rank i % world_size), then to loader workers, so every sample is read
-    exactly once across all ranks and workers; ranks may get unequal numbers of batches (none with fewer
-    shards than ranks). Each worker's last partial batch is kept. Skip counts are exact: a worker whose shards
-    hold no usable sample sends its counts in a batch of no images (an empty "key" list; see `collate`).
-    """
+    """One pass, every sample read once across ranks (shard i → rank i % world_size) and workers:
+    {"image", "label" (-1 if none), "key": list[str], "skipped": LongTensor(B, n)}, exact skip counts."""
     urls = resolve_shards(shards, allow_pipe)
     counter = SkipCounter()
     pipeline = wds.DataPipeline(

@@ -1,5 +1,4 @@
-"""Shards → raw samples through webdataset's tar reading (Python's `tarfile`), one shard at a time, with every
-break of a shard counted as a read error (`SkipCounter`: the skip counts a worker's samples carry)."""
+"""Shards → raw samples through webdataset's tar reading, one shard at a time, each break counted as a read error."""
 
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
 
 
 class SkipCounter:
-    """Per-worker skip counts; each yielded sample takes the increments since the worker's previous yield, so
-    the main process sums `batch["skipped"]` to exact totals without any inter-process channel."""
+    """Per-worker skip counts; each yielded sample takes those since the previous one, so summing
+    `batch["skipped"]` gives exact totals without an inter-process channel."""
 
     def __init__(self, give_up_after: int | None = None) -> None:
         self.pending = [0] * len(SKIP_REASONS)
@@ -40,7 +39,6 @@ class SkipCounter:
                              f"good one: {counts}); the shards look unreadable")
 
     def take(self) -> list[int]:
-        # a plain list: one tensor per batch in `collate`, not one per sample (a measurable share of cheap views)
         out = self.pending
         self.pending = [0] * len(SKIP_REASONS)
         self.fruitless = 0
@@ -58,10 +56,8 @@ class SkipCounter:
 
 
 class _WatchedStream:
-    """A shard's bytes on their way to `tarfile`, which ends an archive quietly, as if it were whole, wherever a
-    header is missing or does not read. `damage` says afterwards whether tarfile asked for bytes past the end of
-    the file (the shard was cut short) or, in an uncompressed shard, left bytes other than the end's zeros
-    unread (a damaged header; one in tarfile's last 10 KB read-ahead goes unnoticed)."""
+    """A shard's bytes on their way to `tarfile`, which ends an archive quietly where a header is missing or does
+    not read: `damage` says afterwards whether it was cut short or left data unread (docs/data.md)."""
 
     def __init__(self, stream: IO[bytes], url: str) -> None:
         self.stream, self.url, self.start, self.ran_out = stream, url, b"", False
@@ -89,13 +85,9 @@ class _WatchedStream:
 
 
 class TarSamples:
-    """Shard dicts → raw samples through webdataset's `url_opener`, `tar_file_expander` (Python's `tarfile`;
-    `__x__` meta members left out) and `group_by_keys`, one shard at a time: a shard that breaks off then counts
-    as one read error, and its last sample is never merged with the next shard's first (as a shared stream would).
-
-    The last sample of a shard that broke off may be torn (a `cls` whose image was cut off, or an image whose
-    `cls` was; tarfile does not say in which member it broke off): it is marked `__cut__`, so that what it lacks
-    is not counted again (see `DecodeStage`)."""
+    """Shard dicts → raw samples (webdataset's `url_opener`, `tar_file_expander`, `group_by_keys`), one shard at a
+    time: a break is one read error, and the shard's last sample, maybe torn, is marked `__cut__` so that what
+    it lacks is not counted again (see `DecodeStage`)."""
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter

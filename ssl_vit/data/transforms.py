@@ -1,8 +1,4 @@
-"""Image views for pretraining and evaluation (torchvision.transforms.v2 on PIL images).
-
-Pretraining views end in uint8 tensors, normalised on the training device (`normalize`; docs/design.md says
-why); evaluation transforms end in normalised float tensors.
-"""
+"""Image views (torchvision v2 on PIL): pretraining views end in uint8 (normalised on the device), eval in float."""
 
 from __future__ import annotations
 
@@ -22,35 +18,25 @@ BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ in pixels of th
 
 
 def blur_kernel(size: int) -> int:
-    """Gaussian kernel side for a crop of `size`: ±3σ at the largest σ (PIL's blur has no kernel size), kept odd
-    and within the crop."""
+    """Gaussian kernel side for a crop of `size`: ±3σ at the largest σ, odd and within the crop."""
     kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
     return min(kernel, size if size % 2 else size - 1)
 
 
 @functools.lru_cache(maxsize=64)
 def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`torch.tensor(values)` on `device`, made once per (values, device, dtype): building it per call would be a
-    blocking host-to-device copy inside every training step. Read-only: never modify the result in place."""
+    """`torch.tensor(values)` on `device`, cached: no blocking host-to-device copy per step. Read-only."""
     return torch.tensor(values, device=device, dtype=dtype)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (…, 3, H, W) → float32 with the ImageNet normalisation; floating images are taken as
-    already normalised and returned unchanged. Runs in fp32 whatever autocast says."""
+    """uint8 images (…, 3, H, W) → ImageNet-normalised float32; floating images are returned unchanged."""
     if images.is_floating_point():
         return images
     mean = device_constant(tuple(255 * m for m in IMAGENET_MEAN), images.device).view(3, 1, 1)
     std = device_constant(tuple(255 * s for s in IMAGENET_STD), images.device).view(3, 1, 1)
-    # The model is faster on contiguous (B, C, H, W); the conversion to float is a full pass over the batch anyway,
-    # so it also lays out any strided input (device augmentation's crops) for free.
+    # contiguous for the model: the float conversion is a full pass anyway, so it lays out strided crops for free
     return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
-
-
-def _to_normalized_tensor() -> list[v2.Transform]:
-    # ToPureTensor: callers (collate, models) get a plain Tensor, not a tv_tensors.Image subclass
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            v2.ToPureTensor()]
 
 
 def crop_flip(img_size: int, scale: tuple[float, float]) -> Callable[[Image.Image], torch.Tensor]:
@@ -70,7 +56,8 @@ def eval_transform(img_size: int, crop_ratio: float = 0.875) -> Callable[[Image.
     return v2.Compose([
         v2.Resize(round(img_size / crop_ratio), interpolation=_BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
-        *_to_normalized_tensor(),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),  # a plain Tensor, not a tv_tensors.Image subclass
     ])
 
 

@@ -16,20 +16,17 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ssl_vit.data.samples import to_rgb
+from ssl_vit.data.samples import FORMATS, to_rgb
 
 log = logging.getLogger(__name__)
 
 _EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # stored member extension
-_FORMATS = ("JPEG", "PNG", "WEBP")
 # webdataset's `tar_file_iterator` (skip_meta): members named like this are metadata, never read as samples
 _META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass
 class ShardSummary:
-    """What `write_shards` wrote."""
-
     n_samples: int
     n_shards: int
     n_skipped: int  # unreadable source files, left out
@@ -44,10 +41,8 @@ def shard_pattern(out: str | Path, prefix: str, n_shards: int) -> str:
 
 def write_samples(samples: Iterable[dict], out: str | Path, prefix: str = "train", max_count: int = 10_000,
                   max_size: int = 1 << 30) -> int:
-    """Write {"__key__": str, ext: bytes, ...} samples to out/{prefix}-%06d.tar; returns the number of shards.
-
-    Tar headers carry a fixed mtime, so the same samples give byte-identical shards.
-    """
+    """Write {"__key__": str, ext: bytes, ...} samples to out/{prefix}-%06d.tar (byte-identical for the same
+    samples); returns the number of shards."""
     out = Path(out)
     if not prefix or "/" in prefix or "%" in prefix:
         raise ValueError(f"shard prefix must be a plain name without '/' or '%', got {prefix!r}")
@@ -74,10 +69,7 @@ def write_samples(samples: Iterable[dict], out: str | Path, prefix: str = "train
 
 
 def _find_images(src: Path) -> list[Path]:
-    """Images under src (following symlinked folders, skipping hidden entries), sorted by relative path.
-
-    A folder reached again below itself (a symlink loop) is not entered; one reached by two separate routes (two
-    class folders linking to one place) is read under both, as the tree shows it."""
+    """Images under src, sorted by relative path: symlinked folders followed (loops not), hidden entries skipped."""
     found = []
     above = {str(src): {os.path.realpath(src)}}  # per folder: the real paths of it and of the folders above it
     for root, dirs, files in os.walk(src, followlinks=True):
@@ -94,9 +86,8 @@ def _find_images(src: Path) -> list[Path]:
 
 
 def _make_key(rel: Path, used: set[str]) -> str:
-    """A unique sample key from a relative path: no dots (webdataset splits key and extension at the first dot
-    of the basename), hence no '..' either; and no first folder named like `__x__`, which webdataset's readers
-    take for metadata and drop: `__background__/a` becomes `_background__/a`."""
+    """A unique sample key from a relative path, without dots (webdataset splits at the first) and without a first
+    folder named like `__x__` (read as metadata): `__background__/a` becomes `_background__/a`."""
     parts = [part.replace(".", "_") for part in rel.with_suffix("").parts]
     while _META.match("/".join(parts)):
         parts[0] = parts[0][1:]
@@ -113,7 +104,7 @@ def _encode(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, str]:
     """Check that `data` decodes (raises if not); downsize so the short side is max_side when it is larger."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the reader applies its own limit
-        img = Image.open(io.BytesIO(data), formats=_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = img.size
         if max_side is None or min(w, h) <= max_side:
             img.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
@@ -135,14 +126,9 @@ def _encode(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, str]:
 def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max_count: int = 10_000,
                  max_size: int = 1 << 30, max_side: int | None = None, shuffle: bool = True, seed: int = 0,
                  progress: bool = True) -> ShardSummary:
-    """Pack every jpg/jpeg/png/webp under `src` into shards in `out`.
-
-    When every image sits in a first-level sub-folder, the sorted folder names are the classes: each sample
-    gets a `cls` member and out/classes.txt lists the names. Original bytes are stored untouched unless
-    `max_side` asks for downsizing. Unreadable files are skipped, logged and counted. With `shuffle` (default)
-    the files are written in an order shuffled by `seed`, so every shard mixes classes and folders: a stream's
-    shuffle buffer only mixes the few shards a worker has open.
-    """
+    """Pack every jpg/jpeg/png/webp under `src` into shards in `out` (docs/data.md): labelled by first-level
+    sub-folder when every image sits in one, original bytes unless `max_side` downsizes, unreadable files
+    skipped and counted, written in an order shuffled by `seed` so that every shard mixes classes."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder not found: {src}")
@@ -154,11 +140,16 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     if shuffle:
         random.Random(seed).shuffle(files)  # same folder + seed → same shards
     rels = [f.relative_to(src) for f in files]
-    labelled = all(len(r.parts) > 1 for r in rels)
-    _warn_of_top_level_images(src, rels)
-    classes = sorted({r.parts[0] for r in rels}) if labelled else None
-    if classes is not None:
-        _check_classes_file(out / "classes.txt", classes)
+    stray = sorted(r.as_posix() for r in rels if len(r.parts) == 1)
+    if stray and len(stray) < len(rels):  # one stray image makes the whole folder unlabeled: say why
+        log.warning("%d of %d images sit at the top of %s (e.g. %s), not in a class sub-folder: writing all "
+                    "unlabeled; move or remove them to keep the sub-folder names as classes",
+                    len(stray), len(rels), src, stray[0])
+    classes = None if stray else sorted({r.parts[0] for r in rels})
+    classes_file = out / "classes.txt"  # splits may share a folder, but only with one class list
+    if classes is not None and classes_file.is_file() and classes_file.read_text().splitlines() != classes:
+        raise ValueError(f"{classes_file} already lists other classes than the {len(classes)} sub-folders of this "
+                         "source; write to another directory")
     skipped = 0
 
     def samples() -> Iterator[dict]:
@@ -186,22 +177,5 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     if n_samples == 0:
         raise ValueError(f"none of the {len(files)} images under {src} could be read")
     if classes is not None:
-        (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+        classes_file.write_text("".join(f"{c}\n" for c in classes))
     return ShardSummary(n_samples, n_shards, skipped, classes, shard_pattern(out, prefix, n_shards))
-
-
-def _warn_of_top_level_images(src: Path, rels: list[Path]) -> None:
-    """Say why a folder of class folders comes out unlabeled: one stray image beside them is enough (a folder
-    is labelled only when every image sits in a sub-folder), and the summary alone says only "unlabeled"."""
-    stray = sorted(r.as_posix() for r in rels if len(r.parts) == 1)
-    if stray and len(stray) < len(rels):
-        log.warning("%d of %d images sit at the top of %s (e.g. %s), not in a class sub-folder: writing all "
-                    "unlabeled; move or remove them to keep the sub-folder names as classes",
-                    len(stray), len(rels), src, stray[0])
-
-
-def _check_classes_file(path: Path, classes: list[str]) -> None:
-    """Shards of several splits may share a folder, but only with one class list (labels are indices)."""
-    if path.is_file() and path.read_text().splitlines() != classes:
-        raise ValueError(f"{path} already lists other classes than the {len(classes)} sub-folders of this "
-                         "source; write to another directory")

@@ -1,19 +1,5 @@
-"""Device-side augmentation: the CPU decodes and does one cheap resize, the accelerator does the rest, batched.
-
-    cpu:    image → resize short side to S, centre-crop S×S → uint8 (3, S, S)          (`cheap_view`)
-    device: uint8 (B, 3, S, S) → per view: random resized crop (roi_align), flip, colour jitter, grayscale,
-            Gaussian blur, solarize, normalise → float (B, 3, s, s)                   (`DeviceAugment`)
-
-Every random parameter is drawn per sample, so the probabilities match the PIL pipeline's per view. Views that
-share a size and crop scale (DINO's 10 locals; its 2 globals, which differ only in probabilities) are drawn and
-augmented as one group of k·B rows, and an effect no view of a group applies is neither drawn nor computed: on a
-GPU every op is a kernel launch whose host cost (~5–10 µs), not its work, bounds the step of a small model.
-
-Differences from torchvision's PIL transforms, on purpose: crops come from the S×S centre square (the borders of
-non-square images are never seen, and small crops are upsampled from S px rather than the full-resolution
-original); colour jitter runs in a fixed order (brightness, contrast, saturation, hue) and hue is a rotation in
-YIQ space.
-"""
+"""Device-side augmentation (`data.device_aug`): the CPU decodes and makes one cheap square (`CheapView`), the
+device crops, flips, jitters, blurs, solarizes and normalises it per view, batched (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -48,9 +34,7 @@ class CheapView:
     """CPU part: resize the short side to `size` (bilinear), centre-crop → uint8 (3, size, size). Takes a PIL
     image or a uint8 (3, H, W) tensor, and runs where that tensor is (device decode)."""
 
-    # The loader decodes JPEGs for this view straight into tensors (`device_decode.decode_on_host`): same pixels,
-    # without PIL's 4-byte-a-pixel storage and its two copies out of it.
-    takes_tensors = True
+    takes_tensors = True  # the loader may decode JPEGs straight into tensors for it (`decode_on_host`)
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -62,9 +46,7 @@ class CheapView:
         return v2.functional.center_crop(resized, [self.size, self.size])
 
 
-def cheap_view(size: int) -> CheapView:
-    """The device-augmentation CPU view for squares of side `size` (see `CheapView`)."""
-    return CheapView(size)
+cheap_view = CheapView  # the name the methods' transforms use
 
 
 @dataclass(frozen=True)
@@ -82,8 +64,7 @@ class ViewSpec:
 
 @dataclass
 class ViewParams:
-    """Per-sample random parameters of N rows: one view of a batch of N images, or a group of views (`augment_view`).
-    An effect that no row can get (probability 0) is None: it is neither drawn nor computed."""
+    """Per-sample random parameters of N rows (one view, or a group of views); None: an effect no row gets."""
 
     boxes: Tensor  # (N, 4) crop x0, y0, x1, y1 as fractions of the source side
     flip: Tensor | None  # (N,) bool
@@ -99,7 +80,6 @@ def _bernoulli(probs: Sequence[float], n: int, device: torch.device, gen: torch.
     if not any(probs):
         return None
     u = torch.rand(len(probs), n, device=device, generator=gen)
-    # the (k, 1) probabilities are a cached device constant: no host-to-device copy per call
     p = probs[0] if len(set(probs)) == 1 else device_constant(tuple(probs), device)[:, None]
     return (u < p).view(-1)
 
@@ -126,8 +106,7 @@ def sample_crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, fl
 
 def sample_group_params(specs: Sequence[ViewSpec], n: int, device: torch.device | None = None,
                         generator: torch.Generator | None = None) -> ViewParams:
-    """Draw every random choice of k views that share a crop scale for `n` images each, at once: k·n rows, view i
-    in rows i·n … (i+1)·n, each with its own view's probabilities."""
+    """Every random choice of k views sharing a crop scale for `n` images each: k·n rows, view i in rows i·n …"""
     if len({tuple(s.scale) for s in specs}) != 1:
         raise ValueError(f"a group of views shares one crop scale, got {[s.scale for s in specs]}")
     device = device or torch.device("cpu")
@@ -153,12 +132,6 @@ def sample_group_params(specs: Sequence[ViewSpec], n: int, device: torch.device 
         blur_sigma=blur_sigma,
         solarize=_bernoulli([s.solarize_prob for s in specs], n, device, generator),
     )
-
-
-def sample_view_params(spec: ViewSpec, n: int, device: torch.device | None = None,
-                       generator: torch.Generator | None = None) -> ViewParams:
-    """Draw every random choice of `spec` for `n` images at once."""
-    return sample_group_params([spec], n, device, generator)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -200,13 +173,8 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     return y.reshape(n, c, h, w)
 
 
-def _per_row(mask: Tensor) -> Tensor:
-    return mask[:, None, None, None]  # (N,) → (N, 1, 1, 1), broadcast over an image batch
-
-
 def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
-    """src float (B, 3, S, S) in [0, 1] → augmented, normalised (N, 3, size, size) for the N rows of `params`:
-    N = k·B for a group of k views, row r cropped from source image r mod B."""
+    """src float (B, 3, S, S) in [0, 1] → normalised (N, 3, size, size); row r is cropped from image r mod B."""
     b, side = src.shape[0], src.shape[-1]
     n = params.boxes.shape[0]
     if n % b:
@@ -215,19 +183,18 @@ def augment_view(src: Tensor, params: ViewParams, size: int) -> Tensor:
     rois = torch.cat([idx, params.boxes.to(src.dtype) * side], dim=1)  # (N, 5) in pixels
     # sampling_ratio=-1: more samples per output pixel for bigger boxes, an area average (anti-aliasing)
     x = roi_align(src, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    # Each effect runs on every row and `where` keeps it per sample: no data-dependent shapes, hence no host-device
-    # sync inside the training step. An effect no row gets is None and skipped (a host-side check, compile-safe).
+    # every effect runs on every row and `where` keeps it per sample: no data-dependent shapes, no host sync
     if params.flip is not None:
-        x = torch.where(_per_row(params.flip), x.flip(-1), x)
+        x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
     if params.jittered is not None and params.jitter is not None:
-        x = torch.where(_per_row(params.jittered), colour_jitter(x, params.jitter.to(x.dtype)), x)
+        x = torch.where(params.jittered[:, None, None, None], colour_jitter(x, params.jitter.to(x.dtype)), x)
     if params.gray is not None:
-        x = torch.where(_per_row(params.gray), _gray(x).expand_as(x), x)
+        x = torch.where(params.gray[:, None, None, None], _gray(x).expand_as(x), x)
     if params.blur_sigma is not None:
         blurred = gaussian_blur(x, params.blur_sigma.clamp_min(BLUR_SIGMA[0]), blur_kernel(size))
-        x = torch.where(_per_row(params.blur_sigma > 0), blurred, x)
+        x = torch.where((params.blur_sigma > 0)[:, None, None, None], blurred, x)
     if params.solarize is not None:
-        x = torch.where(_per_row(params.solarize) & (x >= 128 / 255), 1 - x, x)
+        x = torch.where(params.solarize[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
     mean = device_constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
     std = device_constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -240,9 +207,7 @@ class DeviceAugment:
         if not specs:
             raise ValueError("DeviceAugment needs at least one view")
         self.specs = list(specs)
-        # Views of one size and crop scale form a group, drawn and augmented as one batch of k·B rows. Its effects
-        # run on all k·B rows if any of its views has them (DINO's 2nd global view alone solarizes): cheap
-        # elementwise work on the device against a whole second chain of launches from the host.
+        # views of one size and crop scale are augmented as one batch of k·B rows: fewer kernel launches
         groups: dict[tuple[int, tuple[float, ...]], list[int]] = {}
         for i, spec in enumerate(self.specs):
             groups.setdefault((spec.size, tuple(spec.scale)), []).append(i)
@@ -252,7 +217,6 @@ class DeviceAugment:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"device augmentation takes uint8 (B, 3, S, S) images, got {images.dtype} "
                              f"{tuple(images.shape)}")
-        # Outside autocast: crops and colour maths in fp32, whatever precision the model then runs in.
         with torch.autocast(images.device.type, enabled=False):
             src = images.to(torch.float32, memory_format=torch.contiguous_format) / 255  # see transforms.normalize
             b = src.shape[0]

@@ -1,17 +1,5 @@
-"""JPEG decode on the training device (`data.device_decode`): nvJPEG on CUDA, libjpeg-turbo on CPU.
-
-    worker: JPEG sample → header check only (format, mode, size) → the encoded bytes        (`jpeg_payload`)
-            a batch's payloads → one flat uint8 tensor + sizes: one shared-memory block to hand over, not
-            one per image                                                                  (`pack_payloads`)
-    device: encoded bytes → `torchvision.io.decode_jpeg(batch, device=...)` → resize short side to S,
-            centre-crop → uint8 (B, 3, S, S), the same squares `cheap_view` makes on the CPU   (`DeviceDecoder`)
-
-Only with `data.device_aug`, whose loader output is exactly that square. Anything the device decoder may not
-take (PNG, WebP, CMYK or 16-bit JPEG, a header PIL cannot read) is decoded by the worker as usual, so skip
-reasons stay the same. A JPEG whose header parses but whose data is broken fails on the device: it is counted
-as `corrupt_image` and its row refilled with a copy of another image of the batch, so that batches keep one
-shape (compiled graphs, DDP).
-"""
+"""JPEG decode on the training device (`data.device_decode`, with `data.device_aug`): workers check headers and
+ship the bytes packed in one tensor, the device decodes them (nvJPEG on CUDA) into `CheapView`'s squares."""
 
 from __future__ import annotations
 
@@ -41,17 +29,13 @@ _CORRUPT = SKIP_REASONS.index("corrupt_image")
 
 
 def torchvision_decodes_jpeg() -> bool:
-    """Whether this torchvision still has `decode_jpeg`. Without it the loader decodes through PIL (the same
-    pixels, at more CPU), and `data.device_decode` is refused when the config is checked."""
+    """Whether this torchvision still has `decode_jpeg` (else PIL decodes, and `data.device_decode` is refused)."""
     return decode_jpeg is not None
 
 
 def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
-    """The encoded bytes of `sample`'s JPEG when the device can decode it, else None.
-
-    Reads the header only (a few hundred bytes): the format, colour mode and size are checked here so that the
-    CPU path keeps handling, and counting, everything unusual.
-    """
+    """The bytes of `sample`'s JPEG when its header says the device can decode it, else None: the CPU path keeps
+    handling, and counting, everything unusual."""
     ext = next((e for e in _JPEG_EXTS if e in sample), None)
     if ext is None or any(e in sample for e in ("png", "webp")):
         return None
@@ -70,24 +54,24 @@ def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
 
 
 def decode_on_host(payload: bytes) -> Tensor | None:
-    """A `jpeg_payload` decoded in this process by libjpeg-turbo through torchvision: uint8 (3, H, W), None if
-    it fails or this torchvision has no `decode_jpeg` (the caller then lets the PIL path decide, and count,
-    what is wrong).
-
-    The pixels are PIL's exactly (the same library and settings), at about 75% of PIL's cost into a tensor,
-    which stores RGB as 4 bytes a pixel and copies the image twice on its way out (docs/benchmarks.md).
-    """
+    """A `jpeg_payload` decoded here by torchvision (PIL's pixels, less CPU): uint8 (3, H, W), or None (the PIL
+    path then decides, and counts, what is wrong)."""
     if decode_jpeg is None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only bytes: decode_jpeg only reads
-        # torchvision ≥ 0.29 warns on every call that its codecs move to TorchCodec: known, and handled above
-        warnings.simplefilter("ignore", DeprecationWarning)
         data = torch.frombuffer(payload, dtype=torch.uint8)
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return None
+    try:
+        return _decode_jpeg(data, torch.device("cpu"))
+    except RuntimeError:
+        return None
+
+
+def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Any:
+    with warnings.catch_warnings():
+        # torchvision ≥ 0.29 warns on every call that its codecs move to TorchCodec: known, see the import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
@@ -104,18 +88,11 @@ def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
     return [next(parts) if n > 0 else None for n in counts]
 
 
-def _out_of_memory(err: RuntimeError) -> bool:
-    return "out of memory" in str(err).lower()
-
-
 class DeviceDecoder:
-    """Completes a loader batch of `data.device_decode`, still on the host (decode_jpeg reads its input from host
-    memory): decodes the JPEG payloads on `device` and returns the batch with one uint8 (B, 3, size, size)
-    "image" tensor on `device`. Returns None when no image of the batch decodes; that batch's skip counts
-    then ride on the next one. Needs `decode_jpeg`: `load_config` refuses data.device_decode without it."""
+    """A host-side loader batch of `data.device_decode` → the batch with one uint8 (B, 3, size, size) "image" on
+    `device`; None when no image decodes (its skip counts then ride on the next batch)."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        # the very transform the CPU path applies to PIL images; on a (3, H, W) tensor it runs where the tensor is
         self.size, self.device, self.square = size, device, cheap_view(size)
         self._carry: Tensor | None = None  # skip counts of a batch returned as None
 
@@ -123,24 +100,20 @@ class DeviceDecoder:
         if not payloads:
             return []
         if self.device.type == "cuda":
-            # nvJPEG writes its outputs from a stream of its own without waiting for ours, into memory the caching
-            # allocator may just have recycled (last step's gradients) while queued kernels still read it.
+            # nvJPEG writes from a stream of its own without waiting for ours, into memory the caching allocator
+            # may just have recycled while queued kernels still read it
             torch.cuda.current_stream(self.device).synchronize()
-        try:  # one batched call: nvJPEG decodes the whole list at once on CUDA
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # see decode_on_host
-                return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device))
+        try:  # one batched call (nvJPEG decodes the whole list at once), else one by one to find the broken ones
+            return list(_decode_jpeg(payloads, self.device))
         except RuntimeError as err:
-            if _out_of_memory(err):
+            if "out of memory" in str(err).lower():
                 raise
         decoded: list[Tensor | None] = []
-        for data in payloads:  # find the broken one(s)
+        for data in payloads:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                decoded.append(_decode_jpeg(data, self.device))
             except RuntimeError as err:
-                if _out_of_memory(err):
+                if "out of memory" in str(err).lower():
                     raise
                 log.warning("a JPEG failed to decode on %s; counted as corrupt_image: %s", self.device, err)
                 decoded.append(None)
@@ -164,12 +137,10 @@ class DeviceDecoder:
         # a failed row takes a copy of a good one (cycling through them): the batch keeps its shape
         refill = iter(keep * len(images))
         rows = [i if images[i] is not None else next(refill) for i in range(len(images))]
-        squares = {i: (self.square(images[i]) if payloads[i] is not None else images[i]).to(self.device,
-                                                                                             non_blocking=True)
-                   for i in keep}
+        squares = {i: images[i] if payloads[i] is None else self.square(images[i]) for i in keep}
+        image = torch.stack([squares[i].to(self.device, non_blocking=True) for i in rows])
         # "refilled": rows that are copies, not images of their own (the monitor does not count them as images)
-        out = {**batch, "skipped": skipped, "image": torch.stack([squares[i] for i in rows]),
-               "refilled": len(images) - len(keep)}
+        out = {**batch, "skipped": skipped, "image": image, "refilled": len(images) - len(keep)}
         for key in ("label", "key"):
             if key in batch:
                 out[key] = batch[key][rows] if isinstance(batch[key], Tensor) else [batch[key][i] for i in rows]
@@ -177,7 +148,6 @@ class DeviceDecoder:
 
 
 def decoded_batches(stream: Iterable[dict[str, Any]], size: int, device: torch.device) -> Iterator[dict[str, Any]]:
-    """A `data.device_decode` loader stream with its JPEGs decoded on `device`, batches of which nothing decoded
-    left out (their skip counts ride on the next)."""
+    """A `data.device_decode` loader stream with its JPEGs decoded on `device` (see `DeviceDecoder`)."""
     decoder = DeviceDecoder(size, device)
     return (batch for batch in map(decoder, stream) if batch is not None)
