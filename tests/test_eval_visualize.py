@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 from ssl_vit.cli.main import main
 from ssl_vit.config.pretrain import dump_config, load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.eval.attention import attention_maps, attention_rollout, mass_mask
-from ssl_vit.eval.visualize import attention_figure, reconstruction_figure
+from ssl_vit.eval.visualize import attention_figure, attention_maps, attention_rollout, mass_mask, reconstruction_figure
 from ssl_vit.methods import build_objective
 from ssl_vit.models.backbone import build_backbone
 from ssl_vit.training.checkpoint import COMPLETE, export_backbone
@@ -44,7 +43,7 @@ def test_recomputed_attention_reproduces_the_fused_block_output():
         assert a.shape == (2, 3, n, n) and torch.allclose(a.sum(-1), torch.ones(2, 3, n))
         out = attn.proj((a @ v).transpose(1, 2).reshape(b, n, c))  # what SDPA computed, with our weights
         assert torch.allclose(out, fused_out, atol=1e-5)
-    assert [m.shape for m in attention_maps(vit, x, layers=[-1])] == [maps[-1].shape]
+    assert len(maps) == len(vit.blocks)
 
 
 def naive_rollout(maps):

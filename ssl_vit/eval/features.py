@@ -1,15 +1,12 @@
-"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample read.
-
-A feature is the cls token or the mean patch token (after the final norm) of each of the last N blocks,
-concatenated, optionally followed by the mean patch token of the last block (DINO's linear-probe features).
-"""
+"""Features of a frozen backbone over labelled shards, gathered from every rank, one row per sample read
+(docs/evaluation.md#features)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,7 +66,7 @@ class Features:
 
 
 def describe_skipped(skipped: dict[str, int]) -> str:
-    """The counts for a one-line summary: `none skipped` or `5 skipped (corrupt_image 5)`."""
+    """`none skipped` or `5 skipped (corrupt_image 5)`."""
     total = sum(skipped.values())
     if not total:
         return "none skipped"
@@ -77,8 +74,7 @@ def describe_skipped(skipped: dict[str, int]) -> str:
 
 
 def distinct_shards(shards: str | Sequence[str], allow_pipe: bool = False) -> str | Sequence[str]:
-    """`shards` with every shard once. A shard named twice (a folder and a pattern that both hold it) would
-    otherwise be read twice, on one rank or on two, and its samples counted twice."""
+    """`shards` with every shard once: one named twice (a folder and a pattern) would be counted twice."""
     urls = resolve_shards(shards, allow_pipe)
     seen, unique = set(), []
     for url in urls:
@@ -107,54 +103,54 @@ def image_features(vit: VisionTransformer, images: Tensor, spec: FeatureSpec) ->
     parts = [prefix[:, 0] if spec.pool == "cls" else patches.mean(dim=1) for patches, prefix in split]
     if spec.avgpool:
         parts.append(split[-1][0].mean(dim=1))
-    post_norm = _pooled_norm(vit)
-    return torch.cat([post_norm(p) for p in parts] if post_norm is not None else parts, dim=1)
-
-
-def _pooled_norm(vit: VisionTransformer) -> torch.nn.Module | None:
-    """The final norm of a model that applies it after pooling, else None. timm's global_pool="avg" ViTs (a
-    fine-tune export with model.pool avg, timm's *_gap models) have `norm` = Identity and `fc_norm` instead:
-    without this their features would be un-normed tokens."""
+    # global_pool="avg" ViTs (fine-tune exports with pool avg, timm's *_gap) norm after pooling, in fc_norm
     if isinstance(vit.norm, torch.nn.Identity) and not isinstance(vit.fc_norm, torch.nn.Identity):
-        return vit.fc_norm
-    return None
+        parts = [vit.fc_norm(p) for p in parts]
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
-def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accelerator: Accelerator, *,
-                     spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,  # noqa: B008 (frozen)
-                     crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
-                     cache_dir: str | Path | None = None) -> Features:
-    """Every rank encodes its share of the shards; all ranks get the full, key-sorted result, with the counts of
-    unusable samples (by reason) summed over the ranks. A shard listed twice is read once. With `cache_dir`,
-    the result is stored there and loaded by a later call with the same inputs (`feature_cache`).
-    """
-    path = None
-    if cache_dir is not None:
-        path = cache_path(cache_dir, vit, shards, asdict(spec), crop_ratio, accelerator.mixed_precision, allow_pipe)
-        # a hit only if every rank sees the file (a cache dir that is not shared across nodes): all ranks take
-        # the same branch, so none waits in a collective the others skip
-        if all(gather_object([path.is_file()])):
-            feats, labels, keys, skipped = load_cached(path)
-            return Features(feats, labels, keys, {**no_skips(), **skipped})
-    vit = vit.to(accelerator.device).eval()
-    transform = eval_transform(vit.patch_embed.img_size[0], crop_ratio)
-    loader = eval_stream(distinct_shards(shards, allow_pipe), transform, batch_size=batch_size,
-                         num_workers=num_workers, rank=accelerator.process_index,
+def encode_shards(fn: Callable[[Tensor], Tensor], dim: int, shards: str | Sequence[str], accelerator: Accelerator,
+                  *, img_size: int, batch_size: int, num_workers: int, crop_ratio: float, allow_pipe: bool,
+                  desc: str | None = None) -> Features:
+    """`fn` of every image of the shards (each read once, ranks reading their share) as (N, dim) rows, gathered
+    and key-sorted on every rank (`gather_by_key`); a progress bar on the main process when given `desc`."""
+    loader = eval_stream(distinct_shards(shards, allow_pipe), eval_transform(img_size, crop_ratio),
+                         batch_size=batch_size, num_workers=num_workers, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, allow_pipe=allow_pipe)
-    feats, labels, keys = [], [], []
+    rows, labels, keys = [], [], []
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, unit="batch"):
+    for batch in tqdm(loader, desc=desc, disable=desc is None or not accelerator.is_main_process, unit="batch"):
         skipped += batch["skipped"].sum(dim=0)
         if not batch["key"]:  # skip counts only, of a loader worker that found no usable sample
             continue
         with accelerator.autocast():
-            feats.append(image_features(vit, batch["image"].to(accelerator.device, non_blocking=True), spec).float())
+            rows.append(fn(batch["image"].to(accelerator.device, non_blocking=True)).float())
         labels.append(batch["label"].to(accelerator.device))
         keys += list(batch["key"])
-    local_f = torch.cat(feats) if feats else torch.zeros(0, spec.dim(vit.embed_dim), device=accelerator.device)
+    local_r = torch.cat(rows) if rows else torch.zeros(0, dim, device=accelerator.device)
     local_l = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    result = gather_by_key(accelerator, local_f, local_l, keys, skipped)
+    return gather_by_key(accelerator, local_r, local_l, keys, skipped)
+
+
+def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accelerator: Accelerator, *,
+                     spec: FeatureSpec = FeatureSpec(), batch_size: int = 256, num_workers: int = 4,  # noqa: B008 (frozen)
+                     crop_ratio: float = 0.875, allow_pipe: bool = False, desc: str = "features",
+                     cache_dir: str | Path | None = None) -> Features:
+    """`encode_shards` of `image_features`, skips summed over ranks; with `cache_dir` stored there and loaded by a
+    later call with the same inputs (`feature_cache`)."""
+    path = None
+    if cache_dir is not None:
+        path = cache_path(cache_dir, vit, shards, asdict(spec), crop_ratio, accelerator.mixed_precision, allow_pipe)
+        # a hit only if every rank sees the file (a cache dir not shared across nodes): all ranks take the same
+        # branch, so none waits in a collective the others skip
+        if all(gather_object([path.is_file()])):
+            feats, labels, keys, skipped = load_cached(path)
+            return Features(feats, labels, keys, {**no_skips(), **skipped})
+    vit = vit.to(accelerator.device).eval()
+    result = encode_shards(lambda images: image_features(vit, images, spec), spec.dim(vit.embed_dim), shards,
+                           accelerator, img_size=vit.patch_embed.img_size[0], batch_size=batch_size,
+                           num_workers=num_workers, crop_ratio=crop_ratio, allow_pipe=allow_pipe, desc=desc)
     if accelerator.is_main_process and sum(result.skipped.values()):
         log.warning("%s: %s of %d samples", desc, describe_skipped(result.skipped),
                     len(result.keys) + sum(result.skipped.values()))
@@ -166,21 +162,28 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
 
 
 def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: list[str],
-                  skipped: Tensor | None = None) -> Features:
-    """Rows of every rank on every rank, sorted by key, and the (n_reasons,) `skipped` counts of every rank
-    summed (a collective: all ranks call). Every row is kept; rows sharing a key (two samples of different
-    shards) are ordered by label, then by their leading values, whatever the number of ranks or workers."""
-    all_r, all_l, all_k = _gather(accelerator, rows, labels, keys)
+                  skipped: Tensor) -> Features:
+    """Rows of every rank on every rank, sorted by key, `skipped` counts summed (a collective: all ranks call).
+    Rows sharing a key (samples of different shards) are ordered by label, then by their leading values."""
+    all_r, all_l, all_k = rows, labels, keys
+    if accelerator.num_processes > 1:
+        # Ranks hold different counts: pad to the longest, gather, then cut each rank's padding away.
+        counts = accelerator.gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
+        longest = max(counts)
+        keep = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)]).to(rows.device)
+        all_r = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))[keep]
+        all_l = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))[keep]
+        all_k = gather_object(keys)
     repeated = {k for k, n in Counter(all_k).items() if n > 1}
     if repeated:
-        # Numeric and only the first values (one small transfer, not N × D Python floats): rows of one image
-        # computed on another rank differ in the last bits at most, and two images almost never tie on these.
+        # Numeric and only the first values (one small transfer): rows of one image computed on another rank
+        # differ in the last bits at most, and two images almost never tie on these.
         tie = list(zip(all_l.tolist(), all_r[:, :_TIE_VALUES].float().cpu().tolist(), strict=True))
         order = sorted(range(len(all_k)), key=lambda i: (all_k[i], tie[i] if all_k[i] in repeated else ()))
     else:
         order = sorted(range(len(all_k)), key=all_k.__getitem__)
-    totals = no_skips() if skipped is None else skip_totals(accelerator, skipped)
-    return Features(all_r[order].cpu(), all_l[order].cpu(), [all_k[i] for i in order], totals)
+    return Features(all_r[order].cpu(), all_l[order].cpu(), [all_k[i] for i in order],
+                    skip_totals(accelerator, skipped))
 
 
 def skip_totals(accelerator: Accelerator, skipped: Tensor) -> dict[str, int]:
@@ -188,17 +191,3 @@ def skip_totals(accelerator: Accelerator, skipped: Tensor) -> dict[str, int]:
     local = skipped.to(device=accelerator.device, dtype=torch.long).reshape(1, len(SKIP_REASONS))
     total = accelerator.gather(local).sum(dim=0) if accelerator.num_processes > 1 else local[0]
     return dict(zip(SKIP_REASONS, total.tolist(), strict=True))
-
-
-def _gather(accelerator: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) -> tuple[Tensor, Tensor,
-                                                                                             list[str]]:
-    if accelerator.num_processes == 1:
-        return feats, labels, keys
-    # Ranks hold different counts: pad to the longest, gather, then cut each rank's padding away.
-    counts = accelerator.gather(torch.tensor([feats.shape[0]], device=accelerator.device)).tolist()
-    padded_f = accelerator.gather(accelerator.pad_across_processes(feats, dim=0))
-    padded_l = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))
-    longest = max(counts)
-    keep = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)]).to(feats.device)
-    all_keys = gather_object(keys)
-    return padded_f[keep], padded_l[keep], all_keys

@@ -1,12 +1,5 @@
-"""Full fine-tuning of an exported backbone with a new classifier, MAE-style, through the one training loop.
-
-    objective = methods/classify: timm ViT + head (pool avg: fresh fc_norm), mixup/cutmix, layer-decay groups
-    data      = labelled resampled shards → timm's training transform (RandAugment, random erasing)
-    schedule  = warmup_cosine(step) × each group's lr_scale, over epochs × steps per epoch
-    every epoch: top-1/top-5 on val (gathered across ranks), the best exported timm-loadable, a checkpoint
-    (so a rerun of the same command resumes, with the best score and the history so far)
-    skipped (unusable) samples are counted by reason, train and val, all ranks summed
-"""
+"""Full fine-tuning of an exported backbone with a new classifier (methods/classify) through the one training
+loop, evaluated on val every epoch, the best exported (docs/evaluation.md#fine-tuning)."""
 
 from __future__ import annotations
 
@@ -24,9 +17,7 @@ from accelerate.utils import set_seed
 from ssl_vit.config.finetune import FinetuneConfig, FTDataConfig, load_finetune_config
 from ssl_vit.config.pretrain import DataConfig, dump_config
 from ssl_vit.data.samples import SKIP_REASONS
-from ssl_vit.data.shards import eval_stream
-from ssl_vit.data.transforms import eval_transform
-from ssl_vit.eval.features import describe_skipped, distinct_shards, gather_by_key
+from ssl_vit.eval.features import describe_skipped, encode_shards
 from ssl_vit.eval.labelled import check_class_lists, check_label_count, count_samples, labelled_train_stream
 from ssl_vit.eval.metrics import topk_accuracy
 from ssl_vit.methods.classify.model import Classify
@@ -46,33 +37,16 @@ class FinetuneResult:
     stopped_by: str | None = None  # signal name when a SIGTERM/SIGINT ended the run early
 
 
-@torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accelerator, *, img_size: int,
                         batch_size: int, num_workers: int, crop_ratio: float, allow_pipe: bool) -> dict[str, Any]:
-    """{"top1", "top5" (%), "n", "skipped" (by reason)} over the val shards; every rank reads its share, logits
-    and skip counts are gathered from all ranks."""
+    """{"top1", "top5" (%), "n", "skipped" (by reason)} over the val shards, gathered from all ranks."""
     was_training = model.training
     model.eval()
-    loader = eval_stream(distinct_shards(shards, allow_pipe), eval_transform(img_size, crop_ratio),
-                         batch_size=batch_size, num_workers=num_workers, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, allow_pipe=allow_pipe)
-    logits, labels, keys = [], [], []
-    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-    for batch in loader:
-        skipped += batch["skipped"].sum(dim=0)
-        if not batch["key"]:  # skip counts only, of a loader worker that found no usable sample
-            continue
-        with accelerator.autocast():
-            logits.append(model(batch["image"].to(accelerator.device, non_blocking=True)).float())
-        labels.append(batch["label"].to(accelerator.device))
-        keys += list(batch["key"])
-    n_classes = model.num_classes
-    local_logits = torch.cat(logits) if logits else torch.zeros(0, n_classes, device=accelerator.device)
-    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    result = gather_by_key(accelerator, local_logits, local_labels, keys, skipped)
+    result = encode_shards(model, model.num_classes, shards, accelerator, img_size=img_size, batch_size=batch_size,
+                           num_workers=num_workers, crop_ratio=crop_ratio, allow_pipe=allow_pipe)
     model.train(was_training)
     # a label beyond the head would only ever count as a miss: the val set does not fit the model
-    check_label_count(result.labels, n_classes, "of the model", "fine-tuning", "val")
+    check_label_count(result.labels, model.num_classes, "of the model", "fine-tuning", "val")
     return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0]),
             "skipped": result.skipped}
 

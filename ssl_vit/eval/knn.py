@@ -89,12 +89,8 @@ class KnnReport:
 def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
                ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
                cache_dir: str | Path | None = None) -> KnnReport:
-    """Extract features of `cfg.knn_train` and `cfg.knn_val` with a frozen `vit`, then classify by k-NN;
-    with the set sizes and the samples the loader could not use. Train and val must list the same classes
-    (`check_class_lists`) and keep their labels below that count.
-
-    `spec` defaults to `cfg.pool` of the last block; `cache_dir` caches the features (see extract_features).
-    """
+    """k-NN scores of a frozen `vit` on `cfg.knn_train`/`cfg.knn_val` (same class lists), with the set sizes and
+    skipped samples; `spec` defaults to `cfg.pool` of the last block, `cache_dir` caches the features."""
     if not cfg.knn_train or not cfg.knn_val:
         raise ValueError("k-NN needs labelled shards: set eval.knn_train and eval.knn_val (or --train/--val)")
     ks = tuple(ks or (cfg.knn_k,))

@@ -1,5 +1,5 @@
-"""Labelled shards for supervised training on top of a backbone (augmented linear probe, fine-tuning), and the
-checks every evaluation makes of their labels (class lists of train and val, label range, a set left empty)."""
+"""Labelled shards for supervised training on a backbone (augmented linear probe, fine-tuning), and the checks every
+evaluation makes of their labels."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ def labelled_train_stream(shards: str, transform: Callable[[Image.Image], torch.
                           num_workers: int, shuffle_buffer: int, rank: int, world_size: int, seed: int,
                           start_step: int = 0, allow_pipe: bool = False,
                           max_image_pixels: int = DataConfig.max_image_pixels) -> Iterator[dict]:
-    """Endless shuffled batches {"image", "label" (-1 if none), "key", "skipped"}, full batches only: the
-    pretraining stream (shards dealt to ranks and workers, resampled, seeded shuffle, safe decoding, reseeded
-    at `start_step`) with the labels kept."""
+    """Endless shuffled full batches {"image", "label" (-1 if none), "key", "skipped"}: the pretraining stream
+    (resampled, reseeded at `start_step`) with the labels kept."""
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be ≥ 0, got {shuffle_buffer}")
     cfg = DataConfig(train=shards, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
@@ -62,20 +61,9 @@ def classes_file(shards: str | Sequence[str], allow_pipe: bool = False) -> Path 
     return listing if listing.is_file() else None
 
 
-def read_classes(listing: Path) -> list[str]:
-    """Class i = the i-th non-blank line (blank lines are not classes, as for `classes_file_count`)."""
-    return [line for line in listing.read_text().splitlines() if line.strip()]
-
-
-def classes_file_count(shards: str | Sequence[str], allow_pipe: bool = False) -> int | None:
-    """Number of classes in the `classes.txt` that `make-shards` writes beside the shards; None if absent."""
-    listing = classes_file(shards, allow_pipe)
-    return None if listing is None else len(read_classes(listing))
-
-
 @dataclass(frozen=True)
 class ClassList:
-    """The classes of a labelled set: label i names `names[i]`, as listed in `path`."""
+    """The classes of a labelled set: label i names `names[i]`, the i-th non-blank line of `path`."""
 
     path: Path
     names: list[str]
@@ -83,16 +71,11 @@ class ClassList:
 
 def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
                       allow_pipe: bool = False) -> ClassList | None:
-    """The class list of the train shards (else of the val shards), refusing train and val lists that differ.
-
-    Labels are indices into classes.txt: with [cat, dog, emu] beside the train shards and [dog, emu] beside the
-    val shards, every val label names another class and the score is wrong without any other sign. None when
-    neither set has a classes.txt (nothing to compare: the labels are taken as they are).
-    """
+    """The class list of the train shards (else of the val shards), refusing train and val lists that differ:
+    labels are indices into them, so a differing list makes the score wrong silently. None without either list."""
     train_file, val_file = classes_file(train, allow_pipe), classes_file(val, allow_pipe)
-    if train_file is None and val_file is None:
-        return None
-    lists = [ClassList(f, read_classes(f)) for f in (train_file, val_file) if f is not None]
+    lists = [ClassList(f, [line for line in f.read_text().splitlines() if line.strip()])
+             for f in (train_file, val_file) if f is not None]
     if len(lists) == 2 and lists[0].names != lists[1].names:
         a, b = lists[0].names, lists[1].names
         i = next(i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i])
@@ -100,12 +83,11 @@ def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
         raise ValueError(f"train and val shards list different classes (labels are indices into them): "
                          f"{train_file} ({len(a)} classes) vs {val_file} ({len(b)}), first difference at "
                          f"class {i}: {shown[0]} vs {shown[1]}")
-    return lists[0]
+    return lists[0] if lists else None
 
 
 def check_label_range(labels: Tensor, classes: ClassList | None, task: str, split: str) -> None:
-    """Refuse labels ≥ the number of listed classes: such a label names no class, so the shards and their
-    classes.txt disagree (a stale or foreign list), and no share of skipped samples would make the score right."""
+    """Refuse labels ≥ the number of listed classes: the shards and their classes.txt disagree (a stale list)."""
     if classes is not None:
         check_label_count(labels, len(classes.names), f"in {classes.path}", task, split)
 
@@ -119,8 +101,7 @@ def check_label_count(labels: Tensor, n: int, where: str, task: str, split: str)
 
 
 def check_usable(feats: Features, task: str, split: str) -> None:
-    """Refuse a set of which no sample could be used, saying why (skip counts by reason), before any k or
-    batch size is checked against its size of 0."""
+    """Refuse a set of which no sample could be used, saying why (skip counts by reason)."""
     if feats.features.shape[0]:
         return
     skipped = {reason: n for reason, n in feats.skipped.items() if n}

@@ -48,12 +48,7 @@ PROTOCOL_NAMES = ("dino", "mae")
 
 
 def probe_protocol(name: str, embed_dim: int) -> ProbeProtocol:
-    """The papers' protocols, with an lr grid around the paper's value.
-
-    mae: BN + linear on the cls token, LARS, blr 0.1, batch 16384, 90 epochs with 10 warmup.
-    dino: linear on the last 4 cls tokens for ViT-S and narrower (embed_dim < 768), on the last cls + mean patch
-    token for wider models; SGD, lr 1e-3 per 256, batch 1024, 100 epochs, cosine.
-    """
+    """The papers' protocols (docs/evaluation.md#linear-probe), with an lr grid around the paper's value."""
     if name == "mae":
         return ProbeProtocol(FeatureSpec("cls"), batchnorm=True, optimizer="lars",
                              base_lrs=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), weight_decays=(0.0,),

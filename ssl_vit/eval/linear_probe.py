@@ -1,5 +1,5 @@
 """The `linear-probe` command's work: extract the val features once, train the grid on the fast path (fixed train
-features, `linear.probe_features`) or the slow one (augmented batches, `linear_augmented`), report."""
+features, `linear.probe_features`) or the slow one (freshly augmented batches, `probe_augmented`), report."""
 
 from __future__ import annotations
 
@@ -8,23 +8,77 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from timm.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
 
-from ssl_vit.eval.features import extract_features
-from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
-from ssl_vit.eval.linear import ProbeData, ProbeProtocol, probe_features
-from ssl_vit.eval.linear_augmented import probe_augmented
+from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.transforms import crop_flip, normalize
+from ssl_vit.eval.features import Features, extract_features, image_features, skip_totals
+from ssl_vit.eval.labelled import (
+    check_class_lists,
+    check_label_range,
+    check_usable,
+    count_samples,
+    labelled_train_stream,
+)
+from ssl_vit.eval.linear import HeadTrainer, ProbeData, ProbeProtocol, log_epoch, probe_features
 from ssl_vit.training.run_log import RunLog
+
+PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, used by both papers' probes
+
+
+def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, val: Features,
+                    num_classes: int | None, accelerator: Accelerator, seed: int = 0, log: RunLog | None = None,
+                    ) -> tuple[dict[str, Any], int, dict[str, int]]:
+    """Train the grid on augmented train batches (the global batch split over the ranks, data parallel), evaluate
+    on the fixed `val` features every epoch. Returns the main process's summary, the train-set size and the
+    skips met while drawing batches (by reason, all ranks; the stream resamples, so a bad sample can count twice)."""
+    n_train = data.train_size or count_samples(data.train, data.allow_pipe)
+    per_device = max(1, proto.batch_size // accelerator.num_processes)
+    global_batch = per_device * accelerator.num_processes
+    steps_per_epoch = max(1, n_train // global_batch)
+    num_classes = max(num_classes or 0, int(val.labels.max()) + 1)
+    vit = vit.to(accelerator.device).eval()
+    trainer = HeadTrainer(proto, proto.features.dim(vit.embed_dim), num_classes, global_batch, steps_per_epoch,
+                          seed)
+    trainer.model.to(accelerator.device).train()
+    # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
+    model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
+    transform = crop_flip(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
+    loader = labelled_train_stream(data.train, transform, batch_size=per_device, num_workers=data.num_workers,
+                                   shuffle_buffer=data.shuffle_buffer, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe)
+    bar = tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
+               disable=not accelerator.is_main_process)
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+    for epoch in range(proto.epochs):
+        losses = []
+        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            batch = next(loader)
+            skipped += batch["skipped"].sum(dim=0)
+            labels = batch["label"].to(accelerator.device)
+            if (labels < 0).any() or (labels >= num_classes).any():
+                raise ValueError(f"the linear probe needs labels in [0, {num_classes}) on every train sample")
+            with torch.no_grad(), accelerator.autocast():
+                images = normalize(batch["image"].to(accelerator.device, non_blocking=True))
+                feats = image_features(vit, images, proto.features).float()
+            losses.append(trainer.step(model, feats, labels, step, accelerator.backward))
+            bar.update(1)
+        log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
+    bar.close()
+    summary = [trainer.summary()]
+    broadcast_object_list(summary)  # BatchNorm running stats may differ by rank: report the main process's
+    return summary[0], n_train, skip_totals(accelerator, skipped)
 
 
 def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, accelerator: Accelerator, *,
                  augment: bool = False, seed: int = 0, out_dir: str | Path | None = None,
                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract features, train the grid, report every head and the best on val, and the samples the loader
-    could not use ("skipped": train and val, by reason, all ranks); train and val must list the same classes
-    (`check_class_lists`). With `out_dir` (main process):
-    `linear_probe.json`, `log.jsonl` and TensorBoard curves (val top-1 per head per epoch) there."""
+    """Extract features, train the grid, report every head, the best on val and the skipped samples (train and
+    val, by reason, all ranks). With `out_dir` (main process): linear_probe.json, log.jsonl and TensorBoard curves."""
     classes = check_class_lists(data.train, data.val, data.allow_pipe)  # before the backbone runs
     kwargs = dict(spec=proto.features, batch_size=data.batch_size, num_workers=data.num_workers,
                   crop_ratio=data.crop_ratio, allow_pipe=data.allow_pipe, cache_dir=data.cache_dir)
@@ -36,7 +90,8 @@ def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, 
     log = RunLog(out_dir, enabled=accelerator.is_main_process) if out_dir is not None else None
     try:
         if augment:
-            summary, n_train, train_skipped = probe_augmented(vit, data, proto, val, accelerator, seed=seed, log=log)
+            summary, n_train, train_skipped = probe_augmented(vit, data, proto, val, classes and len(classes.names),
+                                                              accelerator, seed, log)
         else:
             train = extract_features(vit, data.train, accelerator, desc="probe train features", **kwargs)
             check_usable(train, "linear-probe", "train")

@@ -1,6 +1,5 @@
 """PNGs to look at a backbone: per-head cls attention with thresholded masks, attention rollout, and a run's
-reconstructions (an objective that reconstructs images). Drawn with torchvision's make_grid (no plotting library).
-"""
+reconstructions. Drawn with torchvision's make_grid (no plotting library)."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -17,12 +17,72 @@ from torchvision.utils import make_grid, save_image
 from ssl_vit.data.samples import to_rgb
 from ssl_vit.data.shards import eval_stream
 from ssl_vit.data.transforms import denormalize, eval_transform
-from ssl_vit.eval.attention import attention_maps, attention_rollout, cls_to_patches, mass_mask
 from ssl_vit.methods import OBJECTIVES, Objective
 
 # "inferno"-like ramp from dark (no attention) to bright (most attention)
 _RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
-_PAD = 2  # pixels between tiles (make_grid's default)
+
+
+@torch.no_grad()
+def attention_maps(vit: VisionTransformer, images: Tensor) -> list[Tensor]:
+    """Attention weights (B, heads, N = prefix + patches, N) of every block. Blocks keep their fused kernel (SDPA
+    returns no weights): a hook on `attn.qkv` recomputes them from q and k; the forward is the model's own."""
+    found: list[Tensor] = []
+    handles = []
+    for i, block in enumerate(vit.blocks):
+        if not isinstance(block.attn, Attention):
+            raise ValueError(f"block {i} uses {type(block.attn).__name__}; attention maps need timm's Attention")
+
+        def hook(module: torch.nn.Module, inputs: tuple, qkv: Tensor, attn: Attention = block.attn) -> None:
+            b, n, _ = qkv.shape
+            q, k, _ = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)  # (B, heads, N, head_dim)
+            found.append(((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1))
+
+        handles.append(block.attn.qkv.register_forward_hook(hook))
+    was_training = vit.training
+    try:
+        vit.eval()
+        vit.forward_features(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+        vit.train(was_training)
+    return found
+
+
+def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): (B, N, N) flow from every token to every input token; per
+    layer heads averaged, identity (the residual path) added, rows renormalised, layers multiplied first to last."""
+    if not maps:
+        raise ValueError("attention rollout needs at least one layer")
+    rollout = None
+    for a in maps:
+        fused = a.float().mean(dim=1)  # (B, N, N)
+        fused = fused + torch.eye(fused.shape[-1], device=fused.device)
+        fused = fused / fused.sum(dim=-1, keepdim=True)
+        rollout = fused if rollout is None else fused @ rollout
+    return rollout
+
+
+def cls_to_patches(attn: Tensor, n_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """The cls token's row over the patch tokens as maps: (B, [heads,] N, N) → (B, [heads,] gh, gw)."""
+    row = attn[..., 0, n_prefix:]
+    return row.reshape(*row.shape[:-1], *grid)
+
+
+def mass_mask(maps: Tensor, keep: float) -> Tensor:
+    """Bool mask of the highest cells of each (last two dims) map holding a `keep` share of its total (DINO's
+    threshold): a cell is kept while the mass of all larger cells is still below `keep`."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    flat = maps.flatten(-2)
+    values, order = flat.sort(dim=-1, descending=True)
+    share = values / values.sum(dim=-1, keepdim=True)
+    before = share.cumsum(dim=-1) - share  # mass of the strictly larger cells
+    keep_sorted = before < keep
+    mask = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return mask.view(maps.shape)
 
 
 def load_images(img_size: int, paths: Sequence[str] = (), shards: str | None = None, n: int = 4,
@@ -93,7 +153,7 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
         tiles += [pictures[b], *_upsample(colorize(all_maps[b]), tile)]
         dimmed = 0.2 + 0.8 * _upsample(masks[b].unsqueeze(1), tile)  # (heads + 2, 1, T, T): masked-out dimmed
         tiles += list(pictures[b] * dimmed)
-    return make_grid(torch.stack(tiles), nrow=heads.shape[1] + 2, padding=_PAD, pad_value=1.0)
+    return make_grid(torch.stack(tiles), nrow=heads.shape[1] + 2, pad_value=1.0)
 
 
 def reconstruction_figure(objective: Objective, images: Tensor, seed: int = 0, scale: int | None = None) -> Tensor:
