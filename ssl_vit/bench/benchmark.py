@@ -1,9 +1,5 @@
-"""`ssl-vit benchmark`: step time, images/s, memory, data wait, MFU, loader rate and MAE's masked speed-up.
-
-The step is the real one: `build_backbone` → `build_objective` → `build_optimizer`, prepared by the same
-Accelerator the trainer uses, forward/backward/step/after_step. Synthetic mode feeds random tensors shaped
-like the objective's views (a multi-crop list for DINO), already on the device, to time the model alone.
-"""
+"""`ssl-vit benchmark`: step time, images/s, memory, data wait, MFU, loader rate and MAE's masked speed-up, of
+the trainer's real step (same builders, same Accelerator); `--synthetic` feeds on-device random views instead."""
 
 from __future__ import annotations
 
@@ -80,13 +76,8 @@ def attention_flops(q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Siz
 
 
 def _sdpa_formulas() -> dict[Any, Callable[..., int]]:
-    """A shape formula for every fused scaled-dot-product-attention kernel this torch has.
-
-    torch's counter knows only some of them (2.14 does not know the CPU flash kernel), and counts the backward
-    with a recompute of the scores that the math path does not do. Here every kernel counts what the math path
-    counts, forward QKᵀ + AV and backward twice that (model FLOPs, as MFU is defined), so FLOPs and MFU do not
-    depend on the kernel a torch version or device dispatches to.
-    """
+    """A shape formula for every fused attention kernel this torch has, counting what the math path counts
+    (model FLOPs): torch's own counter misses some kernels and counts a recompute in others (docs/benchmarks.md)."""
     # A private listing, but the only one that also names kernels added after this was written. The composite
     # math op never reaches the counter (it decomposes into the matmuls counted as such), so a formula is harmless.
     names = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()

@@ -1,9 +1,5 @@
 """Loader side of the benchmark: the loader's images/s against what its workers could do at one core each.
-
-Every rate is the best of `rounds` timed rounds, as `timeit` advises: on a shared machine other work only ever
-slows a round down, so the fastest one is the closest to what the code itself costs. The rounds of the three
-rates take turns, so that a slow spell of the machine does not fall on one of them only.
-"""
+Every rate is the best of `rounds` interleaved rounds, as `timeit` advises (other work only slows a round)."""
 
 from __future__ import annotations
 

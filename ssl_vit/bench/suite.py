@@ -1,11 +1,6 @@
-"""`ssl-vit benchmark-suite`: the standard `ssl-vit benchmark` cases in one command, and one Markdown table.
-
-Each case runs in its own process (`python -m ssl_vit benchmark ...`): a compiled graph, a CUDA memory peak
-or a failure stays with its case, and the next starts clean. Every case writes `OUT/<case>.json` as soon as
-it ends, and `OUT/suite.md` is rebuilt from all of them, so a suite split over several calls (`--only`) ends
-in one table. Real-data cases read `--shards`, or shards of ImageNet-sized synthetic JPEGs made once in
-`OUT/shards` (nothing to download).
-"""
+"""`ssl-vit benchmark-suite`: the standard `ssl-vit benchmark` cases, each in its own process (a compiled graph,
+a memory peak or a failure stays with its case), each writing `OUT/<case>.json`; `OUT/suite.md` is rebuilt from
+all of them, so a suite split over calls (`--only`) ends in one table (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -158,13 +153,9 @@ def run_case(case: Case, cmd: list[str], out: Path, timeout: float) -> dict[str,
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Kill a case with its whole process group (loader workers included); its process alone where there are no
-    process groups (Windows)."""
+    """Kill a case with its whole process group, loader workers included."""
     with contextlib.suppress(ProcessLookupError):  # it may have ended just now
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
 
 
