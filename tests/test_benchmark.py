@@ -12,7 +12,7 @@ from ssl_vit.bench.loader import children_cpu_seconds
 from ssl_vit.cli.main import main
 from ssl_vit.config.pretrain import ModelConfig
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.data.device.augment import cheap_view
+from ssl_vit.data.device.augment import CheapView
 from ssl_vit.methods.mae.transforms import mae_views
 from ssl_vit.models.backbone import build_backbone, encode
 
@@ -132,7 +132,7 @@ def test_synthetic_batch_mirrors_views():
     assert single.shape == (5, 3, 32, 32) and single.dtype == torch.uint8  # views end in uint8
     multi = synthetic_batch(lambda img: [torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 5, torch.device("cpu"))["image"]
     assert [tuple(m.shape) for m in multi] == [(5, 3, 8, 8), (5, 3, 4, 4)] and multi[0].dtype == torch.float32
-    raw = synthetic_batch(cheap_view(37), 5, torch.device("cpu"))["image"]
+    raw = synthetic_batch(CheapView(37), 5, torch.device("cpu"))["image"]
     assert raw.shape == (5, 3, 37, 37) and raw.dtype == torch.uint8
 
 

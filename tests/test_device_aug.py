@@ -13,11 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ssl_vit.config.pretrain import DINOConfig, load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.device.augment import (
+    CheapView,
     DeviceAugment,
     ViewParams,
     ViewSpec,
     augment_view,
-    cheap_view,
     sample_crop_boxes,
     sample_group_params,
 )
@@ -137,7 +137,7 @@ def test_shapes_dtypes_and_input_check():
     with pytest.raises(ValueError, match="uint8"):
         aug(torch.rand(4, 3, 37, 37))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))
-    cheap = cheap_view(37)(img)
+    cheap = CheapView(37)(img)
     assert type(cheap) is torch.Tensor and cheap.dtype == torch.uint8 and cheap.shape == (3, 37, 37)
     assert math.isclose(cheap.float().mean().item(), np.asarray(img).mean(), rel_tol=0.1)
 

@@ -14,7 +14,7 @@ from ssl_vit.config.pretrain import ConfigError, DataConfig, load_config
 from ssl_vit.data import shards
 from ssl_vit.data.collate import collate
 from ssl_vit.data.device import decode as device_decode
-from ssl_vit.data.device.augment import cheap_view
+from ssl_vit.data.device.augment import CheapView
 from ssl_vit.data.device.decode import (
     DeviceDecoder,
     decode_on_host,
@@ -44,7 +44,7 @@ def encode(h: int, w: int, fmt: str = "JPEG", mode: str = "RGB", seed: int = 0) 
 
 
 def cpu_square(data: bytes) -> torch.Tensor:
-    return cheap_view(SIZE)(Image.open(io.BytesIO(data)).convert("RGB"))
+    return CheapView(SIZE)(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_payload_only_for_what_the_device_can_decode():
@@ -135,7 +135,7 @@ def test_stream_with_device_decode_equals_cpu_decode(jpeg_shards):
     def first_batches(device_decode: bool) -> list[torch.Tensor]:
         cfg = DataConfig(train=jpeg_shards, batch_size=6, num_workers=0, shuffle_buffer=10,
                          device_decode=device_decode)
-        stream = iter(train_stream(cfg, cheap_view(SIZE), rank=0, world_size=1, seed=3))
+        stream = iter(train_stream(cfg, CheapView(SIZE), rank=0, world_size=1, seed=3))
         decoder = DeviceDecoder(SIZE, torch.device("cpu"))
         return [(decoder(next(stream)) if device_decode else next(stream))["image"] for _ in range(4)]
 
@@ -182,8 +182,8 @@ def test_host_tensor_decode_gives_pil_pixels_and_the_same_skips(monkeypatch):
 
     monkeypatch.setattr(shards, "decode_on_host", spy)
     max_pixels = 80 * 80  # the 90×90 JPEG is too large for both paths
-    fast = DecodeStage(SkipCounter(), cheap_view(SIZE), max_pixels, with_label=True)
-    pil = DecodeStage(SkipCounter(), lambda img: cheap_view(SIZE)(img), max_pixels, with_label=True)
+    fast = DecodeStage(SkipCounter(), CheapView(SIZE), max_pixels, with_label=True)
+    pil = DecodeStage(SkipCounter(), lambda img: CheapView(SIZE)(img), max_pixels, with_label=True)
     assert fast.to_tensor and not pil.to_tensor
 
     def outcome(stage: DecodeStage, sample: dict):
@@ -218,7 +218,7 @@ def test_without_torchvision_jpeg_decode(monkeypatch):
     pixel for pixel the same, and data.device_decode is refused with the reason, not an ImportError."""
     monkeypatch.setattr(device_decode, "decode_jpeg", None)
     rgb = encode(50, 70, seed=1)
-    stage = DecodeStage(SkipCounter(), cheap_view(SIZE), BIG, with_label=False)
+    stage = DecodeStage(SkipCounter(), CheapView(SIZE), BIG, with_label=False)
     assert not stage.to_tensor and decode_on_host(rgb) is None
     assert torch.equal(stage.convert({"__key__": "k", "jpg": rgb})["image"], cpu_square(rgb))
     with pytest.raises(ConfigError, match="data.device_decode: this torchvision has no torchvision.io.decode_jpeg"):

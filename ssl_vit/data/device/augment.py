@@ -46,7 +46,6 @@ class CheapView:
         return v2.functional.center_crop(resized, [self.size, self.size])
 
 
-cheap_view = CheapView  # the name the methods' transforms use
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ try:  # torchvision 0.29 deprecated its image codecs in favour of TorchCodec; a 
 except ImportError:
     decode_jpeg = None
 
-from ssl_vit.data.device.augment import cheap_view
+from ssl_vit.data.device.augment import CheapView
 from ssl_vit.data.samples import SKIP_REASONS
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class DeviceDecoder:
     `device`; None when no image decodes (its skip counts then ride on the next batch)."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        self.size, self.device, self.square = size, device, cheap_view(size)
+        self.size, self.device, self.square = size, device, CheapView(size)
         self._carry: Tensor | None = None  # skip counts of a batch returned as None
 
     def _decode(self, payloads: list[Tensor]) -> list[Tensor | None]:

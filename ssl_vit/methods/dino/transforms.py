@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ssl_vit.config.pretrain import DINOConfig
-from ssl_vit.data.device.augment import ViewSpec, cheap_size, cheap_view
+from ssl_vit.data.device.augment import CheapView, ViewSpec, cheap_size
 from ssl_vit.data.transforms import BLUR_SIGMA, blur_kernel
 
 
@@ -48,7 +48,7 @@ class MultiCropViews:
 def dino_views(cfg: DINOConfig, global_size: int,
                device_aug: bool = False) -> Callable[[Image.Image], torch.Tensor | list[torch.Tensor]]:
     """The loader's view of an image: the multi-crop, or with `device_aug` one resized square (`device_views`)."""
-    return cheap_view(cheap_size(global_size)) if device_aug else MultiCropViews(cfg, global_size)
+    return CheapView(cheap_size(global_size)) if device_aug else MultiCropViews(cfg, global_size)
 
 
 def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:
