@@ -1,8 +1,12 @@
 """Shared test helpers."""
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,6 +15,32 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_group(argv: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(capture_output=True, text=True)` for launchers: the command gets its own process group, and
+    whatever is left of it at the end (on a timeout: everything) is killed, the ranks too. Killing only the
+    launcher once left two ranks of a failed test running for two hours."""
+    with subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture

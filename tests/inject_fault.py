@@ -6,6 +6,8 @@ FAULT:
   nan_always  the loss is NaN on every rank at every step
   stall_save  the second checkpoint save stalls after Accelerate wrote its files (before rename + COMPLETE),
               having touched RECORD_DIR/saving, so the test can SIGKILL the process mid-save
+  disk_full   the second checkpoint save fails on the last rank as torch's writer fails on a full disk (a file
+              cut short, then RuntimeError "unexpected pos"), once per process
   crash       an error escapes the training step at step 2 (0-based), as a CUDA OOM or a bug would
   none        no fault
 Every rank also writes RECORD_DIR/rank<R>.json: the shard URLs it drew and a hash of its final parameters.
@@ -75,6 +77,21 @@ if fault == "stall_save":
         return out
 
     accelerate.Accelerator.save_state = stalling_save
+
+if fault == "disk_full":
+    original_full_save = accelerate.Accelerator.save_state
+    full_saves = []
+
+    def full_disk_save(self, output_dir, *args, **kwargs):
+        out = original_full_save(self, output_dir, *args, **kwargs)
+        full_saves.append(1)
+        if len(full_saves) == 2 and self.process_index == self.num_processes - 1:
+            rng = Path(output_dir) / f"random_states_{self.process_index}.pkl"
+            rng.write_bytes(rng.read_bytes()[:100])
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 320 vs 214")
+        return out
+
+    accelerate.Accelerator.save_state = full_disk_save
 
 original_run = train.Trainer.run
 

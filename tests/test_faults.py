@@ -6,20 +6,21 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import accelerate
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import run_group, wait_for
 from tiny_runs import TINY_MAE
 
 from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.methods.base import Objective
-from ssl_vit.training.checkpoint import complete_checkpoints, load_backbone
+from ssl_vit.training.checkpoint import COMPLETE, complete_checkpoints, load_backbone
 from ssl_vit.training.loop import pretrain
+from ssl_vit.training.marker import write_marker
 from ssl_vit.training.monitor import RunAborted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,18 +38,6 @@ def demo(tmp_path_factory):
 
 def sets(*items):
     return [a for kv in items for a in ("--set", kv)]
-
-
-def wait_for(predicate, proc, timeout=120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("timed out waiting")
 
 
 def logged_steps(run_dir):
@@ -162,7 +151,7 @@ def test_nan_on_one_rank_skips_the_update_everywhere(tmp_path, demo, accelerate_
     argv = accelerate_launch() + [INJECT, "nan_rank1", str(tmp_path), "pretrain", "--no-knn",
                      *sets(*TINY, f"data.train={listing}", f"train.run_dir={run_dir}",
                            "train.total_steps=6", "train.save_every=3")]
-    out = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    out = run_group(argv, cwd=ROOT, env=ENV, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["train/nonfinite_steps"] for r in log] == [0, 0, 1, 2, 2, 2]
@@ -271,15 +260,19 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path, demo):
                                     "train.save_every=2"])
     pretrain(cfg)
     [(_, ckpt)] = complete_checkpoints(run_dir)
+    marker = (ckpt / COMPLETE).read_text()
     for victim in ("optimizer.bin", "random_states_0.pkl"):
         original = (ckpt / victim).read_bytes()
         (ckpt / victim).write_bytes(pickle.dumps(Payload()))
+        write_marker(ckpt, 2, {k: v for k, v in json.loads(marker).items() if k not in ("step", "files", "digest")})
         bigger = load_config(None, TINY + [f"data.train={demo.train}", f"train.run_dir={run_dir}",
                                            "train.total_steps=4"])
+        # with a marker that vouches for the payload (anyone can write one): refused when loaded
         with pytest.raises(ValueError, match=f"checkpoint {ckpt}: refusing a file that is not plain tensors"):
             pretrain(bigger)
         assert not Path(PWNED).exists(), f"the payload in {victim} ran"
         (ckpt / victim).write_bytes(original)
+        (ckpt / COMPLETE).write_text(marker)
     (tmp_path / "backbone.pth").write_bytes(pickle.dumps(Payload()))
     (tmp_path / "backbone.json").write_text("{}")
     with pytest.raises(ValueError, match="backbones load from .safetensors only"):

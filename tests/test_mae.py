@@ -180,3 +180,15 @@ def test_param_groups_exclude_norms_biases_and_tokens():
     assert {"backbone.cls_token", "decoder.mask_token", "backbone.norm.weight"} <= no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.05
     assert "backbone.pos_embed" not in no_decay_names | {named[id(p)] for p in decay["params"]}  # frozen
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("vit_smol_patch16_224", r"^model.name: Unknown model \(vit_smol_patch16_224\)$"),
+    ("resnet18", r"^model.name: 'resnet18' is not a timm VisionTransformer \(.*unexpected keyword argument.*\)$"),
+])
+def test_a_model_name_that_is_no_vit_is_one_line(name, message):
+    from ssl_vit.config.pretrain import ModelConfig
+    from ssl_vit.models.backbone import build_backbone
+
+    with pytest.raises(ValueError, match=message):
+        build_backbone(ModelConfig(name=name, img_size=32, patch_size=8))

@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 from tiny_runs import TINY_MAE
 
 from ssl_vit.data.demo import ensure_demo_data
@@ -20,7 +20,7 @@ TINY = TINY_MAE + [
 
 def run(argv, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    out = run_group(argv, cwd=ROOT, timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

@@ -19,8 +19,9 @@ def test_resume_keeps_the_checkpoint_step_and_drops_what_came_after(tmp_path):
     for step in (20, 40, 50, 60):  # checkpoint at 50 (logged just before saving), killed after 60
         log.scalars(step, {"train/loss": float(step)})
     log.close()
-    with (tmp_path / "log.jsonl").open("a") as f:
-        f.write('{"step": 70, "train/lo')  # the crash tore the last line
+    with (tmp_path / "log.jsonl").open("ab") as f:
+        f.write(b'\x00\xffnot text\n{"step": "x"}\n')  # garbled by hand: dropped, not a crash
+        f.write(b'{"step": 70, "train/lo')  # the crash tore the last line
     resumed = RunLog(tmp_path, resume_step=50)
     resumed.scalars(80, {"train/loss": 80.0})
     resumed.close()

@@ -17,6 +17,7 @@ from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.mae.model import MAE
 from ssl_vit.training.checkpoint import complete_checkpoints, export_run, load_backbone
 from ssl_vit.training.loop import pretrain
+from ssl_vit.training.marker import write_marker
 
 TINY = TINY_MAE + [
     "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16", "optim.lr=1e-3", "optim.clip_grad=1.0",
@@ -142,6 +143,7 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
 
     # A checkpoint without model.safetensors (FSDP writes sharded pytorch_model_fsdp_0/): a message, not a traceback
     (run / "checkpoints" / "step_00000002" / "model.safetensors").unlink()
+    write_marker(run / "checkpoints" / "step_00000002", 2)  # what such a save vouches for
     with pytest.raises(FileNotFoundError, match=r"step_00000002 holds no model.safetensors \(an FSDP run"):
         export_run(run, tmp_path / "exported_again")
 

@@ -27,6 +27,8 @@ def build_backbone(cfg: ModelConfig) -> VisionTransformer:
         model = timm.create_model(cfg.name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **backbone_kwargs(cfg))
     except RuntimeError as err:  # timm's "Unknown model" error
         raise ValueError(f"model.name: {err}") from None
+    except TypeError as err:  # a model that is no ViT refuses the ViT keywords (patch_size, ...)
+        raise ValueError(f"model.name: {cfg.name!r} is not a timm VisionTransformer ({err})") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model.name: {cfg.name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     model.set_grad_checkpointing(cfg.grad_checkpointing)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pickle
 import shutil
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ssl_vit.training.marker import COMPLETE, PREFIX, read_marker, write_marker
+
 if TYPE_CHECKING:
     from ssl_vit.methods import Objective
 
-COMPLETE = "COMPLETE"
-_PREFIX = "step_"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -33,47 +35,94 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint whose save finished, oldest first. Half-written ones are ignored."""
+    """(step, path) of every checkpoint whose save finished and whose files are all there at the sizes its marker
+    records, oldest first. Half-written ones are ignored; damaged ones with a note naming what is wrong."""
     found = []
-    for marker in checkpoint_dir(run_dir).glob(f"{_PREFIX}*/{COMPLETE}"):  # written last, atomically
-        try:
-            found.append((int(json.loads(marker.read_text())["step"]), marker.parent))
-        except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged marker must not block every resume
-            warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {marker.name} marker ({err}); it counts "
-                          "as incomplete", stacklevel=2)
+    for marker in checkpoint_dir(run_dir).glob(f"{PREFIX}*/{COMPLETE}"):  # written last, atomically
+        content, problem = read_marker(marker.parent)
+        if content is None:
+            _note(f"ignoring checkpoint {marker.parent}: {problem}; it counts as incomplete")
+        else:
+            found.append((content["step"], marker.parent))
     return sorted(found)
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint whose files also match their checksums; each newer one that does not is
+    skipped with a one-line note naming the file, and the one before it is used."""
+    for step, path in reversed(complete_checkpoints(run_dir)):
+        _, problem = read_marker(path, checksums=True)
+        if problem is None:
+            return step, path
+        _note(f"ignoring checkpoint {path}: {problem}; it counts as incomplete")
+    return None
+
+
+def _note(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        log.warning(message)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Save model, optimizer, scaler and per-rank RNG (every rank calls this); atomic: temp dir → rename →
-    COMPLETE marker, which holds the step and `extra` (JSON)."""
+    """Save model, optimizer, scaler and per-rank RNG (every rank calls this); atomic: temp dir → COMPLETE marker
+    (the step, `extra` as JSON, each file's size and checksum) → rename. A failed save (a full disk) removes the
+    temp dir on every rank's word and leaves the older checkpoints as they were."""
     root = checkpoint_dir(run_dir)
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp_{_PREFIX}{step:08d}"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp_{PREFIX}{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    failure = _attempt(lambda: accelerator.save_state(str(tmp)))
+    if not _failed_anywhere(accelerator, failure) and accelerator.is_main_process:
+        failure = _attempt(lambda: _seal(tmp, final, step, extra))
+    if _failed_anywhere(accelerator, failure):  # every rank learns of it: none may wait for the others forever
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(failure, final)
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        # The marker too is written whole or not at all: a torn one would block every later resume and export.
-        marker_tmp = final / f".{COMPLETE}.tmp"
-        marker_tmp.write_text(json.dumps({"step": step, **(extra or {})}))
-        os.replace(marker_tmp, final / COMPLETE)
         for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else ():
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _seal(tmp: Path, final: Path, step: int, extra: dict[str, Any] | None) -> None:
+    write_marker(tmp, step, extra)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _attempt(action: Callable[[], object]) -> Exception | None:
+    try:
+        action()
+    except Exception as err:  # handed to _save_error once every rank knows
+        return err
+    return None
+
+
+def _failed_anywhere(accelerator: Accelerator, failure: Exception | None) -> bool:
+    if accelerator.num_processes == 1:
+        return failure is not None
+    flag = torch.tensor([float(failure is not None)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+# How a full disk shows through torch's zip writer and safetensors, which do not raise OSError.
+_DISK_FULL = ("No space left", "os error 28", "unexpected pos", "file write failed")
+
+
+def _save_error(failure: Exception | None, path: Path) -> Exception:
+    """A full disk as `OSError(ENOSPC)` naming `path` (one line from the CLI); other failures as they were."""
+    if failure is None:
+        return OSError(f"another process failed to save checkpoint {path}; its error is in that process's output")
+    if (isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(failure, (RuntimeError, SafetensorError)) and any(s in str(failure) for s in _DISK_FULL)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return failure
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
@@ -108,7 +157,7 @@ def reading(path: Path) -> Iterator[None]:
         if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in signs):
             raise
         first = (str(err).strip().splitlines() or [""])[0][:160]
-        step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else None
+        step = int(path.name.removeprefix(PREFIX)) if path.name.removeprefix(PREFIX).isdigit() else None
         older = [p for s, p in complete_checkpoints(path.parent.parent) if step is None or s < step]
         fallback = f"delete it to fall back on {older[-1].name}" if older else "delete it to start afresh"
         raise ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {first}); if it is damaged, "
@@ -130,7 +179,10 @@ def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str
 
 def save_shared(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file` (which creates files 0600), then the mode of any new file: exports are shared."""
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (OSError, SafetensorError) as err:
+        raise _save_error(err, path) from None
     path.chmod(0o666 & ~_umask())
 
 
@@ -184,7 +236,7 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
         raise ValueError(f"{weights}: not a backbone; give a run directory or its backbone.safetensors")
     meta_path = weights.with_suffix(".json")
     if not meta_path.is_file():
-        if weights.name == "model.safetensors" and weights.parent.name.startswith(_PREFIX):
+        if weights.name == "model.safetensors" and weights.parent.name.startswith(PREFIX):
             raise FileNotFoundError(f"{weights} is a training checkpoint, not an exported backbone; export it with "
                                     f"`ssl-vit export {weights.parent.parent.parent}` and use that run directory")
         raise FileNotFoundError(f"{weights}: missing {meta_path.name} beside it (timm model name and kwargs)")

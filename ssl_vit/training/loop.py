@@ -30,6 +30,7 @@ from ssl_vit.training.run_dir import (
     PRETRAINING,
     check_resume_model,
     check_run_dir,
+    hold_run_dir,
     keep_changed_config,
     process_count_notice,
 )
@@ -130,8 +131,9 @@ class Trainer:
         except RunAborted:  # what the objective has pending (DINO: a collapse episode) belongs to the diagnosis
             self.objective.after_training()
             raise
-        bar.close()
-        log.close()
+        finally:  # a failure's one line comes last, not above a progress bar redrawn at exit
+            bar.close()
+            log.close()
         self.objective.after_training()
         if stopped_by:
             acc.print(f"stopped by {stopped_by} after step {self.step}; checkpoint: {self.checkpoint}; "
@@ -222,9 +224,14 @@ class Trainer:
 def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
     acc = accelerator or make_accelerator(cfg.train.precision)
-    t, run_dir = cfg.train, Path(cfg.train.run_dir)
     resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
     check_fsdp_supported(cfg, acc)  # not after days of training
+    with hold_run_dir(Path(cfg.train.run_dir), acc):
+        return _pretrain(cfg, acc)
+
+
+def _pretrain(cfg: Config, acc: Accelerator) -> RunResult:
+    t, run_dir = cfg.train, Path(cfg.train.run_dir)
     found = latest_checkpoint(run_dir)
     check_run_dir(run_dir, PRETRAINING, resuming=found is not None)  # a new run must not overwrite what it holds
     share_cpu_cores(acc, cfg.data.num_workers)

@@ -3,8 +3,11 @@ another model is refused, and one with changed settings names them and keeps the
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +18,51 @@ from ssl_vit.config.schema import ConfigError
 from ssl_vit.training.checkpoint import model_mismatch
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from ssl_vit.config.pretrain import Config
     from ssl_vit.methods import Objective
 
 PRETRAINING, FINETUNING = "pretraining", "fine-tuning"
+LOCK = ".lock"
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> Iterator[None]:
+    """One run at a time in `run_dir`: an OS lock (flock) on `run_dir/.lock`, taken by the main process and
+    released on exit, however the process ends, so a killed run's lock never blocks. A second run is refused at
+    once, on every rank, naming the holder's pid."""
+    fd, holder, created = None, None, not run_dir.exists()
+    if accelerator.is_main_process:
+        if not created and not run_dir.is_dir():
+            raise ValueError(f"train.run_dir {run_dir} is a file, not a directory; set another train.run_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = broadcast_object_list([holder])[0]
+    if holder is not None:
+        raise ValueError(f"train.run_dir {run_dir} is in use by another run (pid {holder}); wait for it to end or "
+                         "set another train.run_dir")
+    try:
+        yield
+    except BaseException:
+        if fd is not None and created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            (run_dir / LOCK).unlink()  # a run that failed before writing anything leaves no run dir either
+            run_dir.rmdir()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -47,6 +91,9 @@ def check_run_dir(run_dir: Path, kind: str, resuming: bool) -> None:
     overwrite an earlier result."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.run_dir {run_dir} is a file, not a directory; set another train.run_dir")
+    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():  # else it fails at the save
+        raise ValueError(f"train.run_dir {run_dir} holds a file named checkpoints, where the run saves its "
+                         "checkpoints; move it away or set another train.run_dir")
     found = run_kind(run_dir)
     if found not in (None, kind):
         what = f"a {found} run" if found != "unknown" else "a config.yaml that is no run's config"

@@ -27,7 +27,7 @@ class RunLog:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         path = run_dir / "log.jsonl"
         if resume_step is not None and path.is_file():  # the same for the JSONL log
-            path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+            path.write_text("".join(line for line in path.read_text(errors="replace").splitlines(keepends=True)
                                     if _logged_step(line) <= resume_step))
         self.jsonl = path.open("a")
 
@@ -53,8 +53,9 @@ class RunLog:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a log.jsonl line; infinite (dropped on resume) for a line a crash tore."""
+    """The step of a log.jsonl line; infinite (dropped on resume) for a line a crash tore or a hand garbled."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int) else math.inf
