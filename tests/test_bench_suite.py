@@ -42,8 +42,8 @@ def test_a_failing_case_is_a_row_naming_why_and_exit_1(tmp_path, demo):
     out = tmp_path / "suite"
     assert main([*_suite(out, demo, "model.embed_dim=30"), "--only", "mae_demo_synthetic"]) == 1
     result = json.loads((out / "mae_demo_synthetic.json").read_text())
-    assert result["error"] == ("ssl-vit benchmark: error: sin-cos position embedding needs a width divisible by 4, "
-                               "got 30")  # the case's own one-line error, its last line on stderr
+    assert result["error"] == ("ssl-vit benchmark: error: model.embed_dim: MAE's sin-cos position embedding needs "
+                               "a multiple of 4, got 30")  # the case's own one-line error, its last line on stderr
     assert f"| mae_demo_synthetic | failed: {result['error']} |" in (out / "suite.md").read_text()
 
 

@@ -244,3 +244,18 @@ def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(recipe)
     assert str(err.value) == f"{recipe}: {message}; remove one"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    # 9 ** 8 values from 9 lines: walking or merging them hung (and would fill memory with a deeper file)
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]"
+                                                       for i in range(1, 8)]
+    recipe = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert str(err.value) == f"{recipe}: not a recipe (its YAML aliases expand to over 100000 values)"
+    from ssl_vit.cli.main import main
+
+    assert main(["config", str(recipe)]) == 2  # the CLI first reads it to tell pretraining from fine-tuning
+    anchored = load_config(write(tmp_path, "model:\n  depth: &two 2\n  num_heads: *two\n"))  # aliases still work
+    assert (anchored.model.depth, anchored.model.num_heads) == (2, 2)

@@ -1,6 +1,9 @@
 """Config value checks: ranges, choices, finite numbers and what timm would assert, each a one-line error naming
 the key, at load."""
 
+import math
+import re
+
 import pytest
 
 from ssl_vit.config.finetune import load_finetune_config
@@ -11,13 +14,14 @@ from ssl_vit.config.pretrain import ConfigError, load_config
     ("train.log_every=0", "train.log_every: must be at least 1, got 0"),  # not 'never': it divided by zero
     ("train.save_every=-1", "train.save_every: must be at least 0 (0: only at the end), got -1"),
     ("data.num_workers=-2", "data.num_workers: must be at least 0 (0: load in the training process), got -2"),
+    ("train.seed=-1", "train.seed: must be in [0, 4294967295], got -1"),  # was a ValueError from numpy in training
 ])
 def test_step_intervals_and_counts_out_of_range_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value) == message
-    if override.startswith("train.log_every"):
-        with pytest.raises(ConfigError, match=f"^{message}$"):
+    if override.startswith(("train.log_every", "train.seed")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             load_finetune_config(None, [override])
 
 
@@ -122,3 +126,79 @@ def test_fine_tuning_values_out_of_range_are_one_line_errors(override, message):
 def test_timm_policies_of_every_family_are_accepted():
     for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "v0", "original", ""):
         assert load_finetune_config(None, [f"augment.auto_augment={policy}"]).augment.auto_augment == policy
+
+
+# Issue #20: settings derived from the patch grid that no run can train with, refused at load, not after the run
+# dir is written (0 visible patches trained with rc 0; a crop smaller than the patch failed in timm's assert).
+MAE_DEMO = ["model.img_size=32", "model.patch_size=4"]  # an 8x8=64-patch grid
+DINO_DEMO = ["objective=dino", "model.img_size=32", "model.patch_size=8", "dino.local_crops_size=16"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([*MAE_DEMO, "mae.mask_ratio=0.99"],
+     "mae.mask_ratio=0.99 leaves no visible patch of the 8x8=64-patch grid: the highest usable ratio is 0.984375"),
+    (["model.img_size=16", "model.patch_size=8", "mae.mask_ratio=0.8"],
+     "mae.mask_ratio=0.8 leaves no visible patch of the 2x2=4-patch grid: the highest usable ratio is 0.75"),
+    ([*MAE_DEMO, "mae.mask_ratio=1e-17"],
+     "mae.mask_ratio=1e-17 hides no patch of the 8x8=64-patch grid (the loss is over hidden patches): "
+     "hide at least one, 0.015625"),
+    ([*DINO_DEMO, "dino.local_crops_size=4"],
+     "dino.local_crops_size: must be a multiple of model.patch_size 8 (the ViT cuts each crop into whole "
+     "patches), got 4"),
+    ([*DINO_DEMO, "dino.local_crops_size=12"],
+     "dino.local_crops_size: must be a multiple of model.patch_size 8 (the ViT cuts each crop into whole "
+     "patches), got 12"),
+    (["objective=dino", "model.img_size=8", "model.patch_size=16"],  # the global crops: smaller than the patch
+     "model.img_size 8 is not a multiple of model.patch_size 16"),
+    (["model.img_size=16", "model.patch_size=16"],
+     "model.patch_size: a 1x1=1-patch grid leaves MAE no patch to hide besides the one it sees; use a smaller patch "
+     "or a larger model.img_size"),
+    (["model.embed_dim=130", "model.num_heads=2"],  # MAE's fixed encoder position embedding
+     "model.embed_dim: MAE's sin-cos position embedding needs a multiple of 4, got 130"),
+])
+def test_settings_the_patch_grid_can_never_train_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_the_usable_mask_ratio_boundary_is_the_one_mae_masks_with():
+    from ssl_vit.config.pretrain import usable_mask_ratios
+    from ssl_vit.methods.mae.model import random_masking
+
+    for grid in (2, 3, 7, 8, 14, 16, 37):
+        length = grid * grid
+        low, high = usable_mask_ratios(length)
+        for ratio, kept in ((high, True), (math.nextafter(high, 2), False)):
+            assert (random_masking(1, length, ratio)[0].shape[1] >= 1) == kept, (grid, ratio)
+        assert random_masking(1, length, low)[1].sum() >= 1  # hides at least one patch
+    assert load_config(None, [*MAE_DEMO, "mae.mask_ratio=0.984375"]).mae.mask_ratio == 0.984375
+
+
+def test_grid_checks_follow_the_objective():
+    # DINO never masks and MAE never makes local crops: each ignores the other's setting
+    assert load_config(None, [*DINO_DEMO, "mae.mask_ratio=0.99"]).mae.mask_ratio == 0.99
+    assert load_config(None, [*MAE_DEMO, "dino.local_crops_size=6"]).dino.local_crops_size == 6
+    assert load_config(None, ["objective=dino", "model.embed_dim=130", "model.num_heads=2"]).model.embed_dim == 130
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_classes=1", "data.num_classes: 1 class leaves nothing to tell apart (the loss is 0 whatever the "
+                           "image); give at least 2, or null for classes.txt"),
+])
+def test_fine_tuning_settings_that_can_never_train_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_finetune_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_the_cli_refuses_a_grid_setting_in_one_line_before_the_run_dir(tmp_path, capsys):
+    from ssl_vit.cli.main import main
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "mae_demo_tiny", "--set", "mae.mask_ratio=0.99",
+                 "--set", f"train.run_dir={run_dir}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ssl-vit pretrain: error: mae.mask_ratio=0.99 leaves no visible patch of the 8x8=64-patch grid: the highest "
+        "usable ratio is 0.984375")
+    assert not run_dir.exists()

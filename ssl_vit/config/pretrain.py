@@ -1,12 +1,9 @@
-"""Typed, closed configuration: frozen dataclasses, YAML recipes as deltas, `--set a.b=value` overrides.
-
-Defaults are the MAE paper's ViT-B/16 pretraining values; a recipe lists only what differs. Any unknown key
-is an error naming the closest valid one, and any value of the wrong type is an error naming key and type
-(schema.py, on OmegaConf); a value out of its range or choices is one too (`validate`, once, at load).
-"""
+"""The pretraining config: frozen dataclasses (defaults: the MAE paper's ViT-B/16; the comment beside each field
+is its docs/config.md entry), loaded from a YAML recipe and `--set` overrides and checked once, at load."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,79 +140,107 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
 
 def validate(cfg: Config) -> None:
     """The values OmegaConf's types let through but no run can use, each named by key."""
-    checks.check_values(cfg, CHOICES, RANGES, NOTES)
-    for key in SCALES:
-        checks.check_scale(key, checks.lookup(cfg, key))
-    checks.check_run_dir(cfg.train.run_dir)
+    checks.check_values(cfg, CHOICES, RANGES, NOTES, SCALES)
     _check_architecture(cfg)
     _check_data(cfg)
 
 
 def doubtful_settings(cfg: Config) -> list[str]:
-    """Settings that are valid but probably not meant, one line each, for a command to show before it trains.
-    Not errors: a smoke test (`--set train.total_steps=2` of a recipe) or a run to be extended on resume may
-    mean them. Not warnings in `validate` either: every load of a run's config.yaml would repeat them."""
+    """Valid but probably not meant (a smoke test or a run to be extended may mean them), one line each, for a
+    command to show once before it trains; not in `validate`, which every load of a run's config.yaml repeats."""
     t = cfg.train
-    notes = []
-    if t.warmup_steps >= t.total_steps:
-        notes.append(f"train.warmup_steps {t.warmup_steps} >= train.total_steps {t.total_steps}: the lr never gets "
-                     "out of warmup (it stays below its peak for the whole run)")
-    return notes
+    if t.warmup_steps < t.total_steps:
+        return []
+    return [f"train.warmup_steps {t.warmup_steps} >= train.total_steps {t.total_steps}: the lr never gets out of "
+            "warmup (it stays below its peak for the whole run)"]
 
 
 SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale")  # RandomResizedCrop area ranges
 CHOICES = {"objective": ("mae", "dino"), "train.precision": (None, "no", "fp16", "bf16", "auto"),
            "eval.pool": ("cls", "avg")}
 
-# Every number whose nonsense values would not fail on their own but train wrongly or crash late. Intervals as
-# the error shows them; null (where a key takes it) is always allowed, and NOTES says what it (or 0) means.
+# Every number whose nonsense values would not fail on their own but train wrongly or crash late, as the error
+# shows the interval; null (where a key takes it) always passes, and NOTES says what it (or 0) means.
 RANGES = {
-    "model.img_size": "[1, inf)", "model.patch_size": "[1, inf)", "model.embed_dim": "[1, inf)",
-    "model.depth": "[1, inf)", "model.num_heads": "[1, inf)",
+    **dict.fromkeys(("model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
+                     "mae.decoder_dim", "mae.decoder_heads", "dino.hidden_dim", "dino.bottleneck_dim",
+                     "dino.head_layers", "dino.local_crops_size", "data.max_image_pixels", "train.total_steps",
+                     "eval.knn_k", "eval.batch_size"), "[1, inf)"),
+    **dict.fromkeys(("mae.decoder_depth", "dino.warmup_teacher_temp_steps", "dino.freeze_last_layer_steps",
+                     "dino.local_crops_number", "optim.weight_decay_end", "train.warmup_steps", "train.image_every",
+                     "train.save_every", "eval.num_workers"), "[0, inf)"),
+    **dict.fromkeys(("dino.student_temp", "dino.teacher_temp", "dino.warmup_teacher_temp", "eval.knn_temperature"),
+                    "(0, inf)"),
+    **dict.fromkeys(("dino.momentum_teacher", "dino.color_jitter_prob", "dino.grayscale_prob", "dino.blur_probs",
+                     "dino.solarize_prob", "data.max_skip_rate"), "[0, 1]"),
     "model.drop_path_rate": "[0, 1)",  # 1 drops every block and divides by keep-probability 0
     "mae.mask_ratio": "(0, 1)",  # 0 masks no patch: the loss over masked patches is 0 / 0
-    "mae.decoder_dim": "[1, inf)", "mae.decoder_depth": "[0, inf)", "mae.decoder_heads": "[1, inf)",
     "dino.out_dim": "[2, inf)",  # a softmax over one prototype is 1 whatever the image
-    "dino.hidden_dim": "[1, inf)", "dino.bottleneck_dim": "[1, inf)",
-    "dino.head_layers": "[1, inf)", "dino.student_temp": "(0, inf)", "dino.teacher_temp": "(0, inf)",
-    "dino.warmup_teacher_temp": "(0, inf)", "dino.warmup_teacher_temp_steps": "[0, inf)",
     "dino.center_momentum": "[0, 1)",  # 1 never moves the center from 0
-    "dino.momentum_teacher": "[0, 1]", "dino.freeze_last_layer_steps": "[0, inf)",
-    "dino.local_crops_number": "[0, inf)", "dino.local_crops_size": "[1, inf)", "dino.color_jitter_prob": "[0, 1]",
-    "dino.grayscale_prob": "[0, 1]", "dino.blur_probs": "[0, 1]", "dino.solarize_prob": "[0, 1]",
-    "data.max_image_pixels": "[1, inf)", "data.max_skip_rate": "[0, 1]",
-    **checks.SHARED_RANGES, "optim.weight_decay_end": "[0, inf)",
-    "train.total_steps": "[1, inf)", "train.warmup_steps": "[0, inf)", "train.image_every": "[0, inf)",
-    "train.save_every": "[0, inf)",
-    "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.crop_ratio": "(0, 1]",
-    "eval.batch_size": "[1, inf)", "eval.num_workers": "[0, inf)",
+    "eval.crop_ratio": "(0, 1]", **checks.SHARED_RANGES,
 }
 NOTES = {**checks.SHARED_NOTES, "optim.weight_decay_end": "or null: constant",
-         "model.embed_dim": "or null: the timm model's own", "model.depth": "or null: the timm model's own",
-         "model.num_heads": "or null: the timm model's own", "train.warmup_steps": "0: no warmup",
-         "train.image_every": "0: never", "train.save_every": "0: only at the end",
-         "eval.num_workers": "0: load in the evaluating process"}
+         **dict.fromkeys(("model.embed_dim", "model.depth", "model.num_heads"), "or null: the timm model's own"),
+         "train.warmup_steps": "0: no warmup", "train.image_every": "0: never",
+         "train.save_every": "0: only at the end", "eval.num_workers": "0: load in the evaluating process"}
 
 
 def _check_architecture(cfg: Config) -> None:
-    """What timm and the objectives' heads would assert (or divide by) when the model is built."""
-    m = cfg.model
-    if m.img_size % m.patch_size:
+    """What timm and the objectives would assert (or divide by) when the model is built or first sees a batch."""
+    m, d = cfg.model, cfg.dino
+    if m.img_size % m.patch_size:  # also the DINO global crops, whose size it is
         raise ConfigError(f"model.img_size {m.img_size} is not a multiple of model.patch_size {m.patch_size}")
     width, heads = m.embed_dim, m.num_heads
     if (width is None) != (heads is None):  # one is the timm model's own: ask timm (only then: it is slow)
         own = checks.timm_width_and_heads(m.name)
         width, heads = (width or own[0], heads or own[1]) if own else (None, None)
-    if width is not None and heads is not None:
-        checks.check_divides("model.num_heads", heads, "model.embed_dim", width)
-    checks.check_divides("mae.decoder_heads", cfg.mae.decoder_heads, "mae.decoder_dim", cfg.mae.decoder_dim)
+    for key, n, dim_key, dim in (("model.num_heads", heads, "model.embed_dim", width),
+                                 ("mae.decoder_heads", cfg.mae.decoder_heads, "mae.decoder_dim", cfg.mae.decoder_dim)):
+        if n is not None and dim is not None and dim % n:  # attention splits the width evenly (timm asserts it)
+            raise ConfigError(f"{key}: {n} heads do not divide {dim_key} {dim} evenly")
     if cfg.mae.decoder_dim % 4:  # the decoder's fixed 2-D sin-cos position embedding: sin and cos of rows, cols
         raise ConfigError(f"mae.decoder_dim: must be a multiple of 4 (sin-cos position embedding), "
                           f"got {cfg.mae.decoder_dim}")
-    d = cfg.dino
+    if cfg.objective == "mae":
+        _check_mae_grid(m.img_size // m.patch_size, cfg.mae.mask_ratio)
+        if width is not None and width % 4:  # MAE fixes the encoder's position embedding to sin-cos as well
+            raise ConfigError(f"model.embed_dim: MAE's sin-cos position embedding needs a multiple of 4, got {width}")
     if cfg.objective == "dino" and d.local_crops_number and d.local_crops_size > m.img_size:
         raise ConfigError(f"dino.local_crops_size: must be at most model.img_size {m.img_size} (local crops are "
                           f"the small ones), got {d.local_crops_size}")
+    if cfg.objective == "dino" and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
+        raise ConfigError(f"dino.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
+                          f"cuts each crop into whole patches), got {d.local_crops_size}")
+
+
+def usable_mask_ratios(length: int) -> tuple[float, float]:
+    """(a ratio that hides one patch, the highest that keeps one) of a grid of `length` >= 2 patches, by MAE's own
+    count of kept patches, `int(length * (1 - ratio))` (`random_masking`), float rounding included."""
+    def kept(ratio: float) -> int:
+        return int(length * (1 - ratio))
+
+    high = 1 - 1 / length
+    while kept(high) < 1:
+        high = math.nextafter(high, 0)
+    while kept(math.nextafter(high, 1)) >= 1:
+        high = math.nextafter(high, 1)
+    return 1 / length, high
+
+
+def _check_mae_grid(side: int, ratio: float) -> None:
+    """MAE encodes the kept patches and scores the hidden ones: it needs at least one of each."""
+    length, kept = side * side, int(side * side * (1 - ratio))
+    grid = f"{side}x{side}={length}-patch grid"
+    if length < 2:
+        raise ConfigError(f"model.patch_size: a {grid} leaves MAE no patch to hide besides the one it sees; use a "
+                          "smaller patch or a larger model.img_size")
+    low, high = usable_mask_ratios(length)
+    if kept < 1:
+        raise ConfigError(f"mae.mask_ratio={ratio!r} leaves no visible patch of the {grid}: the highest usable "
+                          f"ratio is {high!r}")
+    if kept >= length:
+        raise ConfigError(f"mae.mask_ratio={ratio!r} hides no patch of the {grid} (the loss is over hidden "
+                          f"patches): hide at least one, {low!r}")
 
 
 def _check_data(cfg: Config) -> None:
@@ -234,11 +259,8 @@ def _check_data(cfg: Config) -> None:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config; loading it back with `load_config(path)` gives the same Config.
-
-    Atomic (temp file, then rename): a run dir's config.yaml is what export and resume rebuild the model from,
-    so a write killed half-way must leave the old one whole.
-    """
+    """Write the resolved config (`load_config(path)` gives it back), atomically: export and resume rebuild the
+    model from a run dir's config.yaml, so a write killed half-way must leave the old one whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,16 +10,10 @@ from pathlib import Path
 from typing import Any
 
 DEMO_RECIPE = "mae_demo_tiny.yaml"
-
-
-def _recipes_dir() -> Path:
-    """recipes/ of a source checkout (editable install), else the copy a wheel installs under
-    <prefix>/share/ssl_vit/recipes (pyproject's data-files)."""
-    checkout = Path(__file__).resolve().parents[2] / "recipes"
-    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "ssl_vit" / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+# recipes/ of a source checkout (editable install), else the copy a wheel installs (pyproject's data-files)
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+if not RECIPES_DIR.is_dir():
+    RECIPES_DIR = Path(sys.prefix) / "share" / "ssl_vit" / "recipes"
 
 
 def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
@@ -42,35 +36,27 @@ def recipe_path(recipe: str | None, default: str = DEMO_RECIPE) -> Path:
 
 
 def load_any_config(recipe: str | None, overrides: Sequence[str]) -> tuple[str, Any]:
-    """("pretrain" | "finetune", config) of a recipe with its overrides, loaded by the schema their keys belong
-    to (`recipe_kind`); its errors are then that schema's (a misspelled key is named against the right keys)."""
+    """("pretrain" | "finetune", config) of a recipe with its overrides, loaded by the schema more of their keys
+    belong to (`finetune_votes`), whose errors then name a misspelled key against the right keys."""
     from ssl_vit.config.finetune import load_finetune_config
     from ssl_vit.config.pretrain import load_config
 
     path = recipe_path(recipe)
-    if recipe_kind(path, overrides) == "finetune":
+    if finetune_votes(path, overrides) > 0:
         return "finetune", load_finetune_config(path, overrides)
     return "pretrain", load_config(path, overrides)
 
 
-def recipe_kind(path: Path, overrides: Sequence[str] = ()) -> str:
-    """"finetune" when more of the keys in the recipe and the overrides exist only in the fine-tuning schema
-    (data.val, model.backbone, augment.*) than only in the pretraining one (objective, mae.*, train.total_steps),
-    else "pretrain". Misspelled keys are in neither, so they do not sway it."""
-    return "finetune" if finetune_votes(path, overrides) > 0 else "pretrain"
-
-
 def finetune_votes(path: Path, overrides: Sequence[str]) -> int:
-    """Keys only the fine-tuning schema has minus keys only the pretraining one has (see `recipe_kind`)."""
-    import yaml
-
+    """Keys of the recipe and the overrides that only the fine-tuning schema has (data.val, augment.*) minus those
+    only the pretraining one has (objective, mae.*); misspelled keys are in neither, so they do not sway it."""
     from ssl_vit.config.finetune import FinetuneConfig
     from ssl_vit.config.pretrain import Config
-    from ssl_vit.config.schema import field_types
+    from ssl_vit.config.schema import ConfigError, field_types, read_recipe
 
     try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable: load_config says why
+        data = read_recipe(path)
+    except (ConfigError, OSError):  # not a readable recipe: loading it says why
         data = None
     keys = [o.split("=", 1)[0].strip() for o in overrides] + _leaf_keys(data)
     finetune, pretrain = set(field_types(FinetuneConfig)), set(field_types(Config))

@@ -1,9 +1,6 @@
-"""The config reference (docs/config.md), generated from the dataclasses' own field comments and the value
-checks' tables.
-
-The comments beside each field in pretrain.py and its CHOICES / RANGES / SCALES are the single source:
-`python tools/config_reference.py` rewrites the doc, and a test fails when the checked-in doc no longer matches.
-"""
+"""docs/config.md's tables, generated from the comment beside each field in pretrain.py and its CHOICES / RANGES /
+SCALES (`python tools/config_reference.py`; a test fails when the checked-in doc is stale). The prose above the
+first table is the doc's own and is kept as it is."""
 
 from __future__ import annotations
 
@@ -11,43 +8,20 @@ import dataclasses
 import inspect
 import re
 import typing
+from pathlib import Path
 
 from ssl_vit.config.pretrain import CHOICES, RANGES, SCALES, Config
 from ssl_vit.config.schema import type_name
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 _FIELD = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
-
-HEADER = """# Config reference
-
-Every key a recipe or `--set section.key=value` can set, with its default and meaning. Defaults are the MAE
-paper's ViT-B/16 pretraining values; a recipe lists only what differs. Generated from `ssl_vit/config/pretrain.py` by
-`python tools/config_reference.py` — edit the comments there, not this file.
-
-An unknown key is an error naming the closest valid one; a value of the wrong type, or outside the values the
-table gives (an interval, or the choices), is an error naming the key. Values are literal: an OmegaConf
-interpolation (`${...}`) is refused. `ssl-vit config RECIPE [--set ...]` prints the resolved config.
-"""
-
-
-def _comments(cls: type) -> dict[str, str]:
-    found = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = _FIELD.match(line)
-        if match:
-            found[match.group(1)] = match.group(2).strip()
-    return found
+_FIRST_TABLE = "\n## top level\n"
 
 
 def _default(f: dataclasses.Field) -> str:
-    value = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(value, tuple):
-        value = list(value)
+    value = list(f.default) if isinstance(f.default, tuple) else f.default
     text = repr(value) if isinstance(value, str) else str(value)
     return "null" if value is None else text.replace("True", "true").replace("False", "false")
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def _values(key: str) -> str:
@@ -56,24 +30,24 @@ def _values(key: str) -> str:
     return "[min, max] in (0, 1]" if key in SCALES else RANGES.get(key, "")
 
 
-def _row(key: str, tp: object, f: dataclasses.Field, comment: str) -> str:
-    return f"| `{key}` | {_cell(type_name(tp))} | {_values(key)} | `{_default(f)}` | {_cell(comment)} |"
+def _table(title: str, cls: type, prefix: str) -> str:
+    """One section's leaf keys: type, allowed values, default and the field's comment."""
+    hints = typing.get_type_hints(cls)
+    comments = dict(m.groups() for m in map(_FIELD.match, inspect.getsource(cls).splitlines()) if m)
+    def cell(text: str) -> str:
+        return text.strip().replace("|", "\\|")
+
+    rows = [f"| `{prefix}{f.name}` | {cell(type_name(hints[f.name]))} | {_values(prefix + f.name)} | `{_default(f)}` "
+            f"| {cell(comments.get(f.name, ''))} |" for f in dataclasses.fields(cls)
+            if not dataclasses.is_dataclass(hints[f.name])]
+    return "\n".join([f"\n## {title}\n\n| key | type | values | default | meaning |\n|---|---|---|---|---|", *rows])
 
 
 def render_reference() -> str:
-    """Markdown: one table per config section."""
-    out = [HEADER]
-    top_hints = typing.get_type_hints(Config)
-    top_comments = _comments(Config)
-    scalars = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(top_hints[f.name])]
-    out.append("## top level\n\n| key | type | values | default | meaning |\n|---|---|---|---|---|")
-    out += [_row(f.name, top_hints[f.name], f, top_comments.get(f.name, "")) for f in scalars]
-    for section in dataclasses.fields(Config):
-        cls = top_hints[section.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        hints, comments = typing.get_type_hints(cls), _comments(cls)
-        out.append(f"\n## {section.name}\n\n| key | type | values | default | meaning |\n|---|---|---|---|---|")
-        for f in dataclasses.fields(cls):
-            out.append(_row(f"{section.name}.{f.name}", hints[f.name], f, comments.get(f.name, "")))
-    return "\n".join(out) + "\n"
+    """The whole doc: its own prose, then one table per config section."""
+    text = DOC.read_text(encoding="utf-8") if DOC.is_file() else "# Config reference\n"
+    hints = typing.get_type_hints(Config)
+    tables = [_table("top level", Config, "")] + [_table(f.name, hints[f.name], f"{f.name}.")
+                                                  for f in dataclasses.fields(Config)
+                                                  if dataclasses.is_dataclass(hints[f.name])]
+    return "\n".join([text.split(_FIRST_TABLE)[0].rstrip("\n"), *tables]) + "\n"

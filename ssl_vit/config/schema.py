@@ -1,14 +1,9 @@
-"""The closed-schema machinery behind `load_config` and `load_finetune_config`, on OmegaConf structured configs:
-the frozen dataclasses are the schema, a YAML recipe and `--set a.b=value` overrides merge into it (OmegaConf
-refuses unknown keys and converts or refuses values by type), and `to_object` gives the dataclass back. Its errors
-become one-line `ConfigError`s naming the full key and, for a misspelled one, the closest valid key.
-
-Ours still: the YAML reading (`safe_load`, a key given twice refused), `--set` text read by its key's type, and
-the values OmegaConf would take but misread (`_check_values`: interpolations above all, refused, never resolved).
-"""
+"""The closed schema behind `load_config` and `load_finetune_config`: OmegaConf structured configs over the frozen
+dataclasses, its errors turned into one-line `ConfigError`s (docs/config.md, "How a config is loaded")."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import typing
@@ -44,15 +39,12 @@ def _takes_text(tp: Any) -> bool:
 
 
 def _unknown_key(key: str, root: type) -> ConfigError:
-    """`key` is the full dotted key the user wrote (`optm.base_lr`, not just the section `optm`)."""
+    """`key`: the full dotted key the user wrote (`optm.base_lr`, not just the section `optm`)."""
     valid = list(field_types(root))
     if "." not in key:  # a bare word may be a misspelled section (`--set optm={...}`)
         valid += sorted({k.split(".")[0] for k in valid if "." in k})
-    # A known leaf name under a wrong or misspelled section: the one whose section is close to what was written
-    # (`evl.batch_size` → eval's, `dat.batch_size` → data's); when none is (`train.batch_size`, a bare
-    # `batch_size`), every key with that leaf, as guessing one would quietly set the wrong thing. Otherwise the
-    # closest full key.
-    # Schema keys are lower case: match on the lower-cased key (`model.IMG_SIZE` → `model.img_size`).
+    # A known leaf under a wrong section: the key whose section is close to what was written, else every key with
+    # that leaf (guessing one would quietly set the wrong thing); otherwise the closest full key. Keys are lower case.
     section, _, leaf = key.lower().rpartition(".")
     leaf_matches = [k for k in valid if k.rpartition(".")[2] == leaf]
     if leaf_matches:
@@ -81,10 +73,8 @@ def _reads_as_float(value: Any) -> bool:
 
 
 def _check_values(cls: type, data: dict[str, Any], prefix: str = "") -> None:
-    """What OmegaConf would take but mean something else by: `${...}` (it would resolve it: interpolations can
-    read environment variables and call resolvers), `???` (missing: the default stays), a non-string in a str key
-    (a YAML `no` would become 'False'), a tuple of another length (OmegaConf < 2.4 takes any; 2.4 names no key).
-    Unknown keys are left to OmegaConf."""
+    """What OmegaConf would take but mean something else by: `${...}` (resolved: it can read the environment),
+    `???` (the default stays), a non-string in a str key (`no` → 'False'), a tuple of another length (< 2.4)."""
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         key, tp = f"{prefix}{name}", hints.get(name)
@@ -111,10 +101,8 @@ def _check_values(cls: type, data: dict[str, Any], prefix: str = "") -> None:
 
 
 def _parse_override(item: str, types: dict[str, Any]) -> tuple[list[str], Any]:
-    """`key=value`: a str key takes the text verbatim (brace patterns stay intact; `null`, `~` or nothing mean
-    None where the key takes it); any other key reads it as YAML, so numbers, bools, null and [a, b] lists mean
-    what they mean in a recipe. Not OmegaConf's dotlist, which reads every value as YAML (`{a,b}.tar` a mapping,
-    `no` a bool)."""
+    """`key=value`: a str key takes the text verbatim (`null`, `~` or nothing: None where it may be), any other
+    reads it as YAML. Not OmegaConf's dotlist, which reads all as YAML (`{a,b}.tar` a mapping, `no` a bool)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, text = item.split("=", 1)
@@ -162,34 +150,41 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
-    """YAML lets a later `key:` silently replace an earlier one in the same mapping (`objective: mae` ...
-    `objective: dino`): refuse it, naming the full key and both lines, as one of them is a mistake."""
-    if isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, path, prefix)
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        key = f"{prefix}{key_node.value}"
-        line = key_node.start_mark.line + 1
-        if key in seen and key_node.value != "<<":  # `<<` merge keys may repeat
-            raise ConfigError(f"{path}: key {key!r} is set twice (lines {seen[key]} and {line}); remove one")
-        seen[key] = line
-        _refuse_duplicate_keys(value_node, path, f"{key}.")
+def _refuse_duplicate_keys(root: yaml.Node | None, path: Path, limit: int = 100_000) -> None:
+    """A later `key:` silently replaces an earlier one in YAML: refuse it, as one of them is a mistake. Also refuse
+    aliases that expand to more than `limit` values (a "billion laughs" file would hang this walk and the merge)."""
+    todo, visited = collections.deque([(root, "")]), 0
+    while todo:
+        node, prefix = todo.popleft()
+        visited += 1
+        if visited > limit:
+            raise ConfigError(f"{path}: not a recipe (its YAML aliases expand to over {limit} values)")
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend((item, prefix) for item in node.value)
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+            if key in seen and key_node.value != "<<":  # `<<` merge keys may repeat
+                raise ConfigError(f"{path}: key {key!r} is set twice (lines {seen[key]} and {line}); remove one")
+            seen[key] = line
+            todo.append((value_node, f"{key}."))
 
 
-def _lookup(data: Any, key: str) -> Any:
+def lookup(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (`optim.lr`) in a config dataclass."""
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _first_leaf(data: dict[str, Any], key: str) -> str:
+    """The first full key the user wrote under an unknown `key` (`optm` + {"base_lr": 1} → `optm.base_lr`)."""
     for part in key.split("."):
         data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def _first_leaf(key: str, value: Any) -> str:
-    """The first full key under an unknown section (`optm` + {"base_lr": 1} → `optm.base_lr`)."""
-    while isinstance(value, dict) and value:
-        name, value = next(iter(value.items()))
+    while isinstance(data, dict) and data:
+        name, data = next(iter(data.items()))
         key = f"{key}.{name}"
     return key
 
@@ -214,10 +209,8 @@ def _tuples(cfg: T) -> T:
 
 def load_dataclass(cls: type[T], recipe: str | Path | None = None,
                    overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults of the frozen dataclass `cls` ← recipe (if any) ← `key=value` overrides, type-checked.
-
-    The overrides are merged into the recipe before anything is checked, so one can fix a recipe's bad value.
-    """
+    """Defaults of `cls` ← recipe (if any) ← `key=value` overrides (merged before any check: they may fix a
+    recipe's bad value), type-checked."""
     data = read_recipe(recipe) if recipe is not None else {}
     types = field_types(cls)
     for item in overrides:
@@ -228,10 +221,10 @@ def load_dataclass(cls: type[T], recipe: str | Path | None = None,
     try:
         return _tuples(OmegaConf.to_object(OmegaConf.merge(schema, data)))
     except ConfigKeyError as err:
-        raise _unknown_key(_first_leaf(err.full_key, _lookup(data, err.full_key)), cls) from None
+        raise _unknown_key(_first_leaf(data, err.full_key), cls) from None
     except OmegaConfBaseException as err:
         if err.full_key in types:
-            raise _type_error(err.full_key, _lookup(data, err.full_key), types[err.full_key]) from None
+            raise _type_error(err.full_key, err.value, types[err.full_key]) from None
         raise ConfigError(f"{err.full_key or cls.__name__}: {str(err).splitlines()[0]}") from None
 
 
@@ -241,13 +234,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(cfg)}
 
 
-def _flat(cfg: Any) -> dict[str, Any]:
-    tree = to_dict(cfg)
-    return {key: _lookup(tree, key) for key in field_types(type(cfg))}
-
-
 def differences(old: Any, new: Any, prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """`key: old → new` for every key starting with one of `prefixes` whose value differs between two configs."""
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-            if k.startswith(prefixes) and a.get(k) != b.get(k)]
+    def shown(cfg: Any, key: str) -> str:
+        value = lookup(cfg, key)
+        return repr(list(value) if isinstance(value, tuple) else value)
+
+    return [f"{k}: {shown(old, k)} → {shown(new, k)}" for k in sorted(field_types(type(old)))
+            if k.startswith(prefixes) and lookup(old, k) != lookup(new, k)]
