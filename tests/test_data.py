@@ -147,10 +147,11 @@ def test_decode_sample_reasons() -> None:
         with pytest.raises(SampleError) as err:
             decode_sample(sample, pixels)
         assert err.value.reason == reason
-    for cls in (b"-1", b"\xff"):
+    for cls in (b"-1", b"\xff", b"9" * 19, b"1" * 5000):  # past int64 (or Python's digit limit): a counted skip
         with pytest.raises(SampleError) as err:
             read_label(cls)
         assert err.value.reason == "bad_label"
+    assert read_label(b"9" * 18) == 10**18 - 1
 
 
 def test_resolve_shards_forms(tmp_path: Path) -> None:
@@ -219,3 +220,11 @@ def test_views_and_transforms() -> None:
     assert eval_transform(32, 1.0)(Image.new("RGB", (64, 64))).shape == (3, 32, 32)
     back = denormalize(eval_transform(8, 1.0)(img).unsqueeze(0))
     assert torch.allclose(back[0, :, 4, 4], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-2)
+
+
+def test_a_shard_spec_that_is_a_fifo_or_device_is_refused_unread(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "f.tar")
+    os.symlink("/dev/zero", tmp_path / "list.txt")
+    for name in ("f.tar", "list.txt"):
+        with pytest.raises(FileNotFoundError, match=f"^shard {tmp_path / name} is not a regular file$"):
+            resolve_shards(str(tmp_path / name))

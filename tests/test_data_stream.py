@@ -19,6 +19,7 @@ from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data import shards
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.shards import eval_stream, share_of_shards, train_stream
+from ssl_vit.data.tar_samples import NoUsableSamples
 from ssl_vit.data.transforms import eval_transform
 from ssl_vit.data.writer import write_samples
 from ssl_vit.methods.mae.transforms import mae_views
@@ -150,6 +151,41 @@ def test_train_stream_gives_up_on_unreadable_data(tmp_path: Path, monkeypatch: p
                           rank=0, world_size=1, seed=0)
     with pytest.raises(ValueError, match="no usable sample"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["empty", "random", "no_image"])
+def test_an_unusable_lone_shard_warns_once_and_ends_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture, kind: str,
+                                                                 num_workers: int) -> None:
+    # issue #20: a resampled bad shard warned on every pass, then a worker's traceback came through as the error
+    monkeypatch.setattr(shards, "_MAX_FRUITLESS", 50)
+    shard = tmp_path / f"{kind}.tar"
+    if kind == "no_image":
+        _write_tar(shard, [(f"s{i}.txt", b"hello") for i in range(5)])
+    else:
+        shard.write_bytes(b"" if kind == "empty" else torch.randint(256, (20_000,), dtype=torch.uint8,
+                                                                   generator=torch.Generator().manual_seed(0))
+                          .numpy().tobytes())
+    cfg = DataConfig(train=str(shard), batch_size=2, num_workers=num_workers, shuffle_buffer=10)
+    with caplog.at_level("WARNING", logger="ssl_vit.data.tar_samples"), pytest.raises(NoUsableSamples) as err:
+        next(iter(train_stream(cfg, eval_transform(8, 1.0), rank=0, world_size=1, seed=0)))
+    reasons = "no_image=51" if kind == "no_image" else "read_error=51"
+    assert str(err.value) == (f"no usable sample in {shard}: 51 skipped in a row ({reasons}); are they tar shards "
+                              "of jpg/png/webp images?")
+    if num_workers == 0:  # a worker's log records do not reach caplog
+        why = {"empty": "empty file", "random": "invalid header"}.get(kind)
+        assert caplog.messages == ([f"skipping the rest of shard {shard} after a read error: {why}"] if why else [])
+
+
+def test_the_give_up_message_names_at_most_three_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "_MAX_FRUITLESS", 20)
+    for i in range(5):
+        _write_tar(tmp_path / f"{i}.tar", [])  # valid and empty: no skip reason, but no progress either
+    cfg = DataConfig(train=str(tmp_path), batch_size=2, num_workers=0, shuffle_buffer=0)
+    with pytest.raises(NoUsableSamples, match=r"^no usable sample in (\S+\.tar, ){2}\S+\.tar and 2 more shards: 21 "
+                                              r"skipped in a row \(empty shards\); are"):
+        next(iter(train_stream(cfg, eval_transform(8, 1.0), rank=0, world_size=1, seed=0)))
 
 
 def test_train_stream_is_endless_and_batched(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from PIL import Image
 
 from ssl_vit.config.pretrain import ConfigError, DataConfig, load_config
 from ssl_vit.data import shards
-from ssl_vit.data.collate import collate
 from ssl_vit.data.device import decode as device_decode
 from ssl_vit.data.device.augment import CheapView
 from ssl_vit.data.device.decode import (
@@ -24,7 +23,7 @@ from ssl_vit.data.device.decode import (
     unpack_payloads,
 )
 from ssl_vit.data.samples import SKIP_REASONS, SampleError
-from ssl_vit.data.shards import DecodeStage, SkipCounter, train_stream
+from ssl_vit.data.shards import DecodeStage, SkipCounter, collate, train_stream
 from ssl_vit.data.writer import write_samples
 from ssl_vit.training.loop import pretrain
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import recursively_apply, send_to_device
 from PIL import Image
 from tqdm import tqdm
 
@@ -15,20 +16,10 @@ from ssl_vit.data.device.decode import decoded_batches
 from ssl_vit.data.shards import train_stream
 
 
-def _tree_map(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
-    """`fn` of every tensor in `batch` (nested dicts, lists, tuples); anything else as it is."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return {k: _tree_map(fn, v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_tree_map(fn, v) for v in batch)
-    return batch
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in `batch` moved to `device` without blocking the host (pinned memory on CUDA)."""
-    return _tree_map(lambda t: t.to(device, non_blocking=True), batch)
+    """Every tensor in `batch` (nested dicts, lists, tuples) moved to `device` without blocking the host (pinned
+    memory on CUDA)."""
+    return send_to_device(batch, device, non_blocking=True)
 
 
 class DevicePrefetcher:
@@ -53,7 +44,7 @@ class DevicePrefetcher:
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.copy_stream)  # the step's kernels start once its copy is done
         # allocated on the copy stream, used on this one: its memory must not go to the next copy while in use
-        _tree_map(lambda t: t.record_stream(current), batch)
+        recursively_apply(lambda t: t.record_stream(current), batch)
         try:
             self.ahead = self._copy_next()  # the next copy runs while this batch trains
         except StopIteration:  # a finite stream: this was its last batch

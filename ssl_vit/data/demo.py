@@ -121,8 +121,7 @@ def ensure_demo_data(root: str | Path | None = None, *, n_train: int = 20_000, n
     if min(sizes.values()) < 1:
         raise ValueError(f"demo split sizes must be ≥ 1, got {sizes}")
     if root is None:
-        cache = os.environ.get("SSL_VIT_CACHE")
-        root = Path(cache) / "demo" if cache else Path.home() / ".cache" / "ssl_vit" / "demo"
+        root = Path(os.environ.get("SSL_VIT_CACHE") or Path.home() / ".cache" / "ssl_vit") / "demo"
     final = Path(root).expanduser() / f"v{_VERSION}-{n_train}-{n_knn_train}-{n_knn_val}"
     marker = final / "demo.json"
     if not marker.is_file():

@@ -26,25 +26,30 @@ class SampleError(ValueError):
 
 def decode_sample(sample: dict, max_image_pixels: int) -> Image.Image:
     """The RGB image of a raw sample; SampleError(reason) if unusable. Images above `max_image_pixels` are refused
-    from their header (PIL's own bomb check still applies on top)."""
+    from their header (`open_image`)."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None or not isinstance(sample[ext], (bytes, bytearray, memoryview)):
         raise SampleError("no_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
     try:
-        with warnings.catch_warnings():
-            # our own pixel limit below decides; PIL's warning threshold would silently override a larger one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(sample[ext]), formats=FORMATS)
-            if img.width * img.height > max_image_pixels:
-                raise SampleError("too_large", f"{img.width}x{img.height} > {max_image_pixels} pixels")
-            rgb = to_rgb(img)  # forces the full decode: truncated data fails here, not in a transform
+        return to_rgb(open_image(sample[ext], max_image_pixels))  # the full decode: truncated data fails here
     except SampleError:
         raise
     except Image.DecompressionBombError as err:
         raise SampleError("too_large", str(err)) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for broken data
         raise SampleError("corrupt_image", f"{type(err).__name__}: {err}") from None
-    return rgb
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """`data` opened as a JPEG, PNG or WEBP (its header read, not decoded); SampleError("too_large") above
+    `max_pixels` (PIL's own bomb check still applies on top)."""
+    with warnings.catch_warnings():
+        # our own pixel limit decides; PIL's warning threshold would silently override a larger one
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    if img.width * img.height > max_pixels:
+        raise SampleError("too_large", f"{img.width}x{img.height} > {max_pixels} pixels")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -66,6 +71,6 @@ def read_label(data: Any) -> int | None:
         text = bytes(data).decode("ascii").strip()
     except (TypeError, UnicodeDecodeError):
         raise SampleError("bad_label", "cls member is not ASCII text") from None
-    if not text.isdigit():
-        raise SampleError("bad_label", f"cls {text[:20]!r} is not a non-negative integer")
+    if not text.isdigit() or len(text) > 18:  # past int64, collation fails inside a loader worker
+        raise SampleError("bad_label", f"cls {text[:20]!r} is not a non-negative integer below 10^18")
     return int(text)

@@ -49,8 +49,8 @@ def _resolve_local(entry: str, allow_pipe: bool, base: Path | None) -> list[str]
         if not shards:
             raise ValueError(f"no *.tar shards in directory {path}")
         return shards
-    if not path.is_file():
-        raise FileNotFoundError(f"shard not found: {path}")
+    if not path.is_file():  # a FIFO or device would block or never end the read
+        raise FileNotFoundError(f"shard {path} is not a regular file" if path.exists() else f"shard not found: {path}")
     if path.suffix.lower() != ".txt":
         return [str(path)]
     if base is not None:

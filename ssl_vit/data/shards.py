@@ -1,8 +1,12 @@
-"""WebDataset train and eval loaders: safe decoding, bad samples skipped and counted per reason (docs/data.md)."""
+"""WebDataset train and eval loaders: safe decoding, bad samples skipped and counted per reason, batches collated,
+stop signals left to the main process (docs/data.md)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -11,15 +15,13 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ssl_vit.config.pretrain import DataConfig
-from ssl_vit.data.collate import collate
-from ssl_vit.data.device.decode import decode_on_host, jpeg_payload, torchvision_decodes_jpeg
+from ssl_vit.data.device.decode import decode_on_host, jpeg_payload, pack_payloads, torchvision_decodes_jpeg
 from ssl_vit.data.samples import SampleError, decode_sample, read_label
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.tar_samples import SkipCounter, TarSamples
-from ssl_vit.data.worker_signals import leave_stop_signals_to_the_main_process
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,9 @@ class DecodeStage:
             except SampleError as err:
                 log.debug("skipping sample %s: %s", sample.get("__key__"), err)
                 if sample.get("__cut__") and err.reason in _TEAR:  # counted as the shard's read_error already
-                    self.counter.no_progress()
+                    self.counter.no_progress(sample.get("__url__"))
                 else:
-                    self.counter.add(err.reason)
+                    self.counter.add(err.reason, sample.get("__url__"))
                 continue
             if held is not None:
                 yield {**held, "skipped": self.counter.take()}
@@ -122,6 +124,43 @@ def _shard_dicts(urls: list[str]) -> Iterator[dict]:
     info = torch.utils.data.get_worker_info()
     mine = urls if info is None else urls[info.id::info.num_workers]
     return (dict(url=u) for u in mine)
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """`default_collate` of the samples, skip counts as one LongTensor (B, reasons); JPEG payloads packed into
+    one "jpeg" tensor (`pack_payloads`); a lone skip-count sample makes a batch of no images and no keys."""
+    skipped = torch.tensor([s["skipped"] for s in samples], dtype=torch.long)
+    first = samples[0]
+    if first["image"] is None and first.get("key", "") is None:  # lone skip counts
+        return {"image": torch.empty(0), "skipped": skipped, "label": torch.empty(0, dtype=torch.long), "key": []}
+    batch = default_collate([{k: v for k, v in s.items() if k not in ("image", "jpeg", "skipped")} for s in samples])
+    batch["skipped"] = skipped
+    if "jpeg" in first:
+        decoded = [s["image"] for s in samples if s["image"] is not None]
+        batch["image"] = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
+        batch["jpeg"], batch["jpeg_sizes"] = pack_payloads([s["jpeg"] for s in samples])
+    else:
+        batch["image"] = default_collate([s["image"] for s in samples])
+    return batch
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: SIGINT ignored, SIGTERM obeyed only from the parent (docs/data.md), so
+    a Ctrl-C or SLURM signal to the whole group never kills a worker before the trainer stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    # blocked before any thread starts (they inherit the mask): only the thread below accepts it, and sees who sent it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_the_parents_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _end_on_the_parents_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # what torch's own worker handler does on its parent's SIGTERM
 
 
 def train_stream(cfg: DataConfig, views: Callable[[Image.Image], Any], *, rank: int, world_size: int,

@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
 
 
+class NoUsableSamples(ValueError):
+    """A stream that finds no usable sample, in one line also where torch re-raises it from a loader worker."""
+
+    def __init__(self, message: str) -> None:
+        # torch re-raises a worker's error as its type, built from "Caught ... Original Traceback ...": keep our line
+        super().__init__(message.rpartition(f"{NoUsableSamples.__name__}: ")[2].strip())
+
+
 class SkipCounter:
     """Per-worker skip counts; each yielded sample takes those since the previous one, so summing
     `batch["skipped"]` gives exact totals without an inter-process channel."""
@@ -25,33 +33,42 @@ class SkipCounter:
         self.pending = [0] * len(SKIP_REASONS)
         self.read_errors = 0  # all time: tells `TarSamples` that a shard broke off
         self.fruitless = 0  # failures (and empty shards) since the last good sample
+        self.fruitless_shards: set[str] = set()  # where they came from, for the give-up message
+        self.warned: set[str] = set()  # shards whose read error was logged: a resampled shard warns once
         self.give_up_after = give_up_after
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, url: str | None = None) -> None:
         self.pending[SKIP_REASONS.index(reason)] += 1
-        self.no_progress()
+        self.no_progress(url)
 
-    def no_progress(self) -> None:
+    def no_progress(self, url: str | None = None) -> None:
         self.fruitless += 1
+        self.fruitless_shards.add(url or "<unknown>")
         if self.give_up_after is not None and self.fruitless > self.give_up_after:
-            counts = dict(zip(SKIP_REASONS, self.pending, strict=True))
-            raise ValueError(f"no usable sample in the last {self.give_up_after} tries (skips since the last "
-                             f"good one: {counts}); the shards look unreadable")
+            names = sorted(self.fruitless_shards)
+            where = ", ".join(names[:3]) + (f" and {len(names) - 3} more shards" if len(names) > 3 else "")
+            reasons = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, self.pending, strict=True) if n)
+            raise NoUsableSamples(f"no usable sample in {where}: {self.fruitless} skipped in a row "
+                                  f"({reasons or 'empty shards'}); are they tar shards of jpg/png/webp images?")
 
     def take(self) -> list[int]:
         out = self.pending
         self.pending = [0] * len(SKIP_REASONS)
         self.fruitless = 0
+        self.fruitless_shards = set()
         return out
 
     def read_error(self, exn: Exception, url: str | None = None) -> bool:
-        """webdataset handler: count, log, and stop reading this shard (its earlier samples are kept)."""
+        """webdataset handler: count, log (once per shard), and stop reading this shard (its earlier samples are
+        kept)."""
         # webdataset appends the stream and URL to an error's args, and " @ <stream>" to its message
         message = str(exn.args[0] if exn.args and isinstance(exn.args[0], str) else exn)
-        log.warning("skipping the rest of shard %s after a read error: %s", url or "<unknown>",
-                    message.removesuffix(f" @ {url}"))
+        url = url or "<unknown>"
+        (log.debug if url in self.warned else log.warning)(
+            "skipping the rest of shard %s after a read error: %s", url, message.removesuffix(f" @ {url}"))
+        self.warned.add(url)
         self.read_errors += 1
-        self.add("read_error")
+        self.add("read_error", url)
         return False
 
 
@@ -94,29 +111,25 @@ class TarSamples:
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
-            errors, last, opened = self.counter.read_errors, None, []
+            errors, last, opened = self.counter.read_errors, None, []  # opened: this shard's source, if it opens
             handler = partial(self.counter.read_error, url=shard.get("url"))  # so that its warning names the shard
             try:
-                sources = self._watched(url_opener([dict(shard)], handler=handler), opened)
-                for sample in group_by_keys(tar_file_expander(sources, handler=handler), handler=handler):
+                opened = [{**source, "stream": _WatchedStream(source["stream"], source["url"])}
+                          for source in url_opener([dict(shard)], handler=handler)]
+                for sample in group_by_keys(tar_file_expander(opened, handler=handler), handler=handler):
                     if last is not None:
                         yield last
                     last = sample
-                damage = opened[0].damage() if opened and self.counter.read_errors == errors else None
+                damage = opened[0]["stream"].damage() if opened and self.counter.read_errors == errors else None
             finally:
-                for stream in opened:
-                    stream.close()
+                for source in opened:
+                    source["stream"].close()
             if damage is not None:
                 handler(tarfile.ReadError(damage))
             if last is None:
-                self.counter.no_progress()  # an empty shard must not let a resampled stream spin forever
+                if self.counter.read_errors == errors:  # an empty shard must not let a stream spin forever
+                    self.counter.no_progress(shard.get("url"))
                 continue
             if self.counter.read_errors != errors:
                 last["__cut__"] = True
             yield last
-
-    @staticmethod
-    def _watched(sources: Iterable[dict], opened: list[_WatchedStream]) -> Iterator[dict]:
-        for source in sources:
-            opened.append(_WatchedStream(source["stream"], source["url"]))
-            yield {**source, "stream": opened[-1]}

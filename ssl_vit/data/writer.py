@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
 import random
 import re
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +16,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ssl_vit.data.samples import FORMATS, to_rgb
+from ssl_vit.config.pretrain import DataConfig
+from ssl_vit.data.samples import SampleError, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
+MAX_FILE_BYTES = 256 << 20  # larger source files are skipped unread: raw RGB at the readers' pixel limit
 _EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # stored member extension
 # webdataset's `tar_file_iterator` (skip_meta): members named like this are metadata, never read as samples
 _META = re.compile(r"__[^/]*__($|/)")
@@ -42,30 +44,42 @@ def shard_pattern(out: str | Path, prefix: str, n_shards: int) -> str:
 def write_samples(samples: Iterable[dict], out: str | Path, prefix: str = "train", max_count: int = 10_000,
                   max_size: int = 1 << 30) -> int:
     """Write {"__key__": str, ext: bytes, ...} samples to out/{prefix}-%06d.tar (byte-identical for the same
-    samples); returns the number of shards."""
+    samples); returns the number of shards. Shards get their names only once all are written: a killed run leaves
+    only hidden `.{prefix}-*.tar.part` files, which the next run into `out` removes."""
     out = Path(out)
     if not prefix or "/" in prefix or "%" in prefix:
         raise ValueError(f"shard prefix must be a plain name without '/' or '%', got {prefix!r}")
     if max_count < 1 or max_size < 1:
         raise ValueError(f"max_count and max_size must be ≥ 1, got {max_count} and {max_size}")
-    existing = sorted(out.glob(f"{prefix}-*.tar")) if out.is_dir() else []
+    existing = sorted(out.glob(f"{glob.escape(prefix)}-*.tar")) if out.is_dir() else []
     if existing:
         raise ValueError(f"{out} already holds {prefix} shards ({existing[0].name}, ...); "
                          "choose an empty directory or another prefix")
     out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out).replace("%", "%%") + f"/{prefix}-%06d.tar"
-    writer = None  # opened lazily: ShardWriter creates its first (possibly empty) shard on construction
+    _remove_parts(out, prefix)  # of a killed run
+    writer, n_shards = None, None  # opened lazily: ShardWriter creates its first shard on construction
     try:
         for sample in samples:
             if writer is None:
                 # PAX: member names longer than ustar's 100 characters; int mtime: no per-member pax header
-                writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0,
-                                         encoder=False, mtime=0, format="PAX_FORMAT")
+                writer = wds.ShardWriter(str(out).replace("%", "%%") + f"/.{prefix}-%06d.tar.part",
+                                         maxcount=max_count, maxsize=max_size, verbose=0, encoder=False, mtime=0,
+                                         format="PAX_FORMAT")
             writer.write(sample)
-        return 0 if writer is None else writer.shard
+        n_shards = 0 if writer is None else writer.shard  # before close(), which deletes it
     finally:
         if writer is not None:
             writer.close()
+        if n_shards is None:  # an error or Ctrl-C: no shard names, no leftovers
+            _remove_parts(out, prefix)
+    for i in range(n_shards):
+        os.replace(out / f".{prefix}-{i:06d}.tar.part", out / f"{prefix}-{i:06d}.tar")
+    return n_shards
+
+
+def _remove_parts(out: Path, prefix: str) -> None:
+    for part in out.glob(f".{glob.escape(prefix)}-{'[0-9]' * 6}.tar.part"):
+        part.unlink(missing_ok=True)
 
 
 def _find_images(src: Path) -> list[Path]:
@@ -100,35 +114,32 @@ def _make_key(rel: Path, used: set[str]) -> str:
     return key
 
 
-def _encode(data: bytes, ext: str, max_side: int | None) -> tuple[bytes, str]:
-    """Check that `data` decodes (raises if not); downsize so the short side is max_side when it is larger."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the reader applies its own limit
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-        w, h = img.size
-        if max_side is None or min(w, h) <= max_side:
-            img.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
-            img.load()
-            return data, ext
-        scale = max_side / min(w, h)
-        size = (max_side, round(h * scale)) if w <= h else (round(w * scale), max_side)
-        img.draft("RGB", size)  # JPEG: decode at the smallest power-of-two scale still ≥ the target size
-        img = to_rgb(img).resize(size, Image.Resampling.LANCZOS)
+def _encode(data: bytes, ext: str, max_side: int | None, max_pixels: int) -> tuple[bytes, str]:
+    """Check that `data` decodes (raises if not) within the readers' pixel limit; downsize so the short side is
+    max_side when it is larger."""
+    img = open_image(data, max_pixels)
+    w, h = img.size
+    if max_side is None or min(w, h) <= max_side:
+        img.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
+        img.load()
+        return data, ext
+    scale = max_side / min(w, h)
+    size = (max_side, round(h * scale)) if w <= h else (round(w * scale), max_side)
+    img.draft("RGB", size)  # JPEG: decode at the smallest power-of-two scale still ≥ the target size
     buf = io.BytesIO()
-    if ext == "jpg":
-        img.save(buf, format="JPEG", quality=95)
-    else:
-        img.save(buf, format="PNG")
-        ext = "png"
-    return buf.getvalue(), ext
+    to_rgb(img).resize(size, Image.Resampling.LANCZOS).save(buf, format="JPEG" if ext == "jpg" else "PNG",
+                                                            quality=95)  # PNG ignores quality
+    return buf.getvalue(), "jpg" if ext == "jpg" else "png"
 
 
 def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max_count: int = 10_000,
                  max_size: int = 1 << 30, max_side: int | None = None, shuffle: bool = True, seed: int = 0,
-                 progress: bool = True) -> ShardSummary:
+                 progress: bool = True, max_file_bytes: int = MAX_FILE_BYTES,
+                 max_pixels: int = DataConfig.max_image_pixels) -> ShardSummary:
     """Pack every jpg/jpeg/png/webp under `src` into shards in `out` (docs/data.md): labelled by first-level
-    sub-folder when every image sits in one, original bytes unless `max_side` downsizes, unreadable files
-    skipped and counted, written in an order shuffled by `seed` so that every shard mixes classes."""
+    sub-folder when every image sits in one, original bytes unless `max_side` downsizes, unreadable, oversized
+    and non-regular files (FIFOs, devices) skipped and counted, written in an order shuffled by `seed` so that
+    every shard mixes classes."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder not found: {src}")
@@ -137,6 +148,11 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     files = _find_images(src)
     if not files:
         raise ValueError(f"no jpg/jpeg/png/webp images under {src}")
+    irregular = [f for f in files if not f.is_file()]  # a FIFO would block the read, /dev/zero never end it
+    if irregular:
+        log.warning("skipping %d image names that are not regular files (FIFOs, devices, broken links), e.g. %s",
+                    len(irregular), irregular[0])
+        files = [f for f in files if f.is_file()]
     if shuffle:
         random.Random(seed).shuffle(files)  # same folder + seed → same shards
     rels = [f.relative_to(src) for f in files]
@@ -150,7 +166,7 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     if classes is not None and classes_file.is_file() and classes_file.read_text().splitlines() != classes:
         raise ValueError(f"{classes_file} already lists other classes than the {len(classes)} sub-folders of this "
                          "source; write to another directory")
-    skipped = 0
+    skipped = len(irregular)
 
     def samples() -> Iterator[dict]:
         nonlocal skipped
@@ -159,11 +175,14 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
         for path, rel in tqdm(list(zip(files, rels, strict=True)), disable=not progress, unit="img",
                               desc=f"{prefix} shards"):
             try:
-                data, ext = _encode(path.read_bytes(), _EXTS[path.suffix.lower()], max_side)
+                if (size := path.stat().st_size) > max_file_bytes:
+                    raise SampleError("too_large", f"{size} bytes > {max_file_bytes} bytes")
+                data, ext = _encode(path.read_bytes(), _EXTS[path.suffix.lower()], max_side, max_pixels)
             except Exception as err:  # unreadable or undecodable: PIL raises many exception types
                 # UnidentifiedImageError's own message names the in-memory buffer, not the file
                 why = ("not a JPEG, PNG or WEBP image (empty, or another format)"
-                       if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}")
+                       if isinstance(err, Image.UnidentifiedImageError) else
+                       str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}")
                 log.warning("skipping %s: %s", path, why)
                 skipped += 1
                 continue
@@ -173,9 +192,9 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
             yield sample
 
     n_shards = write_samples(samples(), out, prefix, max_count, max_size)
-    n_samples = len(files) - skipped
+    n_samples = len(files) + len(irregular) - skipped
     if n_samples == 0:
-        raise ValueError(f"none of the {len(files)} images under {src} could be read")
+        raise ValueError(f"none of the {len(files) + len(irregular)} images under {src} could be read")
     if classes is not None:
         classes_file.write_text("".join(f"{c}\n" for c in classes))
     return ShardSummary(n_samples, n_shards, skipped, classes, shard_pattern(out, prefix, n_shards))

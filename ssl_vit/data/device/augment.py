@@ -46,8 +46,6 @@ class CheapView:
         return v2.functional.center_crop(resized, [self.size, self.size])
 
 
-
-
 @dataclass(frozen=True)
 class ViewSpec:
     """One augmented view: output side, crop area range and per-sample probabilities."""
@@ -110,16 +108,13 @@ def sample_group_params(specs: Sequence[ViewSpec], n: int, device: torch.device 
         raise ValueError(f"a group of views shares one crop scale, got {[s.scale for s in specs]}")
     device = device or torch.device("cpu")
     rows = len(specs) * n
-    jittered = _bernoulli([s.jitter_prob for s in specs], n, device, generator)
-    jitter = None
-    if jittered is not None:
-        bright, contrast, sat, hue = JITTER
-        lo = device_constant((1 - bright, 1 - contrast, 1 - sat, -hue), device)
-        span = device_constant((2 * bright, 2 * contrast, 2 * sat, 2 * hue), device)
-        factors = torch.addcmul(lo, torch.rand(rows, 4, device=device, generator=generator), span)
+    jittered, jitter = _bernoulli([s.jitter_prob for s in specs], n, device, generator), None
+    if jittered is not None:  # factors 1 ± JITTER (hue: ± its shift), the identity (1, 1, 1, 0) where not jittered
+        lo = device_constant(tuple(1 - j for j in JITTER[:3]) + (-JITTER[3],), device)
+        factors = torch.addcmul(lo, torch.rand(rows, 4, device=device, generator=generator),
+                                device_constant(tuple(2 * j for j in JITTER), device))
         jitter = torch.where(jittered[:, None], factors, device_constant((1.0, 1.0, 1.0, 0.0), device))
-    blurred = _bernoulli([s.blur_prob for s in specs], n, device, generator)
-    blur_sigma = None
+    blurred, blur_sigma = _bernoulli([s.blur_prob for s in specs], n, device, generator), None
     if blurred is not None:
         blur_sigma = torch.where(blurred, _uniform(*BLUR_SIGMA, (rows,), device, generator), 0.0)
     return ViewParams(
@@ -138,26 +133,21 @@ def _gray(x: Tensor) -> Tensor:
     return (x * w).sum(dim=1, keepdim=True)  # (N, 1, H, W)
 
 
-def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the chroma plane of YIQ by 2π·shift per sample (shift in [-0.5, 0.5] of a full turn)."""
-    to_yiq, from_yiq = device_constant(_TO_YIQ, x.device, x.dtype), device_constant(_FROM_YIQ, x.device, x.dtype)
-    theta = 2 * math.pi * shift
-    cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
-    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
-                       torch.stack([zero, sin, cos], 1)], 1)  # (N, 3, 3)
-    m = from_yiq @ rot @ to_yiq  # (N, 3, 3): RGB → rotated RGB
-    return torch.einsum("nij,njhw->nihw", m, x)
-
-
 def colour_jitter(x: Tensor, factors: Tensor) -> Tensor:
-    """Per-sample brightness, contrast, saturation (multiplicative) and hue shift on images in [0, 1]."""
+    """Per-sample brightness, contrast, saturation (multiplicative) and hue shift (a rotation of YIQ's chroma plane
+    by 2π·shift, shift in [-0.5, 0.5] of a turn) on images in [0, 1]."""
     f = factors[:, :, None, None, None]  # (N, 4, 1, 1, 1)
     x = (x * f[:, 0]).clamp(0, 1)
     mean = _gray(x).mean(dim=(2, 3), keepdim=True)
     x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
     gray = _gray(x)
     x = ((x - gray) * f[:, 2] + gray).clamp(0, 1)
-    return _hue_rotate(x, factors[:, 3]).clamp(0, 1)
+    theta = 2 * math.pi * factors[:, 3]
+    cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
+    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                       torch.stack([zero, sin, cos], 1)], 1)  # (N, 3, 3)
+    m = device_constant(_FROM_YIQ, x.device, x.dtype) @ rot @ device_constant(_TO_YIQ, x.device, x.dtype)
+    return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)  # m: RGB → hue-rotated RGB
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:

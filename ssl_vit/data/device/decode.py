@@ -3,14 +3,12 @@ ship the bytes packed in one tensor, the device decodes them (nvJPEG on CUDA) in
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 try:  # torchvision 0.29 deprecated its image codecs in favour of TorchCodec; a later release removes them
@@ -19,7 +17,7 @@ except ImportError:
     decode_jpeg = None
 
 from ssl_vit.data.device.augment import CheapView
-from ssl_vit.data.samples import SKIP_REASONS
+from ssl_vit.data.samples import SKIP_REASONS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +41,10 @@ def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            head = Image.open(io.BytesIO(data), formats=("JPEG",))
-        if head.mode not in _DEVICE_MODES or head.width * head.height > max_image_pixels:
-            return None
-    except Exception:  # not a readable JPEG header: the CPU path names the reason
+        head = open_image(data, max_image_pixels)
+    except Exception:  # not a readable header, or too large: the CPU path names the reason
         return None
-    return bytes(data)
+    return bytes(data) if head.format in ("JPEG", "MPO") and head.mode in _DEVICE_MODES else None  # MPO: a JPEG
 
 
 def decode_on_host(payload: bytes) -> Tensor | None:
@@ -103,21 +97,19 @@ class DeviceDecoder:
             # nvJPEG writes from a stream of its own without waiting for ours, into memory the caching allocator
             # may just have recycled while queued kernels still read it
             torch.cuda.current_stream(self.device).synchronize()
-        try:  # one batched call (nvJPEG decodes the whole list at once), else one by one to find the broken ones
-            return list(_decode_jpeg(payloads, self.device))
+        # one batched call (nvJPEG decodes the whole list at once), else one by one to find the broken ones
+        decoded = self._try(payloads)
+        return list(decoded) if decoded is not None else [self._try(data) for data in payloads]
+
+    def _try(self, data: Tensor | list[Tensor]) -> Any:
+        try:
+            return _decode_jpeg(data, self.device)
         except RuntimeError as err:
             if "out of memory" in str(err).lower():
                 raise
-        decoded: list[Tensor | None] = []
-        for data in payloads:
-            try:
-                decoded.append(_decode_jpeg(data, self.device))
-            except RuntimeError as err:
-                if "out of memory" in str(err).lower():
-                    raise
+            if isinstance(data, Tensor):  # one JPEG; a failed batched call just means: one by one
                 log.warning("a JPEG failed to decode on %s; counted as corrupt_image: %s", self.device, err)
-                decoded.append(None)
-        return decoded
+            return None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         batch = dict(batch)
