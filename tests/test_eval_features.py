@@ -2,6 +2,7 @@
 ones counted; the on-disk feature cache."""
 
 import os
+import re
 import stat
 
 import pytest
@@ -143,6 +144,16 @@ def test_cache_misses_when_the_mixed_precision_changes(tmp_path, demo):
     assert len(list(tmp_path.iterdir())) == 2 and not torch.equal(bf16.features, full.features)
     uncached = extract_features(tiny_vit(), demo.knn_val, Accelerator(), batch_size=8, num_workers=0, crop_ratio=1.0)
     assert torch.equal(full.features, uncached.features)
+
+
+def test_a_damaged_cache_file_is_a_one_line_error_naming_it(tmp_path, demo):
+    kwargs = dict(batch_size=8, num_workers=0, crop_ratio=1.0, cache_dir=tmp_path)
+    extract_features(tiny_vit(), demo.knn_val, Accelerator(), **kwargs)
+    (cached,) = tmp_path.iterdir()
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short (a full disk, a copy interrupted): was a traceback
+    with pytest.raises(ValueError, match=rf"^feature cache {re.escape(str(cached))} cannot be read \(\w+: .*\); "
+                                         "delete it to extract the features again$"):
+        extract_features(tiny_vit(), demo.knn_val, Accelerator(), **kwargs)
 
 
 def _write(out, prefix, samples):

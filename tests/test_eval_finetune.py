@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import ssl_vit.eval.finetune as ft
+import ssl_vit.eval.labelled as labelled
 import ssl_vit.methods.classify.model as classify
 from ssl_vit.cli.main import main
 from ssl_vit.config.finetune import FinetuneConfig, FTModelConfig, load_finetune_config
@@ -58,9 +59,10 @@ def test_classifier_keeps_every_backbone_weight(setup, pool):
 
 def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setup, monkeypatch):
     demo, backbone = setup
-    calls = []
-    real_call = classify.Mixup.__call__
-    monkeypatch.setattr(classify.Mixup, "__call__", lambda self, x, y: calls.append(len(x)) or real_call(self, x, y))
+    targets = []  # what the loss was given
+    real_loss = classify.SoftTargetCrossEntropy.forward
+    monkeypatch.setattr(classify.SoftTargetCrossEntropy, "forward",
+                        lambda self, x, target: targets.append(target.detach().clone()) or real_loss(self, x, target))
     # val: the demo's 10 images and a shard of 3 corrupt ones, which are left out and reported
     write_samples(({"__key__": f"bad{i}", "png": b"not a png", "cls": b"1"} for i in range(3)), tmp_path, "bad")
     val = tmp_path / "val.txt"
@@ -76,7 +78,11 @@ def test_finetune_two_steps_every_augmentation_then_timm_loads_it(tmp_path, setu
     assert "RandAugment" in names and "RandomErasing" in names and "RandomResizedCrop" in names
 
     result = ft.finetune(cfg, Accelerator())
-    assert result.step == 2 and calls == [4, 4]
+    assert result.step == 2 and [t.shape for t in targets] == [(4, 10)] * 2
+    # soft targets, mixed: smoothing alone gives each row one `on` value and `off` elsewhere
+    off, on = aug.smoothing / 10, 1 - aug.smoothing + aug.smoothing / 10
+    assert all(torch.allclose(t.sum(dim=1), torch.ones(4)) for t in targets)
+    assert [v for t in targets for v in t.flatten().tolist() if min(abs(v - off), abs(v - on)) > 1e-4]
     run = tmp_path / "run"
     summary = json.loads((run / "finetune.json").read_text())
     assert summary["num_classes"] == 10 and summary["n_train"] == 24 and summary["best"]["n"] == 10
@@ -142,6 +148,16 @@ def test_val_shards_that_do_not_fit_the_train_classes_are_refused(tmp_path, setu
         run("b")
 
 
+def test_a_huge_train_label_is_a_one_line_error_naming_the_sample(tmp_path, setup):
+    demo, _ = setup
+    png = next(iter(wds.WebDataset(resolve_shards(demo.knn_val)[0], shardshuffle=False)))["png"]
+    write_samples(({"__key__": f"t{i}", "png": png, "cls": b"1000000000000"} for i in range(8)), tmp_path / "t")
+    cfg = tiny_cfg(setup, tmp_path / "run", f"data.train={tmp_path / 't'}", "train.max_steps=1")
+    with pytest.raises(ValueError, match=r"^fine-tuning needs labels in \[0, 10\) on every train sample: sample "
+                                         r"'t\d' has 1000000000000$"):  # the 10 classes of the val classes.txt
+        ft.finetune(cfg, Accelerator())
+
+
 def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     from PIL import Image
     from timm.data.auto_augment import RandAugment
@@ -180,29 +196,31 @@ def test_every_finetune_key_is_documented():
     assert not missing, f"docs/evaluation.md does not list {missing}"
 
 
-def mae_layer_id(name, num_layers):
-    """facebookresearch/mae util/lr_decay.py get_layer_id_for_vit, verbatim."""
-    if name in ["cls_token", "pos_embed"]:
-        return 0
-    elif name.startswith("patch_embed"):
-        return 0
-    elif name.startswith("blocks"):
-        return int(name.split(".")[1]) + 1
+def mae_lr_scale_and_wd(name, param, num_blocks, decay, weight_decay):
+    """MAE's layer-wise lr decay, restated: the stem (cls and pos tokens, patch embedding) is layer 0, block i layer
+    i + 1, the rest (final norm, head) layer num_blocks + 1, scaled by decay ** (num_blocks + 1 - layer); no weight
+    decay on biases, norms and the two tokens."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
     else:
-        return num_layers
+        layer = num_blocks + 1
+    no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+    return decay ** (num_blocks + 1 - layer), 0.0 if no_decay else weight_decay
 
 
-def assert_mae_layer_decay(model, groups, decay, weight_decay):
-    """Per parameter, the lr scale and weight decay of MAE's param_groups_lrd (util/lr_decay.py)."""
-    num_layers = len(model.blocks) + 1
-    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    names = dict(model.named_parameters())
-    assert len(scale) == len(names)  # every parameter in exactly one group
-    for name, param in names.items():
-        assert scale[id(param)] == pytest.approx(decay ** (num_layers - mae_layer_id(name, num_layers))), name
-        assert wd[id(param)] == (0.0 if param.ndim == 1 or name in ("cls_token", "pos_embed") else weight_decay), name
-    return {name: scale[id(param)] for name, param in names.items()}
+def assert_mae_layer_decay(model, groups, decay, weight_decay, key="lr_scale"):
+    """Per parameter of `model`, the lr scale (`key` of its group) and weight decay of MAE's layer-wise lr decay."""
+    scale = {name: g[key] for g in groups for name in g["param_names"]}
+    wd = {name: g["weight_decay"] for g in groups for name in g["param_names"]}
+    params = dict(model.named_parameters())
+    assert sorted(scale) == sorted(params) and sum(len(g["param_names"]) for g in groups) == len(params)
+    for name, param in params.items():
+        expected_scale, expected_wd = mae_lr_scale_and_wd(name, param, len(model.blocks), decay, weight_decay)
+        assert scale[name] == pytest.approx(expected_scale), name
+        assert wd[name] == expected_wd, name
+    return scale
 
 
 @pytest.mark.parametrize("pool", ["avg", "cls"])
@@ -215,24 +233,17 @@ def test_layer_decay_scales_match_mae_per_parameter(setup, pool):
     assert scales["blocks.1.norm1.weight"] == pytest.approx(0.65) and scales["pos_embed"] == pytest.approx(0.65 ** 3)
 
 
-def test_finetune_optimizer_uses_mae_layer_decay_with_cls_pool(tmp_path, setup, monkeypatch):
-    demo, backbone = setup
-    built, used = [], []
-    real_build = classify.build_classifier
-    monkeypatch.setattr(classify, "build_classifier", lambda *a: built.append(real_build(*a)) or built[-1])
-
-    class Recording(torch.optim.AdamW):
-        def __init__(self, params, **kwargs):
-            used.extend(params)
-            super().__init__(used, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Recording)
-    cfg = load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", [
-        f"model.backbone={backbone}", "model.pool=cls", f"data.train={demo.knn_train}", f"data.val={demo.knn_val}",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.max_steps=1",
-        f"train.run_dir={tmp_path / 'run'}"])
+def test_finetune_optimizer_uses_mae_layer_decay_with_cls_pool(tmp_path, setup):
+    # the optimizer a run steps: its groups' lrs (scheduled lr × scale) and weight decays as saved after step 2
+    cfg = tiny_cfg(setup, tmp_path / "run", "model.pool=cls", "train.max_steps=2")
     ft.finetune(cfg, Accelerator())
-    scales = assert_mae_layer_decay(built[0][0], used, cfg.optim.layer_decay, cfg.optim.weight_decay)
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002" / "optimizer.bin",
+                        weights_only=True)["param_groups"]
+    head_lr = next(g["lr"] for g in groups if "head.weight" in g["param_names"])
+    assert head_lr > 0
+    relative = [{**g, "lr": g["lr"] / head_lr} for g in groups]
+    model, _, _ = classify.build_classifier(cfg.model, num_classes=10)
+    scales = assert_mae_layer_decay(model, relative, cfg.optim.layer_decay, cfg.optim.weight_decay, key="lr")
     assert scales["norm.weight"] == scales["norm.bias"] == 1.0  # timm's groups gave it the last block's decay
 
 
@@ -256,6 +267,19 @@ def tiny_cfg(setup, run_dir, *extra):
     return load_finetune_config(ROOT / "recipes" / "finetune_demo_tiny.yaml", tiny_overrides(setup, run_dir, *extra))
 
 
+def test_a_second_finetune_into_a_held_run_dir_is_refused_naming_the_holder(tmp_path, setup):
+    from types import SimpleNamespace
+
+    from ssl_vit.training.run_dir import hold_run_dir
+
+    cfg = tiny_cfg(setup, tmp_path / "run", "train.max_steps=1")
+    with hold_run_dir(tmp_path / "run", SimpleNamespace(is_main_process=True, num_processes=1)):  # another run
+        with pytest.raises(ValueError, match=rf"^train.run_dir {tmp_path / 'run'} is in use by another run \(pid "
+                                             rf"{os.getpid()}\); wait for it to end or set another train.run_dir$"):
+            ft.finetune(cfg)
+    assert ft.finetune(cfg).step == 1  # released on exit
+
+
 def test_a_finetuning_step_reads_the_device_once(tmp_path, setup, monkeypatch):
     # A host read of a device value (item, float, bool, tolist) stalls a GPU until its queue drains. A step reads
     # once, as a pretraining step does: the agreed stop/skip flags. The labels are checked on the CPU before their
@@ -272,7 +296,7 @@ def test_a_finetuning_step_reads_the_device_once(tmp_path, setup, monkeypatch):
         def counted(t, *a, _real=real, _name=name, **k):
             frame = sys._getframe(1)
             # CPU AdamW reads its step counters (a CPU tensor); fused AdamW on CUDA does not
-            label_check = frame.f_code.co_filename == ft.__file__ and frame.f_code.co_name == "_checked_labels"
+            label_check = frame.f_code.co_filename == labelled.__file__ and frame.f_code.co_name == "checked_labels"
             if in_step["on"] and not label_check and f"torch{os.sep}optim" not in frame.f_code.co_filename:
                 reads.append(f"{_name} {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
             return _real(t, *a, **k)

@@ -3,6 +3,8 @@
 import dataclasses
 import io
 import json
+import math
+import re
 
 import pytest
 import timm
@@ -232,6 +234,50 @@ def test_a_label_beyond_the_class_list_is_refused(tmp_path, setup, capsys, comma
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"ssl-vit {command}: error: {task} val labels must be < the 3 classes in {tmp_path}/A/classes.txt: 1 of 2 "
         "samples have a larger one (up to 999)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["knn", "--k", "1"], "k-NN train labels must be < the 100000 classes allowed without a classes.txt: 4 of 4 "
+                          "samples have a larger one (up to 1000000000000)"),
+    (["linear-probe"], "linear-probe train labels must be < the 100000 classes allowed without a classes.txt: 4 of 4 "
+                       "samples have a larger one (up to 1000000000000)"),
+    (["linear-probe", "--augment", "--batch-size", "4"], "the linear probe needs labels in [0, 2) on every train "
+                                                         "sample: sample 's?' has 1000000000000"),
+])
+def test_a_huge_label_without_a_class_list_is_a_one_line_error(tmp_path, setup, capsys, argv, message):
+    # a `cls` of 10^12 made k-NN allocate (1024, 10^12) floats (8 TB), the probe a head of as many classes
+    _, backbone = setup
+    train = _shards(tmp_path / "A", [b"1000000000000"] * 4)
+    val = _shards(tmp_path / "B", [b"0", b"1"])
+    args = ["--backbone", str(backbone), "--train", train, "--val", val, "--num-workers", "0"]
+    extra = ["--epochs", "1", "--warmup-epochs", "0"] if argv[0] == "linear-probe" else []
+    assert main(argv[:1] + args + extra + argv[1:]) == 2
+    last = re.sub(r"sample 's\d'", "sample 's?'", capsys.readouterr().err.splitlines()[-1])  # the first drawn
+    assert last == f"ssl-vit {argv[0]}: error: {message}"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base_lrs=(0.1, math.nan)), "probe base lrs must be finite and > 0, got [0.1, nan]"),
+    (dict(base_lrs=(math.inf,)), "probe base lrs must be finite and > 0, got [inf]"),
+    (dict(base_lrs=(0.0,)), "probe base lrs must be finite and > 0, got [0.0]"),
+    (dict(base_lrs=(-0.1,)), "probe base lrs must be finite and > 0, got [-0.1]"),
+    (dict(weight_decays=(0.0, math.nan)), "probe weight decays must be finite and ≥ 0, got [0.0, nan]"),
+    (dict(weight_decays=(-math.inf,)), "probe weight decays must be finite and ≥ 0, got [-inf]"),
+    (dict(weight_decays=(-1e-4,)), "probe weight decays must be finite and ≥ 0, got [-0.0001]"),
+])
+def test_a_protocol_with_a_bad_lr_or_weight_decay_is_refused(change, message):
+    # library callers too, not only the command line: a NaN lr trained NaN heads and reported chance accuracy
+    with pytest.raises(ValueError) as err:
+        dataclasses.replace(probe_protocol("dino", 384), **change)
+    assert str(err.value) == message
+
+
+def test_probe_features_refuses_labels_beyond_the_classes_given():
+    train, val = separable(40), separable(20, seed=1)  # labels 0..4
+    proto = customize(probe_protocol("dino", 16), epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match=r"^the linear probe train labels must be < the 3 classes given: \d+ of 40 "
+                                         r"samples have a larger one \(up to 4\)$"):  # was cross-entropy's IndexError
+        probe_features(train, val, proto, num_classes=3)
 
 
 @pytest.mark.parametrize("command", ["knn", "linear-probe"])

@@ -1,12 +1,11 @@
 """Attention recomputed from qkv under the fused kernel, rollout and masks against naive loops, the PNGs."""
 
-import json
 
 import pytest
 import timm
 import torch
+from accelerate import Accelerator
 from PIL import Image
-from safetensors.torch import save_file
 
 from ssl_vit.cli.main import main
 from ssl_vit.config.pretrain import dump_config, load_config
@@ -14,7 +13,7 @@ from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.eval.visualize import attention_figure, attention_maps, attention_rollout, mass_mask, reconstruction_figure
 from ssl_vit.methods import build_objective
 from ssl_vit.models.backbone import build_backbone
-from ssl_vit.training.checkpoint import COMPLETE, export_backbone
+from ssl_vit.training.checkpoint import export_backbone, save_checkpoint
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0, dynamic_img_size=True)
 
@@ -93,12 +92,11 @@ def runs(tmp_path_factory):
                              "model.embed_dim=48", "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32",
                              "mae.decoder_depth=1", "mae.decoder_heads=2"])
     run = root / "mae_run"
-    ckpt = run / "checkpoints" / "step_00000005"
-    ckpt.mkdir(parents=True)
+    run.mkdir()
     dump_config(cfg, run / "config.yaml")
-    objective = build_objective("mae", cfg.mae, build_backbone(cfg.model))
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / COMPLETE).write_text(json.dumps({"step": 5}))
+    accelerator = Accelerator()
+    accelerator.prepare(build_objective("mae", cfg.mae, build_backbone(cfg.model)))  # what save_state saves
+    save_checkpoint(accelerator, run, 5, keep_last=1)  # the checkpoint as the loop saves it, marker included
     return demo, root / "bb", run
 
 

@@ -8,7 +8,7 @@ import torch
 from ssl_vit.data.writer import write_samples
 from ssl_vit.eval.features import Features, no_skips
 from ssl_vit.eval.knn import knn_classify
-from ssl_vit.eval.labelled import ClassList, check_class_lists, check_label_range, check_usable
+from ssl_vit.eval.labelled import ClassList, check_class_lists, check_usable
 
 
 def naive_knn(train, train_labels, val, val_labels, k, t, n_classes):
@@ -50,9 +50,10 @@ def test_several_k_in_one_pass_and_separable_clusters():
     ((0,), 0.07, "k-NN k must be ≥ 1, got 0"),  # scored 0% silently
     ((5, 31), 0.07, "k-NN k=31 exceeds the 30 train samples; choose k ≤ 30"),  # reported k=30's score as k=31's
     ((), 0.07, "at least one k"),
-    ((5,), 0.0, "k-NN temperature must be > 0, got 0.0"),
-    ((5,), -0.07, "k-NN temperature must be > 0, got -0.07"),
-    ((5,), float("nan"), "k-NN temperature must be > 0, got nan"),
+    ((5,), 0.0, "k-NN temperature must be finite and > 0, got 0.0"),
+    ((5,), -0.07, "k-NN temperature must be finite and > 0, got -0.07"),
+    ((5,), float("nan"), "k-NN temperature must be finite and > 0, got nan"),
+    ((5,), math.inf, "k-NN temperature must be finite and > 0, got inf"),  # every weight 1: a plain majority vote
 ])
 def test_bad_ks_and_temperature_are_one_line_errors(ks, t, message):
     torch.manual_seed(0)
@@ -113,14 +114,32 @@ def test_one_class_list_is_taken_from_either_side_and_none_without_any(tmp_path)
     assert check_class_lists(bare, bare) is None
 
 
+def labelled(*labels):
+    return Features(torch.zeros(len(labels), 2), torch.tensor(labels), [f"s{i}" for i in range(len(labels))])
+
+
 def test_a_label_beyond_the_class_list_is_refused(tmp_path):
     classes = ClassList(tmp_path / "classes.txt", ["cat", "dog", "emu"])
-    check_label_range(torch.tensor([0, 2, -1]), classes, "k-NN", "val")  # -1 (no label) is check_labelled's
-    check_label_range(torch.tensor([999]), None, "k-NN", "val")  # no list: nothing to check against
+    check_usable(labelled(0, 2), "k-NN", "val", classes)
+    check_usable(labelled(99_999), "k-NN", "val")  # no list: below the stated bound is fine
     with pytest.raises(ValueError) as err:
-        check_label_range(torch.tensor([0, 999, 3, 1]), classes, "k-NN", "val")
+        check_usable(labelled(0, 999, 3, 1), "k-NN", "val", classes)
     assert str(err.value) == (f"k-NN val labels must be < the 3 classes in {tmp_path}/classes.txt: 2 of 4 "
                               "samples have a larger one (up to 999)")
+    with pytest.raises(ValueError, match=r"^k-NN needs labelled shards \(samples with a `cls` member\): 1 of 3 val "):
+        check_usable(labelled(0, 2, -1), "k-NN", "val", classes)
+
+
+def test_a_huge_label_is_refused_before_it_sizes_the_votes():
+    # a `cls` of 10^12 made k-NN allocate (1024, 10^12) floats: 8 TB
+    with pytest.raises(ValueError) as err:
+        knn_classify(torch.randn(4, 3), torch.tensor([0, 1, 10**12, 0]), torch.randn(2, 3), torch.tensor([0, 1]))
+    assert str(err.value) == ("k-NN train labels must be < the 100000 classes allowed without a classes.txt: 1 of 4 "
+                              "samples have a larger one (up to 1000000000000)")
+    with pytest.raises(ValueError) as err:
+        check_usable(labelled(3, 100_000), "k-NN", "val")
+    assert str(err.value) == ("k-NN val labels must be < the 100000 classes allowed without a classes.txt: 1 of 2 "
+                              "samples have a larger one (up to 100000)")
 
 
 def test_a_set_with_no_usable_sample_says_why():

@@ -1,7 +1,6 @@
 """On-disk cache of extracted features (safetensors), keyed by everything the features depend on: the
 backbone's weights and architecture, the feature spec, the transform, the mixed precision and the shards
-(resolved URLs; size and mtime of local files, so data rewritten with its mtime kept is not detected).
-"""
+(resolved URLs; size and mtime of local files, so data rewritten with its mtime kept is not detected)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -24,38 +22,25 @@ from ssl_vit.training.checkpoint import save_shared
 _VERSION = 3  # bump when the extraction changes (2: skip counts stored, repeated keys kept; 3: fc_norm applied)
 
 
-def backbone_fingerprint(vit: VisionTransformer) -> str:
-    """Hash of every weight and of the module structure (heads, image size: what weights alone don't show)."""
-    h = hashlib.sha256()
-    arch = {"repr": repr(vit), "img_size": list(vit.patch_embed.img_size),
-            "heads": [getattr(b.attn, "num_heads", None) for b in vit.blocks]}
-    h.update(json.dumps(arch, sort_keys=True).encode())
-    for name, tensor in vit.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def data_fingerprint(shards: str | Sequence[str], allow_pipe: bool = False) -> list[list]:
-    """Each resolved shard with (size, mtime_ns) for local files; remote URLs by name only."""
-    out = []
-    for url in resolve_shards(shards, allow_pipe):
-        local = Path(url.removeprefix("file:"))
-        if local.is_file():
-            st = os.stat(local)
-            out.append([str(local.resolve()), st.st_size, st.st_mtime_ns])
-        else:
-            out.append([url])
-    return out
-
-
 def cache_path(cache_dir: str | Path, vit: VisionTransformer, shards: str | Sequence[str], spec: dict[str, Any],
                crop_ratio: float, precision: str, allow_pipe: bool = False) -> Path:
     """The cache file for these features (it may not exist yet). `spec`: the feature options as a dict;
     `precision`: the autocast they are computed under (Accelerate's mixed_precision), which changes them."""
-    key = {"version": _VERSION, "backbone": backbone_fingerprint(vit), "spec": spec,
-           "crop_ratio": crop_ratio, "precision": precision, "data": data_fingerprint(shards, allow_pipe)}
+    weights = hashlib.sha256()  # every weight, and the structure (heads, image size: what weights alone don't show)
+    arch = {"repr": repr(vit), "img_size": list(vit.patch_embed.img_size),
+            "heads": [getattr(b.attn, "num_heads", None) for b in vit.blocks]}
+    weights.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in vit.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        weights.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        weights.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    data = []  # each resolved shard, with (size, mtime_ns) for local files; remote URLs by name only
+    for url in resolve_shards(shards, allow_pipe):
+        local = Path(url.removeprefix("file:"))
+        st = local.stat() if local.is_file() else None
+        data.append([str(local.resolve()), st.st_size, st.st_mtime_ns] if st else [url])
+    key = {"version": _VERSION, "backbone": weights.hexdigest(), "spec": spec, "crop_ratio": crop_ratio,
+           "precision": precision, "data": data}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"features-{digest}.safetensors"
 
@@ -74,8 +59,12 @@ def save_cached(path: Path, features: Tensor, labels: Tensor, keys: list[str], s
 
 def load_cached(path: Path) -> tuple[Tensor, Tensor, list[str], dict[str, int]]:
     """Features, labels, keys and skip counts (by reason) as `save_cached` wrote them."""
-    with safe_open(str(path), "pt") as f:
-        skipped = json.loads((f.metadata() or {}).get("skipped", "{}"))
-    data = load_file(str(path))
-    text = bytes(data["keys"].numpy()).decode()
-    return data["features"], data["labels"], text.split("\n") if text else [], skipped
+    try:
+        with safe_open(str(path), "pt") as f:
+            skipped = json.loads((f.metadata() or {}).get("skipped", "{}"))
+            features, labels, keys = (f.get_tensor(name) for name in ("features", "labels", "keys"))
+        text = bytes(keys.numpy()).decode()
+    except Exception as err:  # safetensors', JSON's, UTF-8's error: damaged outside this code (writes are atomic)
+        raise ValueError(f"feature cache {path} cannot be read ({type(err).__name__}: {err}); delete it to extract "
+                         "the features again") from None
+    return features, labels, text.split("\n") if text else [], skipped

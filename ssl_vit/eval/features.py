@@ -76,13 +76,11 @@ def describe_skipped(skipped: dict[str, int]) -> str:
 def distinct_shards(shards: str | Sequence[str], allow_pipe: bool = False) -> str | Sequence[str]:
     """`shards` with every shard once: one named twice (a folder and a pattern) would be counted twice."""
     urls = resolve_shards(shards, allow_pipe)
-    seen, unique = set(), []
+    first: dict[str, str] = {}  # each file by its real path, under its first name
     for url in urls:
         local = url.removeprefix("file:")
-        identity = os.path.realpath(local) if os.path.isfile(local) else url
-        if identity not in seen:
-            seen.add(identity)
-            unique.append(url)
+        first.setdefault(os.path.realpath(local) if os.path.isfile(local) else url, url)
+    unique = list(first.values())
     if len(unique) == len(urls):
         return shards  # unchanged: resolving an already resolved list again could re-expand braces in file names
     log.warning("%d of %d shards are listed more than once; reading each once", len(urls) - len(unique), len(urls))

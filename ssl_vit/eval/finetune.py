@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -18,14 +17,14 @@ from ssl_vit.config.finetune import FinetuneConfig, FTDataConfig, load_finetune_
 from ssl_vit.config.pretrain import DataConfig, dump_config
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.eval.features import describe_skipped, encode_shards
-from ssl_vit.eval.labelled import check_class_lists, check_label_count, count_samples, labelled_train_stream
-from ssl_vit.eval.metrics import topk_accuracy
+from ssl_vit.eval.labelled import check_class_lists, checked_labels, count_samples, labelled_train_stream
+from ssl_vit.eval.metrics import check_labelled, topk_accuracy
 from ssl_vit.methods.classify.model import Classify
 from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, model_mismatch
 from ssl_vit.training.distributed import make_accelerator, share_cpu_cores
-from ssl_vit.training.loop import LoopSettings, Stream, Trainer
+from ssl_vit.training.loop import LoopSettings, Trainer
 from ssl_vit.training.optim import build_optimizer, peak_lr, warmup_cosine
-from ssl_vit.training.run_dir import FINETUNING, check_run_dir, keep_changed_config
+from ssl_vit.training.run_dir import FINETUNING, check_run_dir, hold_run_dir, keep_changed_config
 
 
 @dataclass
@@ -35,20 +34,6 @@ class FinetuneResult:
     best: dict[str, Any]  # {"epoch", "step", "top1", "top5", "n"} of the best evaluation ({"top1": -1} before any)
     exported: Path | None  # best/backbone.safetensors (classifier included)
     stopped_by: str | None = None  # signal name when a SIGTERM/SIGINT ended the run early
-
-
-def evaluate_classifier(model: torch.nn.Module, shards: str, accelerator: Accelerator, *, img_size: int,
-                        batch_size: int, num_workers: int, crop_ratio: float, allow_pipe: bool) -> dict[str, Any]:
-    """{"top1", "top5" (%), "n", "skipped" (by reason)} over the val shards, gathered from all ranks."""
-    was_training = model.training
-    model.eval()
-    result = encode_shards(model, model.num_classes, shards, accelerator, img_size=img_size, batch_size=batch_size,
-                           num_workers=num_workers, crop_ratio=crop_ratio, allow_pipe=allow_pipe)
-    model.train(was_training)
-    # a label beyond the head would only ever count as a miss: the val set does not fit the model
-    check_label_count(result.labels, model.num_classes, "of the model", "fine-tuning", "val")
-    return {**topk_accuracy(result.features, result.labels), "n": float(result.features.shape[0]),
-            "skipped": result.skipped}
 
 
 class EpochEvaluation:
@@ -63,11 +48,17 @@ class EpochEvaluation:
         self.val_skipped: dict[str, int] = {}  # the same val set every epoch: reported once, in finetune.json
 
     def __call__(self, step: int) -> dict[str, float]:
-        d, model = self.data, self.objective.backbone
-        scores = evaluate_classifier(model, d.val, self.acc, img_size=model.patch_embed.img_size[0],
-                                     batch_size=d.batch_size, num_workers=min(d.num_workers, 4),
-                                     crop_ratio=d.crop_ratio, allow_pipe=d.allow_pipe)
-        self.val_skipped = scores.pop("skipped")
+        """Top-1/top-5 over the val shards, gathered from all ranks."""
+        d, model, was_training = self.data, self.objective.backbone, self.objective.backbone.training
+        model.eval()
+        val = encode_shards(model, model.num_classes, d.val, self.acc, img_size=model.patch_embed.img_size[0],
+                            batch_size=d.batch_size, num_workers=min(d.num_workers, 4), crop_ratio=d.crop_ratio,
+                            allow_pipe=d.allow_pipe)
+        model.train(was_training)
+        # a label beyond the head would only ever count as a miss: the val set does not fit the model
+        check_labelled(val.labels, "fine-tuning", "val", model.num_classes, "of the model")
+        scores = {**topk_accuracy(val.features, val.labels), "n": float(val.features.shape[0])}
+        self.val_skipped = val.skipped
         epoch = -(-step // self.every)  # the last evaluation of a run cut short by max_steps: a partial epoch
         self.history.append({"epoch": epoch, "step": step, **scores})
         self.acc.print(f"epoch {epoch}: val top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%")
@@ -97,31 +88,15 @@ def resolve_finetune_demo(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def _train_batches(d: FTDataConfig, objective: Classify, accelerator: Accelerator, seed: int,
-                   num_classes: int) -> Stream:
-    def stream(start_step: int, skip: int) -> Iterator[dict[str, Any]]:
-        batches = labelled_train_stream(d.train, objective.views, batch_size=d.batch_size, num_workers=d.num_workers,
-                                        shuffle_buffer=d.shuffle_buffer, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, seed=seed, start_step=start_step,
-                                        allow_pipe=d.allow_pipe)
-        for _ in range(skip):
-            next(batches)
-        return _checked_labels(batches, num_classes)
-    return stream
-
-
-def _checked_labels(batches: Iterator[dict[str, Any]], num_classes: int) -> Iterator[dict[str, Any]]:
-    """On the loader's CPU labels, before the loop copies them: on the device the check would stall every batch."""
-    for batch in batches:
-        if (batch["label"] < 0).any() or (batch["label"] >= num_classes).any():
-            raise ValueError(f"fine-tuning needs labels in [0, {num_classes}) on every train sample")
-        yield batch
-
-
 def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model.backbone` on `cfg.data.train`, evaluating on `cfg.data.val` after every epoch;
     resumes from the newest checkpoint in `cfg.train.run_dir`."""
     acc = accelerator or make_accelerator(cfg.train.precision)
+    with hold_run_dir(Path(cfg.train.run_dir), acc):  # one run at a time in a run dir
+        return _finetune(cfg, acc)
+
+
+def _finetune(cfg: FinetuneConfig, acc: Accelerator) -> FinetuneResult:
     run_dir, d, t = Path(cfg.train.run_dir), cfg.data, cfg.train
     found = latest_checkpoint(run_dir)
     check_run_dir(run_dir, FINETUNING, resuming=found is not None)  # a new run must not replace a best model
@@ -151,9 +126,18 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
                             cfg.optim.clip_grad, t.log_every, save_every=steps_per_epoch, keep_last=t.keep_last,
                             max_nonfinite_steps=t.max_nonfinite_steps, max_skip_rate=DataConfig.max_skip_rate,
                             name="finetune")
+    def batches(start_step: int, skip: int) -> Iterator[dict[str, Any]]:  # the loop's Stream
+        stream = labelled_train_stream(d.train, objective.views, batch_size=d.batch_size, num_workers=d.num_workers,
+                                       shuffle_buffer=d.shuffle_buffer, rank=acc.process_index,
+                                       world_size=acc.num_processes, seed=t.seed, start_step=start_step,
+                                       allow_pipe=d.allow_pipe)
+        for _ in range(skip):
+            next(stream)
+        return checked_labels(stream, num_classes, "fine-tuning")
+
     evaluation = EpochEvaluation(objective, d, acc, steps_per_epoch, run_dir / "best", cfg.model.backbone)
-    trainer = Trainer(acc, objective, optimizer, _train_batches(d, objective, acc, t.seed, num_classes), schedule,
-                      settings, resume=found[1] if found else None, evaluation=evaluation)
+    trainer = Trainer(acc, objective, optimizer, batches, schedule, settings, resume=found[1] if found else None,
+                      evaluation=evaluation)
     if acc.is_main_process:  # only once the inputs have checked out: a failed start writes nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         if found is not None and (notice := keep_changed_config(run_dir, cfg, trainer.step, load_finetune_config)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ssl_vit.config.pretrain import EvalConfig
 from ssl_vit.eval.features import FeatureSpec, extract_features
-from ssl_vit.eval.labelled import check_class_lists, check_label_range, check_usable
+from ssl_vit.eval.labelled import check_class_lists, check_usable
 from ssl_vit.eval.metrics import check_labelled
 
 
@@ -31,8 +32,8 @@ def check_knn_args(ks: Sequence[int], temperature: float, n_train: int | None = 
             raise ValueError(f"k-NN k must be ≥ 1, got {k}")
         if n_train is not None and k > n_train:
             raise ValueError(f"k-NN k={k} exceeds the {n_train} train samples; choose k ≤ {n_train}")
-    if not temperature > 0:  # also refuses NaN
-        raise ValueError(f"k-NN temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:  # also refuses NaN
+        raise ValueError(f"k-NN temperature must be finite and > 0, got {temperature}")
 
 
 @torch.no_grad()
@@ -46,14 +47,11 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
     check_labelled(val_labels, "k-NN", "val")
     check_knn_args(ks, temperature, train_feats.shape[0])
     n_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    train = F.normalize(train_feats.float(), dim=1)
-    val = F.normalize(val_feats.float(), dim=1)
-    k_max = max(ks)
-    top5 = min(5, n_classes)
+    train, val = (F.normalize(f.float(), dim=1) for f in (train_feats, val_feats))
     correct = {k: [0, 0] for k in ks}  # top-1, top-5 hits
     for start in range(0, val.shape[0], chunk):
         sim = val[start:start + chunk] @ train.T  # (C, N) cosine similarities
-        sim_k, idx = sim.topk(k_max, dim=1)  # neighbours, most similar first
+        sim_k, idx = sim.topk(max(ks), dim=1)  # neighbours, most similar first
         neighbour_labels = train_labels[idx]  # (C, k_max)
         target = val_labels[start:start + chunk].unsqueeze(1)
         for k in ks:
@@ -63,14 +61,12 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
             votes.scatter_add_(1, neighbour_labels[:, :k], weights)  # (C, classes) summed weights
             voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, neighbour_labels[:, :k], True)
             # a class voted for ranks above every class that was not, even where its weight underflowed to 0
-            _, ranked = votes.masked_fill(~voted, -1.0).topk(top5, dim=1)  # (C, top5)
-            # A class no neighbour voted for ties with every other such class: never count it as a hit. (Asked of
-            # `voted`, not of the vote: a far neighbour's weight can underflow to 0 at a small T.)
+            _, ranked = votes.masked_fill(~voted, -1.0).topk(min(5, n_classes), dim=1)  # (C, top-5)
+            # a class no neighbour voted for ties with every other such class: never a hit (asked of `voted`, as above)
             hits = (ranked == target) & voted.gather(1, ranked)
             correct[k][0] += int(hits[:, 0].sum())
             correct[k][1] += int(hits.any(dim=1).sum())
-    n = val.shape[0]
-    return {k: {"top1": 100.0 * c[0] / n, "top5": 100.0 * c[1] / n} for k, c in correct.items()}
+    return {k: {"top1": 100.0 * c[0] / len(val), "top5": 100.0 * c[1] / len(val)} for k, c in correct.items()}
 
 
 @dataclass
@@ -99,12 +95,10 @@ def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator
     kwargs = dict(spec=spec or FeatureSpec(pool=cfg.pool), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                   crop_ratio=cfg.crop_ratio, allow_pipe=allow_pipe, cache_dir=cache_dir)
     train = extract_features(vit, cfg.knn_train, accelerator, desc="k-NN train features", **kwargs)
-    check_usable(train, "k-NN", "train")  # else "k exceeds the 0 train samples", which hides why there are none
-    check_label_range(train.labels, classes, "k-NN", "train")
+    check_usable(train, "k-NN", "train", classes)  # else "k exceeds the 0 train samples", which hides why
     check_knn_args(ks, cfg.knn_temperature, train.features.shape[0])
     val = extract_features(vit, cfg.knn_val, accelerator, desc="k-NN val features", **kwargs)
-    check_usable(val, "k-NN", "val")
-    check_label_range(val.labels, classes, "k-NN", "val")
+    check_usable(val, "k-NN", "val", classes)
     scores = knn_classify(train.features, train.labels, val.features, val.labels, ks, cfg.knn_temperature)
     return KnnReport(scores, train.features.shape[0], val.features.shape[0],
                      {"train": train.skipped, "val": val.skipped})

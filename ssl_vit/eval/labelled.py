@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import Tensor
 
 from ssl_vit.config.pretrain import DataConfig
 from ssl_vit.data.samples import IMAGE_EXTS
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.data.shards import train_stream
 from ssl_vit.eval.features import Features
+from ssl_vit.eval.metrics import check_labelled
 
 _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream with the same seed
 
@@ -54,13 +54,6 @@ def count_samples(shards: str | Sequence[str], allow_pipe: bool = False) -> int:
     return total
 
 
-def classes_file(shards: str | Sequence[str], allow_pipe: bool = False) -> Path | None:
-    """The `classes.txt` that `make-shards` writes beside the (first) shard; None if there is none."""
-    first = Path(resolve_shards(shards, allow_pipe)[0].removeprefix("file:"))
-    listing = first.parent / "classes.txt"
-    return listing if listing.is_file() else None
-
-
 @dataclass(frozen=True)
 class ClassList:
     """The classes of a labelled set: label i names `names[i]`, the i-th non-blank line of `path`."""
@@ -73,39 +66,40 @@ def check_class_lists(train: str | Sequence[str], val: str | Sequence[str],
                       allow_pipe: bool = False) -> ClassList | None:
     """The class list of the train shards (else of the val shards), refusing train and val lists that differ:
     labels are indices into them, so a differing list makes the score wrong silently. None without either list."""
-    train_file, val_file = classes_file(train, allow_pipe), classes_file(val, allow_pipe)
-    lists = [ClassList(f, [line for line in f.read_text().splitlines() if line.strip()])
-             for f in (train_file, val_file) if f is not None]
+    lists = []
+    for shards in (train, val):  # the classes.txt that `make-shards` writes beside the (first) shard
+        listing = Path(resolve_shards(shards, allow_pipe)[0].removeprefix("file:")).parent / "classes.txt"
+        if listing.is_file():
+            lists.append(ClassList(listing, [line for line in listing.read_text().splitlines() if line.strip()]))
     if len(lists) == 2 and lists[0].names != lists[1].names:
         a, b = lists[0].names, lists[1].names
         i = next(i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i])
         shown = [repr(n[i]) if i < len(n) else "nothing (end of list)" for n in (a, b)]
         raise ValueError(f"train and val shards list different classes (labels are indices into them): "
-                         f"{train_file} ({len(a)} classes) vs {val_file} ({len(b)}), first difference at "
+                         f"{lists[0].path} ({len(a)} classes) vs {lists[1].path} ({len(b)}), first difference at "
                          f"class {i}: {shown[0]} vs {shown[1]}")
     return lists[0] if lists else None
 
 
-def check_label_range(labels: Tensor, classes: ClassList | None, task: str, split: str) -> None:
-    """Refuse labels ≥ the number of listed classes: the shards and their classes.txt disagree (a stale list)."""
-    if classes is not None:
-        check_label_count(labels, len(classes.names), f"in {classes.path}", task, split)
+def checked_labels(batches: Iterator[dict], num_classes: int, task: str) -> Iterator[dict]:
+    """`batches` of a train stream, refusing a label outside [0, num_classes) (or none), on the loader's CPU labels:
+    on the device the check would stall every batch."""
+    for batch in batches:
+        bad = (batch["label"] < 0) | (batch["label"] >= num_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{task} needs labels in [0, {num_classes}) on every train sample: sample "
+                             f"{batch['key'][i]!r} has {int(batch['label'][i])}")
+        yield batch
 
 
-def check_label_count(labels: Tensor, n: int, where: str, task: str, split: str) -> None:
-    """Refuse labels ≥ `n`, the number of classes `where` ("in A/classes.txt", "of the model")."""
-    beyond = labels >= n
-    if beyond.any():
-        raise ValueError(f"{task} {split} labels must be < the {n} classes {where}: {int(beyond.sum())} of "
-                         f"{labels.numel()} samples have a larger one (up to {int(labels.max())})")
-
-
-def check_usable(feats: Features, task: str, split: str) -> None:
-    """Refuse a set of which no sample could be used, saying why (skip counts by reason)."""
-    if feats.features.shape[0]:
-        return
+def check_usable(feats: Features, task: str, split: str, classes: ClassList | None = None) -> None:
+    """Refuse a set of which no sample could be used, saying why (skip counts by reason), unlabelled samples and
+    labels ≥ the listed classes (the list is stale), or without a list ≥ MAX_CLASSES."""
     skipped = {reason: n for reason, n in feats.skipped.items() if n}
-    if not skipped:
+    if not feats.features.shape[0] and not skipped:
         raise ValueError(f"no {task} {split} sample was read: the {split} shards hold no samples")
-    raise ValueError(f"no usable {task} {split} sample was read: all {sum(skipped.values())} {split} samples "
-                     f"were skipped: {skipped}")
+    if not feats.features.shape[0]:
+        raise ValueError(f"no usable {task} {split} sample was read: all {sum(skipped.values())} {split} samples "
+                         f"were skipped: {skipped}")
+    check_labelled(feats.labels, task, split, *((len(classes.names), f"in {classes.path}") if classes else ()))

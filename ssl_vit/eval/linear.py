@@ -1,12 +1,14 @@
 """Linear probes on frozen features: a grid of heads (learning rates × weight decays) trained at once, each
-exactly as it would train alone (same start, same batches, a sum of per-head losses).
-"""
+exactly as it would train alone (same start, same batches, a sum of per-head losses)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -39,6 +41,10 @@ class ProbeProtocol:
             raise ValueError(f"unknown probe optimizer {self.optimizer!r}; choose from ['lars', 'sgd']")
         if not self.base_lrs or not self.weight_decays:
             raise ValueError("the lr and weight-decay grids need at least one value each")
+        if not all(math.isfinite(lr) and lr > 0 for lr in self.base_lrs):
+            raise ValueError(f"probe base lrs must be finite and > 0, got {list(self.base_lrs)}")
+        if not all(math.isfinite(wd) and wd >= 0 for wd in self.weight_decays):
+            raise ValueError(f"probe weight decays must be finite and ≥ 0, got {list(self.weight_decays)}")
         if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"need epochs ≥ 1, batch_size ≥ 1, 0 ≤ warmup_epochs ≤ epochs; got {self.epochs}, "
                              f"{self.batch_size}, {self.warmup_epochs}")
@@ -99,13 +105,6 @@ class HeadGrid(nn.Module):
         return torch.einsum("bd,hcd->hbc", x, weight) + bias[:, None]
 
 
-def grid_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum over heads of each head's mean cross-entropy: head i's gradient is what it would be alone."""
-    n_heads, batch = logits.shape[:2]
-    per_sample = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(n_heads), reduction="none")
-    return per_sample.view(n_heads, batch).mean(dim=1).sum()
-
-
 class HeadTrainer:
     """Trains a HeadGrid step by step (lr schedule per step), evaluates every head, keeps the best epochs."""
 
@@ -113,6 +112,7 @@ class HeadTrainer:
                  seed: int = 0) -> None:
         self.proto, self.steps_per_epoch = proto, steps_per_epoch
         self.grid = [(lr, wd) for lr in proto.base_lrs for wd in proto.weight_decays]
+        self.names = [f"lr{lr:g}_wd{wd:g}" for lr, wd in self.grid]
         self.model = HeadGrid(dim, num_classes, len(self.grid), proto.batchnorm, proto.init_std, seed)
         groups: list[dict[str, Any]] = []
         for head, (base_lr, wd) in zip(self.model.heads, self.grid, strict=True):
@@ -126,9 +126,6 @@ class HeadTrainer:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
         self.history: list[list[dict[str, float]]] = []  # per epoch, per head: top1, top5
 
-    def names(self) -> list[str]:
-        return [f"lr{lr:g}_wd{wd:g}" for lr, wd in self.grid]
-
     def step(self, model: nn.Module, x: Tensor, y: Tensor, step: int,
              backward: Callable[[Tensor], None] | None = None) -> float:
         """One optimizer step of every head; `model` is the grid, possibly wrapped for distributed training
@@ -137,7 +134,10 @@ class HeadTrainer:
         warmup = self.proto.warmup_epochs * self.steps_per_epoch
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_cosine(step, total, warmup, group["peak_lr"])
-        loss = grid_loss(model(x), y)
+        logits = model(x)  # (H, B, C); a sum of each head's mean loss: head i's gradient is what it would be alone
+        n_heads, batch = logits.shape[:2]
+        per_sample = F.cross_entropy(logits.flatten(0, 1).float(), y.repeat(n_heads), reduction="none")
+        loss = per_sample.view(n_heads, batch).mean(dim=1).sum()
         self.optimizer.zero_grad(set_to_none=True)
         (backward or Tensor.backward)(loss)
         self.optimizer.step()
@@ -148,22 +148,35 @@ class HeadTrainer:
         """Top-1/top-5 (%) of every head on `val` (BatchNorm with its running statistics)."""
         self.model.eval()
         device = next(self.model.parameters()).device
-        hits = [[0, 0] for _ in self.grid]
+        hits = [Counter() for _ in self.grid]
         for x, y in zip(val.features.split(chunk), val.labels.split(chunk), strict=True):
             for i, head_logits in enumerate(self.model(x.to(device))):  # (chunk, C) per head
-                counts = topk_hits(head_logits, y.to(device))
-                hits[i][0] += counts[1]
-                hits[i][1] += counts[5]
+                hits[i].update(topk_hits(head_logits, y.to(device)))
         self.model.train()
-        n = val.features.shape[0]
-        scores = [{"top1": 100.0 * h1 / n, "top5": 100.0 * h5 / n} for h1, h5 in hits]
+        scores = [{f"top{k}": 100.0 * h[k] / val.features.shape[0] for k in (1, 5)} for h in hits]
         self.history.append(scores)
         return scores
+
+    def fit(self, batches: Iterator[tuple[Tensor, Tensor]], val: Features, model: nn.Module | None = None,
+            backward: Callable[[Tensor], None] | None = None, log: RunLog | None = None) -> dict[str, Any]:
+        """Train on (features, labels) `batches` for the protocol's epochs, evaluating every head on `val` after
+        each (logged: mean train loss, every head's val top-1 and the best), then `summary()`."""
+        losses = []
+        for step, (x, y) in enumerate(islice(batches, self.proto.epochs * self.steps_per_epoch)):
+            losses.append(self.step(model or self.model, x, y, step, backward))
+            if (step + 1) % self.steps_per_epoch == 0:
+                scores = self.evaluate(val)
+                if log is not None:
+                    heads = {f"probe_top1/{name}": s["top1"] for name, s in zip(self.names, scores, strict=True)}
+                    log.scalars((step + 1) // self.steps_per_epoch, {"probe/train_loss": sum(losses) / len(losses),
+                                "probe/best_top1": max(s["top1"] for s in scores), **heads})
+                losses = []
+        return self.summary()
 
     def summary(self) -> dict[str, Any]:
         """Per head its best epoch on val (and the final one); `best` is the head with the highest top-1."""
         heads = []
-        for i, ((lr, wd), name) in enumerate(zip(self.grid, self.names(), strict=True)):
+        for i, ((lr, wd), name) in enumerate(zip(self.grid, self.names, strict=True)):
             per_epoch = [epoch[i] for epoch in self.history]
             best = max(range(len(per_epoch)), key=lambda e: (per_epoch[e]["top1"], per_epoch[e]["top5"]))
             heads.append({"name": name, "base_lr": lr, "weight_decay": wd, "best_epoch": best + 1,
@@ -171,22 +184,13 @@ class HeadTrainer:
         return {"heads": heads, "best": max(heads, key=lambda h: (h["top1"], h["top5"]))}
 
 
-def log_epoch(log: RunLog | None, trainer: HeadTrainer, epoch: int, loss: float,
-              scores: list[dict[str, float]]) -> None:
-    """The epoch's mean train loss and every head's val top-1 (and the best), when there is a log."""
-    if log is None:
-        return
-    values = {"probe/train_loss": loss, "probe/best_top1": max(s["top1"] for s in scores)}
-    values.update({f"probe_top1/{name}": s["top1"] for name, s in zip(trainer.names(), scores, strict=True)})
-    log.scalars(epoch, values)
-
-
 def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_classes: int | None = None,
                    device: torch.device | str = "cpu", seed: int = 0, log: RunLog | None = None,
                    ) -> tuple[dict[str, Any], HeadTrainer]:
     """Fast path: train the whole grid on fixed features; returns the summary and the trainer (heads inside)."""
-    check_labelled(train.labels, "the linear probe", "train")
-    check_labelled(val.labels, "the linear probe", "val")
+    bound = (num_classes, "given") if num_classes else ()  # else MAX_CLASSES: a corrupt label would size the heads
+    check_labelled(train.labels, "the linear probe", "train", *bound)
+    check_labelled(val.labels, "the linear probe", "val", *bound)
     if train.features.shape[0] == 0 or val.features.shape[0] == 0:
         raise ValueError("the linear probe needs a non-empty train and val set")
     num_classes = num_classes or int(max(train.labels.max(), val.labels.max())) + 1
@@ -196,16 +200,14 @@ def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_cla
     trainer.model.to(device).train()
     x, y = train.features.to(device), train.labels.to(device)
     order = torch.Generator().manual_seed(seed)
-    step = 0
-    for epoch in range(proto.epochs):
-        perm = torch.randperm(n, generator=order)
-        losses = []
-        for s in range(trainer.steps_per_epoch):  # full batches only, as the papers' loaders (drop_last)
-            idx = perm[s * batch:(s + 1) * batch].to(device)
-            losses.append(trainer.step(trainer.model, x[idx], y[idx], step))
-            step += 1
-        log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
-    return trainer.summary(), trainer
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            perm = torch.randperm(n, generator=order)
+            for s in range(trainer.steps_per_epoch):  # full batches only, as the papers' loaders (drop_last)
+                idx = perm[s * batch:(s + 1) * batch].to(device)
+                yield x[idx], y[idx]
+    return trainer.fit(batches(), val, log=log), trainer
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ssl_vit.data.samples import SKIP_REASONS
@@ -19,12 +21,12 @@ from ssl_vit.data.transforms import crop_flip, normalize
 from ssl_vit.eval.features import Features, extract_features, image_features, skip_totals
 from ssl_vit.eval.labelled import (
     check_class_lists,
-    check_label_range,
     check_usable,
+    checked_labels,
     count_samples,
     labelled_train_stream,
 )
-from ssl_vit.eval.linear import HeadTrainer, ProbeData, ProbeProtocol, log_epoch, probe_features
+from ssl_vit.eval.linear import HeadTrainer, ProbeData, ProbeProtocol, probe_features
 from ssl_vit.training.run_log import RunLog
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, used by both papers' probes
@@ -48,28 +50,24 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
     model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
     transform = crop_flip(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
-    loader = labelled_train_stream(data.train, transform, batch_size=per_device, num_workers=data.num_workers,
-                                   shuffle_buffer=data.shuffle_buffer, rank=accelerator.process_index,
-                                   world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe)
-    bar = tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
-               disable=not accelerator.is_main_process)
+    loader = checked_labels(labelled_train_stream(
+        data.train, transform, batch_size=per_device, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe),
+        num_classes, "the linear probe")
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-    for epoch in range(proto.epochs):
-        losses = []
-        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-            batch = next(loader)
-            skipped += batch["skipped"].sum(dim=0)
-            labels = batch["label"].to(accelerator.device)
-            if (labels < 0).any() or (labels >= num_classes).any():
-                raise ValueError(f"the linear probe needs labels in [0, {num_classes}) on every train sample")
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in loader:
+            skipped.add_(batch["skipped"].sum(dim=0))
             with torch.no_grad(), accelerator.autocast():
                 images = normalize(batch["image"].to(accelerator.device, non_blocking=True))
                 feats = image_features(vit, images, proto.features).float()
-            losses.append(trainer.step(model, feats, labels, step, accelerator.backward))
             bar.update(1)
-        log_epoch(log, trainer, epoch + 1, sum(losses) / len(losses), trainer.evaluate(val))
-    bar.close()
-    summary = [trainer.summary()]
+            yield feats, batch["label"].to(accelerator.device)
+    # closed on an error too: else its last refresh, at garbage collection, lands after the error message
+    with tqdm(total=proto.epochs * steps_per_epoch, desc="linear probe (augmented)", unit="step",
+              disable=not accelerator.is_main_process) as bar:
+        summary = [trainer.fit(batches(), val, model, accelerator.backward, log)]
     broadcast_object_list(summary)  # BatchNorm running stats may differ by rank: report the main process's
     return summary[0], n_train, skip_totals(accelerator, skipped)
 
@@ -83,8 +81,7 @@ def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, 
     kwargs = dict(spec=proto.features, batch_size=data.batch_size, num_workers=data.num_workers,
                   crop_ratio=data.crop_ratio, allow_pipe=data.allow_pipe, cache_dir=data.cache_dir)
     val = extract_features(vit, data.val, accelerator, desc="probe val features", **kwargs)
-    check_usable(val, "linear-probe", "val")
-    check_label_range(val.labels, classes, "linear-probe", "val")
+    check_usable(val, "linear-probe", "val", classes)
     if out_dir is not None and accelerator.is_main_process:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir, enabled=accelerator.is_main_process) if out_dir is not None else None
@@ -94,8 +91,7 @@ def linear_probe(vit: VisionTransformer, data: ProbeData, proto: ProbeProtocol, 
                                                               accelerator, seed, log)
         else:
             train = extract_features(vit, data.train, accelerator, desc="probe train features", **kwargs)
-            check_usable(train, "linear-probe", "train")
-            check_label_range(train.labels, classes, "linear-probe", "train")
+            check_usable(train, "linear-probe", "train", classes)
             # Every rank holds all features and trains the same grid from the same seed: no collective needed.
             # With a class list, a head per listed class, whether or not this train set shows every one.
             summary, _ = probe_features(train, val, proto, classes and len(classes.names), device=accelerator.device,

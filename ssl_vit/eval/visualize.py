@@ -4,6 +4,7 @@ reconstructions. Drawn with torchvision's make_grid (no plotting library)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,8 +59,7 @@ def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
         raise ValueError("attention rollout needs at least one layer")
     rollout = None
     for a in maps:
-        fused = a.float().mean(dim=1)  # (B, N, N)
-        fused = fused + torch.eye(fused.shape[-1], device=fused.device)
+        fused = a.float().mean(dim=1) + torch.eye(a.shape[-1], device=a.device)  # (B, N, N)
         fused = fused / fused.sum(dim=-1, keepdim=True)
         rollout = fused if rollout is None else fused @ rollout
     return rollout
@@ -126,11 +126,6 @@ def colorize(maps: Tensor) -> Tensor:
     return rgb.movedim(-1, -2).reshape(*maps.shape[:-2], 3, *maps.shape[-2:])
 
 
-def _upsample(x: Tensor, size: int) -> Tensor:
-    """(B, C, h, w) → (B, C, size, size) with nearest neighbours: one patch stays one flat block."""
-    return F.interpolate(x.float(), size=(size, size), mode="nearest")
-
-
 def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, scale: int | None = None) -> Tensor:
     """(3, H, W) grid, two rows per image: [image, cls attention of each last-layer head, rollout], then
     [mean-head mask, each head's mask, rollout mask] over the image; a mask keeps the patches that hold a
@@ -139,7 +134,7 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
         raise ValueError("attention maps show the cls token's attention, and this backbone has no cls token")
     s = images.shape[-1]
     scale = scale or max(1, -(-128 // s))  # the smallest factor that makes a tile ≥ 128 px
-    tile = s * scale
+    upsample = partial(F.interpolate, size=(s * scale, s * scale), mode="nearest")  # a patch stays one flat block
     grid = tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
     images = images.to(next(vit.parameters()).device)
     maps = attention_maps(vit, images)  # every layer: the rollout needs them all, the last one gives heads
@@ -147,11 +142,11 @@ def attention_figure(vit: VisionTransformer, images: Tensor, keep: float = 0.6, 
     rollout = cls_to_patches(attention_rollout(maps), vit.num_prefix_tokens, grid).cpu()  # (B, gh, gw)
     all_maps = torch.cat([heads, rollout.unsqueeze(1)], dim=1)  # (B, heads + 1, gh, gw)
     masks = torch.cat([mass_mask(heads.mean(dim=1, keepdim=True), keep), mass_mask(all_maps, keep)], dim=1)
-    pictures = _upsample(denormalize(images.float().cpu()), tile)  # (B, 3, T, T)
+    pictures = upsample(denormalize(images.float().cpu()))  # (B, 3, T, T)
     tiles = []
     for b in range(images.shape[0]):
-        tiles += [pictures[b], *_upsample(colorize(all_maps[b]), tile)]
-        dimmed = 0.2 + 0.8 * _upsample(masks[b].unsqueeze(1), tile)  # (heads + 2, 1, T, T): masked-out dimmed
+        tiles += [pictures[b], *upsample(colorize(all_maps[b]))]
+        dimmed = 0.2 + 0.8 * upsample(masks[b].unsqueeze(1).float())  # (heads + 2, 1, T, T): masked-out dimmed
         tiles += list(pictures[b] * dimmed)
     return make_grid(torch.stack(tiles), nrow=heads.shape[1] + 2, pad_value=1.0)
 
