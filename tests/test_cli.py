@@ -1,6 +1,7 @@
 """Every command answers --help; user errors are one line with exit code 2."""
 
 import errno
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,16 @@ def test_a_real_filesystem_error_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"ssl-vit make-shards: error: Not a directory: {afile / 'out'}"
 
 
+def test_a_missing_folder_the_os_names_is_one_line_without_errno(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "cat" / "a.png")
+    assert main(["make-shards", str(tmp_path / "src"), "/proc/ssl_vit_no_such/out"]) == 2  # /proc takes no folder
+    err = capsys.readouterr().err.strip()
+    assert err == "ssl-vit make-shards: error: No such file or directory: /proc/ssl_vit_no_such"
+
+
 def test_a_bug_is_not_hidden_as_a_filesystem_error(monkeypatch):
     def buggy(args):
         raise TypeError("a real bug")
@@ -155,3 +166,77 @@ def test_ctrl_c_during_startup_is_one_line_with_exit_130(monkeypatch, capsys):
     monkeypatch.setattr("ssl_vit.cli.main._cmd_config", interrupted)
     assert main(["config"]) == 130
     assert capsys.readouterr().err.strip() == "ssl-vit config: interrupted"
+
+
+_EVAL = ["--backbone", "b", "--train", "t", "--val", "v"]
+
+
+@pytest.mark.parametrize("argv, rule", [
+    # `--lr nan` / `--lr -1` trained and reported a best head with exit code 0
+    (["linear-probe", *_EVAL, "--lr", "nan"], "a finite number > 0"),
+    (["linear-probe", *_EVAL, "--lr", "0.1", "-1"], "a finite number > 0"),
+    (["linear-probe", *_EVAL, "--lr", "inf"], "a finite number > 0"),
+    (["linear-probe", *_EVAL, "--wd", "nan"], "a finite number ≥ 0"),
+    (["linear-probe", *_EVAL, "--wd", "-0.05"], "a finite number ≥ 0"),
+    (["linear-probe", *_EVAL, "--epochs", "0"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--epochs", "two"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--warmup-epochs", "-1"], "an integer ≥ 0"),
+    (["linear-probe", *_EVAL, "--batch-size", "0"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--extract-batch-size", "0"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--train-size", "0"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--num-workers", "-1"], "an integer ≥ 0"),
+    (["linear-probe", *_EVAL, "--n-last-blocks", "0"], "an integer ≥ 1"),
+    (["linear-probe", *_EVAL, "--crop-ratio", "1.5"], "a finite number in (0, 1]"),
+    (["knn", *_EVAL, "--k", "20", "0"], "an integer ≥ 1"),
+    (["knn", *_EVAL, "--temperature", "nan"], "a finite number > 0"),
+    (["knn", *_EVAL, "--temperature", "0"], "a finite number > 0"),
+    (["knn", *_EVAL, "--batch-size", "0"], "an integer ≥ 1"),
+    (["knn", *_EVAL, "--num-workers", "-2"], "an integer ≥ 0"),
+    (["knn", *_EVAL, "--crop-ratio", "0"], "a finite number in (0, 1]"),
+    (["knn", *_EVAL, "--random-init", "--seed", "99999999999999999999"], "an integer in [0, 9223372036854775807]"),
+    (["linear-probe", *_EVAL, "--seed", "-1"], "an integer in [0, 9223372036854775807]"),
+    (["visualize", "--seed", "1" + "0" * 400], "an integer in [0, 9223372036854775807]"),  # no OverflowError
+    (["visualize", "--n", "0"], "an integer ≥ 1"),
+    (["visualize", "--keep", "1.5"], "a finite number in (0, 1]"),
+    (["visualize", "--scale", "0"], "an integer ≥ 1"),
+    (["visualize", "--crop-ratio", "nan"], "a finite number in (0, 1]"),
+    (["make-shards", "src", "out", "--max-size-mb", "nan"], "a finite number > 0"),
+    (["make-shards", "src", "out", "--max-count", "0"], "an integer ≥ 1"),
+    (["benchmark-suite", "--steps", "0"], "an integer ≥ 1"),
+    (["benchmark-suite", "--case-timeout", "0"], "a finite number > 0"),
+    (["benchmark", "--steps", "0"], "an integer ≥ 1"),
+    (["benchmark", "--peak-tflops", "-1"], "a finite number > 0"),
+])
+def test_a_number_that_can_never_work_is_refused_at_parse_time_in_one_line(capsys, argv, rule):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    flag = next(a for a in reversed(argv) if a.startswith("--"))  # the refused value is the last one
+    assert capsys.readouterr().err == f"ssl-vit {argv[0]}: error: argument {flag}: must be {rule}, got {argv[-1]}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the benchmark ran to the end, then its JSON was lost ("[Errno 21] Is a directory"); the suite said "File exists"
+    (["benchmark", "--out", "{d}"], "--out {d} is a folder; give a file path, e.g. {d}/benchmark.json"),
+    (["benchmark", "--out", "{f}/b.json"], "--out {f}/b.json: {f} is a file, not a folder"),
+    (["benchmark-suite", "--quick", "--out", "{f}"], "--out {f} is a file, not a folder"),
+])
+def test_benchmark_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    def no_run(*args, **kwargs):
+        raise AssertionError("ran before the output was checked")
+
+    monkeypatch.setattr("ssl_vit.bench.benchmark.run_benchmark", no_run)
+    monkeypatch.setattr("ssl_vit.bench.suite.run_suite", no_run)
+    d, f = tmp_path / "dir", tmp_path / "file"
+    d.mkdir()
+    f.write_text("")
+    argv = [a.format(d=d, f=f) for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"ssl-vit {argv[0]}: error: {message.format(d=d, f=f)}\n"
+
+
+def test_benchmark_json_goes_into_a_folder_yet_to_be_made(tmp_path):
+    out = tmp_path / "new" / "b.json"
+    argv = ["benchmark", "--loader-only", "--steps", "1", "--decode-samples", "5", "--loader-rounds", "1"]
+    assert main([*argv, "--out", str(out)]) == 0  # was FileNotFoundError after the benchmark had run
+    assert json.loads(out.read_text())["steps"] == 1

@@ -10,26 +10,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ssl_vit.config.recipes import DEMO_RECIPE, finetune_votes, load_any_config, recipe_path
+from ssl_vit.cli.args import COUNT, POSITIVE, OneLineParser, add_recipe_args, check_output
+from ssl_vit.config.recipes import DEMO_RECIPE, load_any_config
 
 
 def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
     from ssl_vit.config.pretrain import ConfigError
+    from ssl_vit.training.loop import resolve_demo
 
     kind, cfg = load_any_config(recipe, overrides)
     if kind == "finetune":
         raise ConfigError(f"{recipe} is a fine-tuning recipe: run `ssl-vit finetune {recipe}`")
-    return cfg
+    return resolve_demo(cfg)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_vit.config.pretrain import doubtful_settings
+    from ssl_vit.config.pretrain import ConfigError, doubtful_settings
+    from ssl_vit.data.shard_urls import resolve_shards
     from ssl_vit.training.distributed import make_accelerator
-    from ssl_vit.training.loop import pretrain, resolve_demo
+    from ssl_vit.training.loop import pretrain
 
-    cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
-    if not args.no_knn:
-        _check_knn_shards(cfg)
+    cfg = _pretrain_config(args.recipe, args.set)
+    for key in () if args.no_knn else ("knn_train", "knn_val"):  # resolved now, not after the whole training run
+        if spec := getattr(cfg.eval, key):
+            try:
+                resolve_shards(spec, cfg.data.allow_pipe)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"eval.{key}: {err}") from None
     accelerator = make_accelerator(cfg.train.precision)
     if accelerator.is_main_process:  # valid, but probably not meant: say so once, before training
         for note in doubtful_settings(cfg):
@@ -56,39 +63,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_knn_shards(cfg: Any) -> None:
-    """Resolve the k-NN shards now: a missing one would otherwise fail only after the whole training run."""
-    from ssl_vit.config.pretrain import ConfigError
-    from ssl_vit.data.shard_urls import resolve_shards
-
-    for key, spec in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
-        if spec:
-            try:
-                resolve_shards(spec, cfg.data.allow_pipe)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{key}: {err}") from None
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    """`ssl-vit finetune`, naming a pretraining recipe as one (not its `objective` as an unknown key) first."""
-    from ssl_vit.cli import eval as cli_eval
-    from ssl_vit.config.pretrain import ConfigError
-
-    if finetune_votes(recipe_path(args.recipe, cli_eval.FINETUNE_DEMO_RECIPE), args.set) < 0:
-        raise ConfigError(f"{args.recipe} is a pretraining recipe: run `ssl-vit pretrain {args.recipe}`")
-    return cli_eval._cmd_finetune(args)
-
-
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from ssl_vit.bench.benchmark import format_report, run_benchmark
-    from ssl_vit.training.loop import resolve_demo
 
-    cfg = resolve_demo(_pretrain_config(args.recipe, args.set))
-    result = run_benchmark(cfg, steps=args.steps, synthetic=args.synthetic, peak_tflops=args.peak_tflops,
-                           decode_samples=args.decode_samples, encoder_batch=args.encoder_batch,
-                           loader_only=args.loader_only, loader_rounds=args.loader_rounds)
+    check_output(args.out, "--out", file="benchmark.json")
+    result = run_benchmark(_pretrain_config(args.recipe, args.set), steps=args.steps, synthetic=args.synthetic,
+                           peak_tflops=args.peak_tflops, decode_samples=args.decode_samples,
+                           encoder_batch=args.encoder_batch, loader_only=args.loader_only,
+                           loader_rounds=args.loader_rounds)
     print(format_report(result))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
@@ -101,9 +86,7 @@ def _cmd_benchmark_suite(args: argparse.Namespace) -> int:
             print(f"{case.name}: ssl-vit benchmark {case.recipe} {' '.join(case.args)}".rstrip()
                   + ("  (real data)" if case.real_data else ""))
         return 0
-    if args.steps < 1 or args.case_timeout <= 0:
-        raise ValueError(f"--steps must be at least 1 and --case-timeout positive, got {args.steps} and "
-                         f"{args.case_timeout}")
+    check_output(args.out, "--out")
     return run_suite(Path(args.out), quick=args.quick, only=args.only, steps=args.steps, shards=args.shards,
                      overrides=args.set, timeout=args.case_timeout)
 
@@ -134,39 +117,34 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ssl_vit.training.checkpoint import export_run
 
-    path = export_run(args.run_dir, args.out)
-    print(f"exported backbone: {path}")
+    print(f"exported backbone: {export_run(args.run_dir, args.out)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ssl_vit.cli.eval import add_eval_commands
 
-    parser = argparse.ArgumentParser(prog="ssl-vit",
-                                     description="Self-supervised ViT pretraining (MAE, DINO), evaluation, export.")
+    parser = OneLineParser("ssl-vit", description="Self-supervised ViT pretraining (MAE, DINO), evaluation, export.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a ViT from a YAML recipe (no recipe: the built-in demo)")
-    p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.base_lr=1e-4 (repeatable)")
+    add_recipe_args(p, DEMO_RECIPE)
     p.add_argument("--no-knn", action="store_true", help="skip the k-NN evaluation after training")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("benchmark", help="step time, images/s, memory, data wait, MFU, loader and MAE encoder speed")
-    p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    add_recipe_args(p, DEMO_RECIPE)
     p.add_argument("--synthetic", action="store_true", help="random on-device batches: the model without the loader")
     p.add_argument("--loader-only", action="store_true", help="only the loader vs single-core decode+augment rates")
-    p.add_argument("--steps", type=int, default=10,
+    p.add_argument("--steps", type=COUNT, default=10,
                    help="timed optimizer steps after one warm-up; loader batches with --loader-only (default: 10)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=POSITIVE, default=None,
                    help="device peak for MFU (default: table for H100/H200/A100; none on CPU)")
-    p.add_argument("--decode-samples", type=int, default=300,
+    p.add_argument("--decode-samples", type=COUNT, default=300,
                    help="samples timed for the single-core decode+augment rate (default: 300)")
-    p.add_argument("--loader-rounds", type=int, default=3,
+    p.add_argument("--loader-rounds", type=COUNT, default=3,
                    help="each loader rate is the best of this many timed rounds (default: 3)")
-    p.add_argument("--encoder-batch", type=int, default=None,
+    p.add_argument("--encoder-batch", type=COUNT, default=None,
                    help="batch of the masked vs full encoder timing (default: data.batch_size)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_cmd_benchmark)
@@ -178,26 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the demo recipes: minutes on a CPU")
     p.add_argument("--only", nargs="+", metavar="CASE", help="run only these cases (see --list)")
     p.add_argument("--list", action="store_true", help="print the cases and their commands, run nothing")
-    p.add_argument("--steps", type=int, default=100, help="timed steps of each case that sets none (default: 100)")
+    p.add_argument("--steps", type=COUNT, default=100, help="timed steps of each case that sets none (default: 100)")
     p.add_argument("--shards", default=None, help="shards for the real-data cases (default: synthetic JPEG shards "
                                                   "made in OUT/shards; --quick: the built-in demo data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every case")
-    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is stopped (default: 900)")
+    p.add_argument("--case-timeout", type=POSITIVE, default=900.0,
+                   help="seconds before a case is stopped (default: 900)")
     p.set_defaults(func=_cmd_benchmark_suite)
 
     p = sub.add_parser("config", help="print the resolved config of a pretraining or fine-tuning recipe plus "
                                       "overrides, as YAML")
-    p.add_argument("recipe", nargs="?", help=f"recipe file or name in recipes/ (default: {DEMO_RECIPE})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    add_recipe_args(p, DEMO_RECIPE)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("make-shards", help="turn an image folder into WebDataset tar shards")
     p.add_argument("src", help="image folder (class sub-folders become integer labels)")
     p.add_argument("out", help="output folder for the shards")
     p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
-    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default: 10000)")
-    p.add_argument("--max-size-mb", type=float, default=1024, help="MiB per shard (default: 1024)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--max-count", type=COUNT, default=10_000, help="samples per shard (default: 10000)")
+    p.add_argument("--max-size-mb", type=POSITIVE, default=1024, help="MiB per shard (default: 1024)")
+    p.add_argument("--max-side", type=COUNT, default=None,
                    help="downsize images whose short side exceeds this many pixels")
     p.add_argument("--no-shuffle", action="store_true",
                    help="write files in path order (default: a fixed shuffle, so each shard mixes classes)")
@@ -209,44 +187,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     add_eval_commands(sub)
-    sub.choices["finetune"].set_defaults(func=_cmd_finetune)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command, its expected failures as one line each: no traceback for what the user can fix."""
     try:
-        # parsing imports the evaluation commands, hence torch: seconds in which a Ctrl-C is likely
-        args = build_parser().parse_args(argv)
-        return _run(args)
+        args = build_parser().parse_args(argv)  # the commands import torch: seconds in which a Ctrl-C is likely
+        from ssl_vit.config.pretrain import ConfigError
+        from ssl_vit.training.monitor import RunAborted
+
+        try:
+            code = args.func(args)
+        except (ConfigError, ValueError, FileNotFoundError) as err:  # user input
+            print(f"ssl-vit {args.command}: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except RunAborted as err:  # the run stopped itself (bad data, diverged): one line naming what to do
+            print(f"ssl-vit {args.command}: stopped: {err}", file=sys.stderr)
+            return 1
+        except OSError as err:  # the filesystem said no (read-only, full, a file where a folder goes): not a bug
+            print(f"ssl-vit {args.command}: error: {one_line(err)}", file=sys.stderr)
+            return 1
+        if code == 0:  # not after a failure: a rank that failed alone must not wait for the others forever
+            close_process_group()
+        return code
     except KeyboardInterrupt:  # Ctrl-C before training handles it (or a second one during training)
         words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
         print(f"ssl-vit {words[0]}: interrupted" if words else "ssl-vit: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 
-def _run(args: argparse.Namespace) -> int:
-    """The command, its expected failures as one line each: no traceback for what the user can fix."""
-    code = _command(args)
-    if code == 0:  # not after a failure: a rank that failed alone must not wait for the others forever
-        close_process_group()
-    return code
-
-
-def _command(args: argparse.Namespace) -> int:
-    from ssl_vit.config.pretrain import ConfigError
-    from ssl_vit.training.monitor import RunAborted
-
-    try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # user input: one line, no traceback
-        print(f"ssl-vit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RunAborted as err:  # the run stopped itself (bad data, diverged): one line naming what to do
-        print(f"ssl-vit {args.command}: stopped: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # the filesystem said no (read-only, full, a file where a folder goes): not a bug
-        print(f"ssl-vit {args.command}: error: {_os_error(err)}", file=sys.stderr)
-        return 1
+def one_line(err: Exception) -> str:
+    """`strerror: path` for what the OS raised (`No space left on device: runs/x/...`), else the message."""
+    if not isinstance(err, OSError) or err.strerror is None:
+        return str(err)
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{err.strerror}: {paths}" if paths else err.strerror
 
 
 def close_process_group() -> None:
@@ -257,12 +233,6 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _os_error(err: OSError) -> str:
-    """`strerror: path` (`No space left on device: runs/x/checkpoints/...`), or the message where it has none."""
-    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
-    return str(err) if err.strerror is None else f"{err.strerror}: {paths}" if paths else err.strerror
 
 
 def run_tool(command: str) -> None:
