@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.config.pretrain import MAEConfig
+from ssl_vit.config.methods import MAEConfig
 from ssl_vit.data.device.augment import DeviceAugment
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
@@ -124,9 +124,11 @@ class MAE(Objective):
         self.backbone = backbone
         self.patch = backbone.patch_embed.patch_size[0]
         self.grid = tuple(backbone.patch_embed.grid_size)
-        # MAE's encoder position embedding is fixed sin-cos (zero for the cls token), not learned.
+        # MAE's encoder position embedding is fixed sin-cos (zero for the cls and register tokens), not learned;
+        # timm's no_embed_class models (its *_reg* ViTs) give the prefix tokens no position entry at all.
+        n_positioned = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
         with torch.no_grad():
-            backbone.pos_embed.copy_(prefixed_sincos(backbone.embed_dim, self.grid, backbone.num_prefix_tokens))
+            backbone.pos_embed.copy_(prefixed_sincos(backbone.embed_dim, self.grid, n_positioned))
         backbone.pos_embed.requires_grad_(False)
         self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch, backbone.num_prefix_tokens,
                                   cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
