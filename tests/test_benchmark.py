@@ -168,7 +168,7 @@ def test_compile_runs_a_few_steps(tmp_path, demo, monkeypatch):
 
 
 def test_compile_and_auto_precision_wiring():
-    from ssl_vit.config.pretrain import MAEConfig
+    from ssl_vit.config.methods import MAEConfig
     from ssl_vit.methods import build_objective
     from ssl_vit.models.backbone import encode as plain
     from ssl_vit.training.distributed import make_accelerator

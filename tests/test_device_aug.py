@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssl_vit.config.pretrain import DINOConfig, load_config
+from ssl_vit.config.methods import DINOConfig
+from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
 from ssl_vit.data.device.augment import (
     CheapView,

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 from torchvision.transforms import v2
 
-from ssl_vit.config.pretrain import Config, DataConfig, DINOConfig, ModelConfig, OptimConfig, TrainConfig
+from ssl_vit.config.methods import DINOConfig
+from ssl_vit.config.pretrain import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from ssl_vit.methods import build_objective
 from ssl_vit.methods.dino.head import DINOHead
 from ssl_vit.methods.dino.loss import center_stats, dino_loss, teacher_targets, update_center

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ssl_vit.config.pretrain import MAEConfig, ModelConfig
+from ssl_vit.config.methods import MAEConfig
+from ssl_vit.config.pretrain import ModelConfig
 from ssl_vit.methods.mae.loss import masked_mse, pixel_target
 from ssl_vit.methods.mae.model import MAE, patchify, random_masking, sincos_pos_embed_2d, unpatchify
 from ssl_vit.models.backbone import build_backbone, encode

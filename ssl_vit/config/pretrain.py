@@ -11,12 +11,13 @@ from pathlib import Path
 import yaml
 
 from ssl_vit.config import checks
+from ssl_vit.config.methods import DINOConfig, DINOv2Config, MAEConfig
 
 # ConfigError and to_dict are part of this module's interface (most callers import them from here)
 from ssl_vit.config.schema import ConfigError, load_dataclass, to_dict
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DINOConfig", "EvalConfig", "MAEConfig", "ModelConfig",
-           "OptimConfig", "TrainConfig", "doubtful_settings", "dump_config", "load_config", "to_dict", "validate"]
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+           "doubtful_settings", "dump_config", "load_config", "to_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -29,41 +30,8 @@ class ModelConfig:
     num_heads: int | None = None  # attention heads; None keeps the timm model's own
     drop_path_rate: float = 0.0  # stochastic depth (MAE pretraining uses none; DINO 0.1)
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    mask_ratio: float = 0.75  # share of patches hidden from the encoder, drawn per sample
-    decoder_dim: int = 512  # decoder token width
-    decoder_depth: int = 8  # decoder blocks
-    decoder_heads: int = 16  # decoder attention heads
-    norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's better target)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training view
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    out_dim: int = 65536  # prototypes: width of the head's weight-normalised last layer
-    hidden_dim: int = 2048  # head MLP hidden width
-    bottleneck_dim: int = 256  # head output before L2 normalisation and the last layer
-    head_layers: int = 3  # MLP layers before the bottleneck
-    norm_last_layer: bool = True  # fix the last layer's weight-norm gain at 1 (more stable)
-    student_temp: float = 0.1  # student softmax temperature
-    teacher_temp: float = 0.07  # teacher softmax temperature after warmup
-    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
-    warmup_teacher_temp_steps: int = 37_530  # linear teacher-temperature warmup (30 epochs at batch 1024)
-    center_momentum: float = 0.9  # EMA momentum of the teacher-output center
-    momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine-increased to 1
-    freeze_last_layer_steps: int = 1251  # steps with the head's last layer frozen (1 epoch at batch 1024)
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area range of the 2 global crops (size: model.img_size)
-    local_crops_number: int = 10  # small crops seen by the student only
-    local_crops_size: int = 96  # local crop side in pixels
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of the local crops
-    color_jitter_prob: float = 0.8  # ColorJitter(0.4, 0.4, 0.2, 0.1) probability, every view
-    grayscale_prob: float = 0.2  # grayscale probability, every view
-    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # Gaussian blur: global 1, global 2, each local
-    solarize_prob: float = 0.2  # solarize probability, second global view only
-    export_teacher: bool = True  # export (and evaluate) the teacher backbone, not the student
+    reg_tokens: int = 0  # register tokens (Darcet et al. 2023: 4), left out of every feature; 0: the timm model's own
+    layer_scale_init: float | None = None  # LayerScale's initial gain (DINOv2: 1e-5); null: the timm model's own
 
 
 @dataclass(frozen=True)
@@ -121,10 +89,11 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    objective: str = "mae"  # pretext objective: mae | dino
+    objective: str = "mae"  # pretext objective: mae | dino | dinov2
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,9 +124,10 @@ def doubtful_settings(cfg: Config) -> list[str]:
             "warmup (it stays below its peak for the whole run)"]
 
 
-SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale")  # RandomResizedCrop area ranges
-CHOICES = {"objective": ("mae", "dino"), "train.precision": (None, "no", "fp16", "bf16", "auto"),
-           "eval.pool": ("cls", "avg")}
+SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale",  # RandomResizedCrop area ranges
+          "dinov2.global_crops_scale", "dinov2.local_crops_scale", "dinov2.mask_ratio_range")
+CHOICES = {"objective": ("mae", "dino", "dinov2"), "train.precision": (None, "no", "fp16", "bf16", "auto"),
+           "eval.pool": ("cls", "avg"), "dinov2.centering": ("sinkhorn_knopp", "softmax")}
 
 # Every number whose nonsense values would not fail on their own but train wrongly or crash late, as the error
 # shows the interval; null (where a key takes it) always passes, and NOTES says what it (or 0) means.
@@ -174,12 +144,21 @@ RANGES = {
     **dict.fromkeys(("dino.momentum_teacher", "dino.color_jitter_prob", "dino.grayscale_prob", "dino.blur_probs",
                      "dino.solarize_prob", "data.max_skip_rate"), "[0, 1]"),
     "model.drop_path_rate": "[0, 1)",  # 1 drops every block and divides by keep-probability 0
+    "model.reg_tokens": "[0, inf)", "model.layer_scale_init": "(0, inf)",  # timm skips LayerScale at 0
     "mae.mask_ratio": "(0, 1)",  # 0 masks no patch: the loss over masked patches is 0 / 0
     "dino.out_dim": "[2, inf)",  # a softmax over one prototype is 1 whatever the image
     "dino.center_momentum": "[0, 1)",  # 1 never moves the center from 0
     "eval.crop_ratio": "(0, 1]", **checks.SHARED_RANGES,
 }
+# dinov2.* holds every dino.* key, under the same intervals, and its own
+RANGES |= {"dinov2." + key.removeprefix("dino."): value for key, value in RANGES.items() if key.startswith("dino.")}
+RANGES |= {**dict.fromkeys(("dinov2.sinkhorn_iterations", "dinov2.ibot_hidden_dim", "dinov2.ibot_bottleneck_dim",
+                            "dinov2.ibot_head_layers"), "[1, inf)"),
+           "dinov2.koleo_loss_weight": "[0, inf)", "dinov2.ibot_loss_weight": "[0, inf)",
+           "dinov2.mask_sample_probability": "(0, 1]", "dinov2.ibot_out_dim": "[2, inf)"}
 NOTES = {**checks.SHARED_NOTES, "optim.weight_decay_end": "or null: constant",
+         "model.reg_tokens": "0: the timm model's own, none for plain ViTs",
+         "model.layer_scale_init": "or null: the timm model's own, none for plain ViTs",
          **dict.fromkeys(("model.embed_dim", "model.depth", "model.num_heads"), "or null: the timm model's own"),
          "train.warmup_steps": "0: no warmup", "train.image_every": "0: never",
          "train.save_every": "0: only at the end", "eval.num_workers": "0: load in the evaluating process"}
@@ -205,11 +184,13 @@ def _check_architecture(cfg: Config) -> None:
         _check_mae_grid(m.img_size // m.patch_size, cfg.mae.mask_ratio)
         if width is not None and width % 4:  # MAE fixes the encoder's position embedding to sin-cos as well
             raise ConfigError(f"model.embed_dim: MAE's sin-cos position embedding needs a multiple of 4, got {width}")
-    if cfg.objective == "dino" and d.local_crops_number and d.local_crops_size > m.img_size:
-        raise ConfigError(f"dino.local_crops_size: must be at most model.img_size {m.img_size} (local crops are "
+    multi_crop = cfg.objective in ("dino", "dinov2")  # DINOv2's section holds DINO's keys
+    d, sec = (cfg.dinov2, "dinov2") if cfg.objective == "dinov2" else (d, "dino")
+    if multi_crop and d.local_crops_number and d.local_crops_size > m.img_size:
+        raise ConfigError(f"{sec}.local_crops_size: must be at most model.img_size {m.img_size} (local crops are "
                           f"the small ones), got {d.local_crops_size}")
-    if cfg.objective == "dino" and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
-        raise ConfigError(f"dino.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
+    if multi_crop and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
+        raise ConfigError(f"{sec}.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
                           f"cuts each crop into whole patches), got {d.local_crops_size}")
 
 

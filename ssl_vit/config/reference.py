@@ -33,7 +33,9 @@ def _values(key: str) -> str:
 def _table(title: str, cls: type, prefix: str) -> str:
     """One section's leaf keys: type, allowed values, default and the field's comment."""
     hints = typing.get_type_hints(cls)
-    comments = dict(m.groups() for m in map(_FIELD.match, inspect.getsource(cls).splitlines()) if m)
+    comments = {}  # a subclass's comments override those of the fields it inherits (DINOv2Config's of DINOConfig's)
+    for part in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        comments.update(m.groups() for m in map(_FIELD.match, inspect.getsource(part).splitlines()) if m)
     def cell(text: str) -> str:
         return text.strip().replace("|", "\\|")
 

@@ -150,7 +150,8 @@ def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: b
 
 
 # Keys that change a model but no shape, so `model_mismatch` cannot see them (value: the objective they apply to).
-_SHAPELESS = {"model.name": None, "model.num_heads": None, "mae.decoder_heads": "mae", "dino.norm_last_layer": "dino"}
+_SHAPELESS = {"model.name": None, "model.num_heads": None, "mae.decoder_heads": "mae", "dino.norm_last_layer": "dino",
+              "dinov2.norm_last_layer": "dinov2"}
 
 
 def shapeless_changes(saved: Config, cfg: Config) -> list[str]:

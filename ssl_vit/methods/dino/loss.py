@@ -3,6 +3,8 @@
     targets = softmax((teacher_out - center) / τt)             # centered, sharpened teacher (no gradient)
     loss = mean over pairs (t, s), s ≠ t, of H(targets_t, softmax(student_out_s / τs))
     center ← m·center + (1 - m)·mean(teacher_out)               # over the global batch
+
+or, instead of the center, Sinkhorn-Knopp targets (DINOv2; SwAV's equipartition): `sinkhorn_knopp`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,32 @@ def dino_loss(student_out: Tensor, targets: Tensor, n_crops: int, student_temp: 
     same_view = (q * log_p[:n_teacher]).sum(dim=(0, 2))  # (B,)
     n_pairs = n_teacher * (n_crops - 1)
     return -(all_pairs - same_view).mean() / n_pairs
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: Tensor, temperature: float, iterations: int = 3) -> Tensor:
+    """Targets (N, K) from exp(teacher_out / τt) rescaled in turn so that every prototype holds 1/K of the global
+    batch's mass and every sample 1/N, `iterations` times, ending on the samples: each row sums to 1. Sums over
+    rows (and N) are all-reduced under a process group, so the batch is every rank's."""
+    logits = teacher_out.float() / temperature
+    group = dist.is_available() and dist.is_initialized()
+    # A shift common to all ranks cancels in the first normalisation and keeps exp from overflowing.
+    shift = logits.amax() if logits.numel() else logits.new_full((), -torch.inf)
+    if group:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp(logits - shift)  # (N, K)
+    totals = torch.stack([q.sum(), q.new_full((), q.shape[0])])  # mass, rows
+    if group:
+        dist.all_reduce(totals)
+    q /= totals[0]
+    tiny = torch.finfo(q.dtype).tiny  # an underflowed row or prototype stays 0 instead of 0 / 0
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=0, keepdim=True)  # (1, K), over the global batch
+        if group:
+            dist.all_reduce(per_prototype)
+        q /= per_prototype.clamp_min(tiny) * q.shape[1]
+        q /= q.sum(dim=1, keepdim=True).clamp_min(tiny) * totals[1]
+    return q * totals[1]
 
 
 @torch.no_grad()

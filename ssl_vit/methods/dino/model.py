@@ -20,7 +20,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_vit.config.pretrain import DINOConfig, TrainConfig
+from ssl_vit.config.methods import DINOConfig
+from ssl_vit.config.pretrain import TrainConfig
 from ssl_vit.data.device.augment import DeviceAugment
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
@@ -133,8 +134,9 @@ class DINO(Objective):
             update_center(self.center, self._center_sums, self.cfg.center_momentum)
             self._center_sums = None
         m = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
-        student = [p for part in (self.backbone, self.head) for p in part.parameters()]
-        teacher = [p for part in (self.teacher["backbone"], self.teacher["head"]) for p in part.parameters()]
+        # every teacher part follows the student module of the same name (a subclass may add parts)
+        student = [p for name in self.teacher for p in getattr(self, name).parameters()]
+        teacher = [p for part in self.teacher.values() for p in part.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - m)  # θt ← θt + (1 − m)(θs − θt) = m·θt + (1 − m)·θs
         self._watch_collapse(step)
 

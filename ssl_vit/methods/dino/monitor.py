@@ -23,10 +23,10 @@ class CollapseWarning(UserWarning):
 class CollapseWatch:
     """`update(entropy, step)` once per optimizer step; rank 0 warns once per episode of ≥ `window` steps."""
 
-    def __init__(self, out_dim: int, window: int) -> None:
+    def __init__(self, out_dim: int, window: int, watched: str = "DINO") -> None:
         if window < 1:
             raise ValueError(f"collapse_window must be ≥ 1, got {window}")
-        self.log_k, self.window = math.log(out_dim), window
+        self.log_k, self.window, self.watched = math.log(out_dim), window, watched  # watched: named in the warning
         # float32 on the device (MPS has no float64): last band (0 none, 1 one-hot, 2 uniform), its run length,
         # and the step the latest episode reached the window (-1: none yet), its band and entropy
         self.state: Tensor | None = None
@@ -58,6 +58,6 @@ class CollapseWatch:
         self.reported = alarm_step
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             first, last = int(alarm_step) - self.window + 1, int(alarm_step)
-            warnings.warn(f"DINO looks collapsed ({_KINDS[int(band)]}): teacher entropy {entropy:.3f} nats (log K = "
-                          f"{self.log_k:.2f}) for steps {first}-{last}; see docs/dino.md", CollapseWarning,
+            warnings.warn(f"{self.watched} looks collapsed ({_KINDS[int(band)]}): teacher entropy {entropy:.3f} nats "
+                          f"(log K = {self.log_k:.2f}) for steps {first}-{last}; see docs/dino.md", CollapseWarning,
                           stacklevel=2)

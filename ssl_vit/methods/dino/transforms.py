@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ssl_vit.config.pretrain import DINOConfig
+from ssl_vit.config.methods import DINOConfig
 from ssl_vit.data.device.augment import CheapView, ViewSpec, cheap_size
 from ssl_vit.data.transforms import BLUR_SIGMA, blur_kernel
 
