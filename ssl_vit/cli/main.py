@@ -114,6 +114,19 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_digits(args: argparse.Namespace) -> int:
+    from ssl_vit.data.digits import write_digits
+
+    try:
+        data = write_digits(args.out)
+    except ImportError as err:  # scikit-learn is an optional extra
+        print(f"ssl-vit make-digits: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {data.n_train} train and {data.n_val} val digits ({len(data.classes)} classes): {data.train}, "
+          f"{data.val}\npretrain on them: ssl-vit pretrain dino_demo_tiny {data.pretrain_args()}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from ssl_vit.training.checkpoint import export_run
 
@@ -124,7 +137,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ssl_vit.cli.eval import add_eval_commands
 
-    parser = OneLineParser("ssl-vit", description="Self-supervised ViT pretraining (MAE, DINO), evaluation, export.")
+    parser = OneLineParser("ssl-vit",
+                           description="Self-supervised ViT pretraining (MAE, DINO, DINOv2), evaluation, export.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a ViT from a YAML recipe (no recipe: the built-in demo)")
@@ -180,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true",
                    help="write files in path order (default: a fixed shuffle, so each shard mixes classes)")
     p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("make-digits", help="scikit-learn's handwritten digits (1,797 real images, 10 classes) as "
+                                          "32 px train/val shards: small real data for the demo recipes")
+    p.add_argument("out", help="output folder for the shards (empty or new)")
+    p.set_defaults(func=_cmd_make_digits)
 
     p = sub.add_parser("export", help="export a run's backbone (safetensors + timm json) from its newest checkpoint")
     p.add_argument("run_dir", help="run directory holding config.yaml and checkpoints/")
