@@ -189,3 +189,16 @@ def test_pretrain_two_steps_through_the_real_loop(tmp_path):
     assert any(k.startswith("teacher.ibot_head.") for k in state)
     vit, _ = load_backbone(result.backbone)  # the teacher's backbone, registers included, in plain timm
     torch.testing.assert_close(vit.state_dict()["reg_token"], state["teacher.backbone.reg_token"])
+
+    # what users do with the export next: k-NN, a linear probe, attention maps (registers left out)
+    from ssl_vit.cli.main import main
+
+    frozen = ["--backbone", str(result.backbone), "--train", demo.knn_train, "--val", demo.knn_val,
+              "--num-workers", "0", "--crop-ratio", "1.0"]
+    assert main(["knn", *frozen, "--k", "5", "--batch-size", "8", "--out", str(tmp_path / "knn.json")]) == 0
+    assert json.loads((tmp_path / "knn.json").read_text())["n_val"] == 10
+    assert main(["linear-probe", *frozen, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--out",
+                 str(tmp_path / "probe.json")]) == 0
+    assert main(["visualize", "--backbone", str(result.backbone), "--shards", demo.knn_val, "--n", "2",
+                 "--crop-ratio", "1.0", "--out", str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "attention.png").is_file()
