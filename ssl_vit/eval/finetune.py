@@ -98,7 +98,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> Fin
 
 def _finetune(cfg: FinetuneConfig, acc: Accelerator) -> FinetuneResult:
     run_dir, d, t = Path(cfg.train.run_dir), cfg.data, cfg.train
-    found = latest_checkpoint(run_dir)
+    found = latest_checkpoint(run_dir, acc)  # checksums read once, by the main process
     check_run_dir(run_dir, FINETUNING, resuming=found is not None)  # a new run must not replace a best model
     classes = check_class_lists(d.train, d.val, d.allow_pipe)  # train and val labels must name the same classes
     num_classes = d.num_classes or (len(classes.names) if classes is not None else None)

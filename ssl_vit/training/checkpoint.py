@@ -41,26 +41,27 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     for marker in checkpoint_dir(run_dir).glob(f"{PREFIX}*/{COMPLETE}"):  # written last, atomically
         content, problem = read_marker(marker.parent)
         if content is None:
-            _note(f"ignoring checkpoint {marker.parent}: {problem}; it counts as incomplete")
+            log.warning(f"ignoring checkpoint {marker.parent}: {problem}; it counts as incomplete")
         else:
             found.append((content["step"], marker.parent))
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+def latest_checkpoint(run_dir: str | Path, accelerator: Accelerator | None = None) -> tuple[int, Path] | None:
     """The newest complete checkpoint whose files also match their checksums; each newer one that does not is
-    skipped with a one-line note naming the file, and the one before it is used."""
+    skipped with a one-line note naming the file, and the one before it is used. With an `accelerator`, the main
+    process reads the files and tells the other ranks (not every rank reading every file)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        found = latest_checkpoint(run_dir) if accelerator.is_main_process else None
+        return broadcast_object_list([found])[0]
     for step, path in reversed(complete_checkpoints(run_dir)):
         _, problem = read_marker(path, checksums=True)
         if problem is None:
             return step, path
-        _note(f"ignoring checkpoint {path}: {problem}; it counts as incomplete")
+        log.warning(f"ignoring checkpoint {path}: {problem}; it counts as incomplete")
     return None
-
-
-def _note(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
-        log.warning(message)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, keep_last: int,

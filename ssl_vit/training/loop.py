@@ -232,7 +232,7 @@ def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
 
 def _pretrain(cfg: Config, acc: Accelerator) -> RunResult:
     t, run_dir = cfg.train, Path(cfg.train.run_dir)
-    found = latest_checkpoint(run_dir)
+    found = latest_checkpoint(run_dir, acc)  # checksums read once, by the main process
     check_run_dir(run_dir, PRETRAINING, resuming=found is not None)  # a new run must not overwrite what it holds
     share_cpu_cores(acc, cfg.data.num_workers)
     set_seed(t.seed)  # the same weights on every rank
