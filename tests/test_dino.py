@@ -150,6 +150,33 @@ def test_head_uses_weight_norm_parametrization():
     assert free.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_bn_head_is_the_mlp_with_batch_statistics_in_train_and_eval():
+    # DINO's use_bn_in_head: Linear → BatchNorm → GELU for each hidden layer, none after the bottleneck layer
+    torch.manual_seed(0)
+    head = DINOHead(24, 50, hidden_dim=40, bottleneck_dim=12, layers=3, use_bn=True)
+    norms = [m for m in head.mlp if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 and all(m.running_mean is None for m in norms)
+    assert isinstance(head.mlp[-1], torch.nn.Linear) and head.mlp[-1].out_features == 12
+    with torch.no_grad():
+        for m in norms:  # a non-trivial affine part, so the test sees where it is applied
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(9, 24)
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    h = x
+    for linear, norm in zip(linears[:-1], norms, strict=True):
+        z = h @ linear.weight.T + linear.bias
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + norm.eps) * norm.weight + norm.bias
+        h = F.gelu(z)
+    want = F.normalize(h @ linears[-1].weight.T + linears[-1].bias, dim=-1) @ head.last_layer.weight.T
+    for mode in (True, False):  # the EMA teacher is always in eval mode and normalises its own batch
+        torch.testing.assert_close(head.train(mode)(x), want, rtol=1e-5, atol=1e-6)
+    plain = DINOHead(24, 50, hidden_dim=40, bottleneck_dim=12, layers=3)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.mlp)
+    dino = _dino(dataclasses.replace(TINY_DINO, use_bn_in_head=True))
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in dino.teacher["head"].mlp)
+
+
 def test_cls_token_drawn_like_the_reference():
     # DINO's reference: trunc_normal(std=0.02), where timm's default is normal(std=1e-6)
     backbone = build_backbone(dataclasses.replace(TINY_VIT, embed_dim=192, num_heads=3))
