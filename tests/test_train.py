@@ -128,8 +128,11 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
     assert "\n" not in message and "step_00000002 was made with a different model config" in message
     assert "model.depth: 2 → 1" in message
     # fewer heads or another decoder head count keep every tensor's shape: the checkpoint would load, and break
+    # and the backbone's lr scales, which the optimizer's groups restored from the checkpoint would override
     for change, named in [("model.num_heads=1", "model.num_heads 2 → 1"), ("mae.decoder_heads=1",
-                                                                          "mae.decoder_heads 2 → 1")]:
+                                                                          "mae.decoder_heads 2 → 1"),
+                          ("optim.backbone_lr_scale=0.5", "optim.backbone_lr_scale 1.0 → 0.5"),
+                          ("optim.layer_decay=0.75", "optim.layer_decay 1.0 → 0.75")]:
         with pytest.raises(ValueError, match=rf"^checkpoint .*different model config \({named} since the run's"):
             pretrain(load_config(None, base + [change]))
     assert (run / "config.yaml").read_text() == saved  # the run dir still describes its checkpoint
@@ -146,25 +149,6 @@ def test_resume_with_another_model_fails_in_one_line_and_leaves_the_run_alone(tm
     write_marker(run / "checkpoints" / "step_00000002", 2)  # what such a save vouches for
     with pytest.raises(FileNotFoundError, match=r"step_00000002 holds no model.safetensors \(an FSDP run"):
         export_run(run, tmp_path / "exported_again")
-
-
-def test_whole_model_reads_under_fsdp_are_refused_before_training():
-    """FSDP runs only on GPUs under Accelerate; the check reads the accelerator's distributed type alone."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from ssl_vit.config.pretrain import ConfigError
-    from ssl_vit.training.distributed import check_fsdp_supported
-
-    fsdp, ddp = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP, DistributedType.MULTI_GPU))
-    with pytest.raises(ConfigError, match="train.export: the backbone export does not work under FSDP"):
-        check_fsdp_supported(load_config(None), fsdp)
-    with pytest.raises(ConfigError, match="train.image_every: MAE's reconstruction images do not work under FSDP"):
-        check_fsdp_supported(load_config(None, ["train.export=false"]), fsdp)
-    check_fsdp_supported(load_config(None, ["train.export=false", "train.image_every=0"]), fsdp)
-    check_fsdp_supported(load_config(None, ["objective=dino", "train.export=false"]), fsdp)  # crops only
-    check_fsdp_supported(load_config(None), ddp)
 
 
 def test_shapeless_changes_compare_heads_as_built():

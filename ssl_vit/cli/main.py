@@ -48,18 +48,27 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ssl_vit.eval.knn import knn_report
 
     scores, reports = {}, {}
-    for name, random_init in (("pretrained", False), ("random init", True)):
-        vit, _ = load_eval_backbone(result.backbone, random_init=random_init)  # a seeded init: a stable baseline
+    for name in ("pretrained", "random init", "model.init") if cfg.model.init else ("pretrained", "random init"):
+        vit, _ = load_eval_backbone(result.backbone, random_init=name != "pretrained")  # seeded: a stable baseline
+        if name == "model.init":  # what the run started from: did continuing help?
+            from ssl_vit.models.init_weights import fit_state, read_init
+
+            try:  # a resumed run may have lost them; the run itself is done
+                vit.load_state_dict(fit_state(read_init(cfg.model.init)[0], vit, cfg.model.name, cfg.model.init)[0])
+            except ValueError as err:
+                print(f"ssl-vit pretrain: warning: no k-NN of the initial weights: {err}", file=sys.stderr)
+                continue
         reports[name] = knn_report(vit, cfg.eval, accelerator, allow_pipe=cfg.data.allow_pipe)
         scores[name] = reports[name].scores[cfg.eval.knn_k]
     if accelerator.is_main_process:
-        report = reports["pretrained"]  # the same shards for both: one set of sizes and skips
+        report = reports["pretrained"]  # the same shards for all: one set of sizes and skips
         summary = {**scores, "n_train": report.n_train, "n_val": report.n_val, "skipped": report.skipped}
         (result.run_dir / "knn.json").write_text(json.dumps(summary, indent=2) + "\n")
+        top1, top5 = ({name: f"{s[k]:.1f}%" for name, s in scores.items()} for k in ("top1", "top5"))
+        start = f"; model.init {top1['model.init']} (top-5: {top5['model.init']})" if "model.init" in scores else ""
         print(f"k-NN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, {cfg.eval.pool} features) "
-              f"top-1: pretrained {scores['pretrained']['top1']:.1f}% vs random init "
-              f"{scores['random init']['top1']:.1f}%  (top-5: {scores['pretrained']['top5']:.1f}% vs "
-              f"{scores['random init']['top5']:.1f}%)")
+              f"top-1: pretrained {top1['pretrained']} vs random init {top1['random init']}  (top-5: "
+              f"{top5['pretrained']} vs {top5['random init']}){start}")
     return 0
 
 

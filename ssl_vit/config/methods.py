@@ -23,6 +23,7 @@ class DINOConfig:
     bottleneck_dim: int = 256  # head output before L2 normalisation and the last layer
     head_layers: int = 3  # MLP layers before the bottleneck
     norm_last_layer: bool = True  # fix the last layer's weight-norm gain at 1 (more stable)
+    use_bn_in_head: bool = False  # BatchNorm (batch statistics) in the head's hidden layers, DINO's use_bn_in_head
     student_temp: float = 0.1  # student softmax temperature
     teacher_temp: float = 0.07  # teacher softmax temperature after warmup
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
@@ -39,6 +40,7 @@ class DINOConfig:
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # Gaussian blur: global 1, global 2, each local
     solarize_prob: float = 0.2  # solarize probability, second global view only
     export_teacher: bool = True  # export (and evaluate) the teacher backbone, not the student
+    gram_loss_weight: float = 0.0  # Gram anchoring (DINOv3) of patch features to the starting backbone's; 0 = off
 
 
 @dataclass(frozen=True)

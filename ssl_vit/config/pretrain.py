@@ -32,6 +32,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     reg_tokens: int = 0  # register tokens (Darcet et al. 2023: 4), left out of every feature; 0: the timm model's own
     layer_scale_init: float | None = None  # LayerScale's initial gain (DINOv2: 1e-5); null: the timm model's own
+    init: str = ""  # weights to start from: timm file, hf-hub:org/name, export or run dir/checkpoint; "" = random
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE uses β2 = 0.95)
     clip_grad: float | None = None  # global grad-norm clip; None = no clipping
     accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    backbone_lr_scale: float = 1.0  # the backbone's lr = this × the scheduled lr (the method's own parts: × 1)
+    layer_decay: float = 1.0  # backbone layer-wise lr decay (MAE's): block i of L (from 0) × decay^(L - i)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class TrainConfig:
     run_dir: str = "runs/mae"  # outputs: config.yaml, log.jsonl, tensorboard/, checkpoints/, backbone.*
     total_steps: int = 250_228  # optimizer steps (800 epochs of ImageNet-1k's 1,281,167 images at batch 4096)
     warmup_steps: int = 12_511  # linear warmup steps (40 epochs at batch 4096)
+    freeze_backbone_steps: int = 0  # first optimizer steps that train only the method's own parts (heads, decoder)
     precision: str | None = None  # null: launcher's --mixed_precision or no | no | fp16 | bf16 | auto (bf16 on CUDA)
     seed: int = 0  # base seed; each rank and loader worker derives its own
     log_every: int = 20  # optimizer steps between scalar logs
@@ -111,17 +115,21 @@ def validate(cfg: Config) -> None:
     """The values OmegaConf's types let through but no run can use, each named by key."""
     checks.check_values(cfg, CHOICES, RANGES, NOTES, SCALES)
     _check_architecture(cfg)
+    _check_init(cfg.model.init)
     _check_data(cfg)
 
 
 def doubtful_settings(cfg: Config) -> list[str]:
     """Valid but probably not meant (a smoke test or a run to be extended may mean them), one line each, for a
     command to show once before it trains; not in `validate`, which every load of a run's config.yaml repeats."""
-    t = cfg.train
-    if t.warmup_steps < t.total_steps:
-        return []
-    return [f"train.warmup_steps {t.warmup_steps} >= train.total_steps {t.total_steps}: the lr never gets out of "
-            "warmup (it stays below its peak for the whole run)"]
+    t, doubts = cfg.train, []
+    if t.warmup_steps >= t.total_steps:
+        doubts.append(f"train.warmup_steps {t.warmup_steps} >= train.total_steps {t.total_steps}: the lr never gets "
+                      "out of warmup (it stays below its peak for the whole run)")
+    if t.freeze_backbone_steps >= t.total_steps:
+        doubts.append(f"train.freeze_backbone_steps {t.freeze_backbone_steps} >= train.total_steps {t.total_steps}: "
+                      "the backbone never trains, only the method's own parts do")
+    return doubts
 
 
 SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale",  # RandomResizedCrop area ranges
@@ -138,7 +146,10 @@ RANGES = {
                      "eval.knn_k", "eval.batch_size"), "[1, inf)"),
     **dict.fromkeys(("mae.decoder_depth", "dino.warmup_teacher_temp_steps", "dino.freeze_last_layer_steps",
                      "dino.local_crops_number", "optim.weight_decay_end", "train.warmup_steps", "train.image_every",
-                     "train.save_every", "eval.num_workers"), "[0, inf)"),
+                     "train.save_every", "eval.num_workers", "train.freeze_backbone_steps", "dino.gram_loss_weight"),
+                    "[0, inf)"),
+    "optim.backbone_lr_scale": "(0, inf)",  # a backbone that must not move: train.freeze_backbone_steps
+    "optim.layer_decay": "(0, 1]",
     **dict.fromkeys(("dino.student_temp", "dino.teacher_temp", "dino.warmup_teacher_temp", "eval.knn_temperature"),
                     "(0, inf)"),
     **dict.fromkeys(("dino.momentum_teacher", "dino.color_jitter_prob", "dino.grayscale_prob", "dino.blur_probs",
@@ -160,7 +171,9 @@ NOTES = {**checks.SHARED_NOTES, "optim.weight_decay_end": "or null: constant",
          "model.reg_tokens": "0: the timm model's own, none for plain ViTs",
          "model.layer_scale_init": "or null: the timm model's own, none for plain ViTs",
          **dict.fromkeys(("model.embed_dim", "model.depth", "model.num_heads"), "or null: the timm model's own"),
-         "train.warmup_steps": "0: no warmup", "train.image_every": "0: never",
+         "train.warmup_steps": "0: no warmup", "train.image_every": "0: never", "optim.layer_decay": "1: off",
+         "train.freeze_backbone_steps": "0: none", "dino.gram_loss_weight": "0: off",
+         "dinov2.gram_loss_weight": "0: off",
          "train.save_every": "0: only at the end", "eval.num_workers": "0: load in the evaluating process"}
 
 
@@ -192,6 +205,15 @@ def _check_architecture(cfg: Config) -> None:
     if multi_crop and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
         raise ConfigError(f"{sec}.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
                           f"cuts each crop into whole patches), got {d.local_crops_size}")
+
+
+def _check_init(init: str) -> None:
+    """The form only: whether the weights are there is asked when a new run starts (a resume does not need them)."""
+    if init.strip() != init:
+        raise ConfigError(f"model.init: {init!r} starts or ends with blanks")
+    if init.startswith("hf-hub:") and init.removeprefix("hf-hub:").count("/") != 1:
+        raise ConfigError(f"model.init: {init!r} is no hub id; write hf-hub:org/name, "
+                          "e.g. hf-hub:timm/vit_small_patch14_dinov2.lvd142m")
 
 
 def usable_mask_ratios(length: int) -> tuple[float, float]:

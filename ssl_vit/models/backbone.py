@@ -28,7 +28,8 @@ def backbone_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def build_backbone(cfg: ModelConfig) -> VisionTransformer:
-    """A randomly initialised timm ViT (fused SDPA attention is timm's default on torch 2)."""
+    """A randomly initialised timm ViT (fused SDPA attention is timm's default on torch 2); `model.init`'s weights
+    are loaded into the objective built on it (models/init_weights.py)."""
     try:
         model = timm.create_model(cfg.name, pretrained=False, drop_path_rate=cfg.drop_path_rate, **backbone_kwargs(cfg))
     except RuntimeError as err:  # timm's "Unknown model" error

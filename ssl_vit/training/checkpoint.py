@@ -165,13 +165,15 @@ def reading(path: Path) -> Iterator[None]:
                          f"{fallback}") from None
 
 
-def export_backbone(vit: VisionTransformer, out_dir: str | Path, model_name: str, model_kwargs: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write `backbone.safetensors` + `backbone.json`; loadable with plain timm (see docs/export.md)."""
+def export_backbone(vit: VisionTransformer | dict[str, torch.Tensor], out_dir: str | Path, model_name: str,
+                    model_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write `backbone.safetensors` + `backbone.json`, loadable with plain timm (see docs/export.md); `vit`: the
+    backbone or its state dict (gathered under FSDP: training/gather.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "backbone.safetensors"
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vit.state_dict().items()}
+    tensors = vit.state_dict() if isinstance(vit, torch.nn.Module) else vit
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     save_shared(state, weights, metadata={"format": "pt"})
     meta = {"model_name": model_name, "model_kwargs": model_kwargs, **(extra or {})}
     (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -260,27 +262,33 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
     return model, meta
 
 
-def load_run_objective(run_dir: str | Path) -> tuple[Objective, int]:
-    """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, and its step."""
+def load_run_objective(run_dir: str | Path, checkpoint: Path | None = None) -> tuple[Objective, int]:
+    """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, or of `checkpoint`
+    (one of its step directories, checked against its checksums), and its step."""
     from ssl_vit.config.pretrain import load_config
     from ssl_vit.methods import build_objective
     from ssl_vit.models.backbone import build_backbone  # imported here: the methods import this module
 
-    found = latest_checkpoint(run_dir)
-    if found is None:
+    if checkpoint is not None:
+        marker, problem = read_marker(checkpoint, checksums=True)
+        if marker is None:
+            raise ValueError(f"checkpoint {checkpoint} is incomplete: {problem}")
+        found = marker["step"], checkpoint
+    elif (found := latest_checkpoint(run_dir)) is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     step, path = found
     cfg = load_config(Path(run_dir) / "config.yaml")
     objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
                                 total_steps=cfg.train.total_steps)
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"checkpoint {path} holds no model.safetensors (an FSDP run saves sharded weights, "
-                                "which export and visualize do not read: docs/distributed.md)")
-    mismatch = model_mismatch(objective, path)
+    weights, full = path / "model.safetensors", path / "pytorch_model_fsdp.bin"  # full: FSDP's FULL_STATE_DICT
+    if not weights.is_file() and not full.is_file():
+        raise FileNotFoundError(f"checkpoint {path} holds no model.safetensors (an FSDP run with SHARDED_STATE_DICT "
+                                "saves sharded weights, which export and visualize do not read: docs/distributed.md)")
+    with reading(path):
+        state = load_file(str(weights)) if weights.is_file() else safe_load(full, map_location="cpu")
+    mismatch = shape_mismatch(objective, {k: tuple(v.shape) for k, v in state.items()}, "the checkpoint")
     if mismatch is not None:
         raise ValueError(f"checkpoint {path} does not fit {Path(run_dir) / 'config.yaml'}: {mismatch}")
-    with reading(path):
-        state = load_file(str(path / "model.safetensors"))
     objective.load_state_dict(state, strict=True)
     return objective.eval(), step
 

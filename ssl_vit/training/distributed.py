@@ -1,19 +1,12 @@
-"""The Accelerator: how processes find each other and share the CPU cores, and what FSDP cannot do."""
+"""The Accelerator: how processes find each other and share the CPU cores."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-
-from ssl_vit.config.schema import ConfigError
-
-if TYPE_CHECKING:
-    from ssl_vit.config.pretrain import Config
 
 
 def resolve_precision(requested: str | None) -> str:
@@ -47,15 +40,3 @@ def share_cpu_cores(accelerator: Accelerator, num_workers: int) -> None:
     per_process = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     torch.set_num_threads(max(1, per_process - num_workers))
 
-
-def check_fsdp_supported(cfg: Config, accelerator: Accelerator) -> None:
-    """Refuse, before training, what reads the whole model on rank 0 alone, which fails under FSDP: the export
-    and MAE's reconstruction images (docs/distributed.md)."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if cfg.train.export:
-        raise ConfigError("train.export: the backbone export does not work under FSDP (each rank holds a shard); "
-                          "set train.export=false (docs/distributed.md)")
-    if cfg.objective == "mae" and cfg.train.image_every:
-        raise ConfigError("train.image_every: MAE's reconstruction images do not work under FSDP (each rank holds "
-                          "a shard); set train.image_every=0 (docs/distributed.md)")

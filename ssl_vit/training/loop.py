@@ -22,8 +22,10 @@ from ssl_vit.data.batches import to_device, training_batches
 from ssl_vit.data.shard_urls import resolve_shards
 from ssl_vit.methods import Objective, build_objective
 from ssl_vit.models.backbone import backbone_kwargs, build_backbone
+from ssl_vit.models.init_weights import init_objective
 from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
-from ssl_vit.training.distributed import check_fsdp_supported, make_accelerator, share_cpu_cores
+from ssl_vit.training.distributed import make_accelerator, share_cpu_cores
+from ssl_vit.training.gather import backbone_state, objective_images
 from ssl_vit.training.monitor import Counters, RunAborted, StepWindow
 from ssl_vit.training.optim import build_optimizer, cosine, peak_lr, warmup_cosine
 from ssl_vit.training.run_dir import (
@@ -202,9 +204,10 @@ class Trainer:
             log.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}")
             self.counters.check_skip_rate(s.max_skip_rate)
-        if s.image_every and (step % s.image_every == 0 or step == total) and self.acc.is_main_process:
+        if s.image_every and (step % s.image_every == 0 or step == total):
             self.model.eval()
-            for tag, image in self.objective.visualize(batch).items():
+            images = objective_images(self.acc, self.model, self.objective, batch)  # None off the main process
+            for tag, image in (images or {}).items():
                 log.image(step, tag, image)
             self.model.train()
         evaluation = self.evaluation
@@ -225,7 +228,6 @@ def pretrain(cfg: Config, accelerator: Accelerator | None = None) -> RunResult:
     """Train `cfg.objective` on `cfg.data.train`, resuming from the newest checkpoint in `cfg.train.run_dir`."""
     acc = accelerator or make_accelerator(cfg.train.precision)
     resolve_shards(cfg.data.train, cfg.data.allow_pipe)  # a missing shard fails here, before anything is written
-    check_fsdp_supported(cfg, acc)  # not after days of training
     with hold_run_dir(Path(cfg.train.run_dir), acc):
         return _pretrain(cfg, acc)
 
@@ -238,6 +240,9 @@ def _pretrain(cfg: Config, acc: Accelerator) -> RunResult:
     set_seed(t.seed)  # the same weights on every rank
     objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
                                 total_steps=t.total_steps, device_aug=cfg.data.device_aug, compile=t.compile)
+    if cfg.model.init and found is None:  # a resume takes every weight from its checkpoint, not from model.init
+        acc.print(init_objective(objective, cfg.model))
+    objective.freeze_backbone_steps = t.freeze_backbone_steps  # `after_backward` drops the backbone's gradients
     optimizer = build_optimizer(objective, cfg, use_fused=acc.device.type == "cuda")
     if found is not None:  # before anything is loaded or written
         check_resume_model(objective, cfg, found[1], acc.distributed_type == DistributedType.FSDP)
@@ -266,8 +271,10 @@ def _pretrain(cfg: Config, acc: Accelerator) -> RunResult:
         dump_config(cfg, run_dir / "config.yaml")
     result = trainer.run()
     if t.export and not result.stopped_by:
+        # under FSDP every rank joins the gather; the main process writes
+        state = backbone_state(acc, trainer.model, trainer.objective.export_backbone())
         if acc.is_main_process:
-            path = export_backbone(trainer.objective.export_backbone(), run_dir, cfg.model.name,
+            path = export_backbone(state, run_dir, cfg.model.name,
                                    backbone_kwargs(cfg.model), {"objective": cfg.objective, "step": result.step})
             acc.print(f"exported backbone: {path}")
         acc.wait_for_everyone()

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ssl_vit.config.pretrain import Config
+
 if TYPE_CHECKING:
     from ssl_vit.config.finetune import FinetuneConfig
-    from ssl_vit.config.pretrain import Config
     from ssl_vit.methods import Objective
 
 
@@ -36,7 +37,12 @@ def peak_lr(cfg: Config | FinetuneConfig, num_processes: int) -> float:
 
 
 def build_optimizer(objective: Objective, cfg: Config | FinetuneConfig, use_fused: bool) -> torch.optim.AdamW:
-    """AdamW over the objective's parameter groups (`apply_wd`, and `lr_scale` where it has layer decay)."""
-    groups = objective.param_groups(cfg.optim.weight_decay)
+    """AdamW over the objective's parameter groups (`apply_wd`, and `lr_scale` where it has layer decay); in
+    pretraining the backbone's `optim.backbone_lr_scale` and `optim.layer_decay` (docs/adapt.md)."""
+    if isinstance(cfg, Config):  # not fine-tuning's Classify, which brings its own layer decay
+        o = cfg.optim
+        groups = objective.param_groups(o.weight_decay, o.backbone_lr_scale, o.layer_decay)
+    else:
+        groups = objective.param_groups(cfg.optim.weight_decay)
     # lr is set from the schedule before every step; the value here is a placeholder.
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=use_fused or None)

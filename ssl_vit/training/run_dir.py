@@ -149,9 +149,10 @@ def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: b
                      "own config, or set a new train.run_dir")
 
 
-# Keys that change a model but no shape, so `model_mismatch` cannot see them (value: the objective they apply to).
+# Keys that change a model but no shape, so `model_mismatch` cannot see them (value: the objective they apply to),
+# and the backbone's lr scales: the optimizer's groups and their scales are restored from the checkpoint.
 _SHAPELESS = {"model.name": None, "model.num_heads": None, "mae.decoder_heads": "mae", "dino.norm_last_layer": "dino",
-              "dinov2.norm_last_layer": "dinov2"}
+              "dinov2.norm_last_layer": "dinov2", "optim.backbone_lr_scale": None, "optim.layer_decay": None}
 
 
 def shapeless_changes(saved: Config, cfg: Config) -> list[str]:

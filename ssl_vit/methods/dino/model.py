@@ -5,6 +5,7 @@
     s = student(crops)                                         # the student sees them all
     loss = Σ_{t ≠ s} H(softmax((t - c) / τt), softmax(s / τs))   # centered, sharpened teacher as target
     c ← EMA of mean(t);  after the optimizer step: θt ← m·θt + (1 − m)·θs
+    optionally + w_gram · L_Gram(student patches, frozen starting backbone's) of the global crops (gram.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ssl_vit.config.pretrain import TrainConfig
 from ssl_vit.data.device.augment import DeviceAugment
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
+from ssl_vit.methods.dino.gram import gram_loss
 from ssl_vit.methods.dino.head import DINOHead
 from ssl_vit.methods.dino.loss import center_stats, dino_loss, mean_entropy, teacher_targets, update_center
 from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
@@ -59,11 +61,16 @@ class DINO(Objective):
         if backbone.cls_token is not None:  # DINO's reference draws it like its other weights; timm's std is 1e-6
             nn.init.trunc_normal_(backbone.cls_token, std=0.02)
         self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                             cfg.head_layers, cfg.norm_last_layer)
+                             cfg.head_layers, cfg.norm_last_layer, cfg.use_bn_in_head)
         # Same initial weights as the student; its drop-path is inert because it always stays in eval mode.
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        # Gram anchoring's teacher: the starting backbone, frozen (no EMA: it is no part of `teacher`); saved with
+        # the model's state, never exported. None when off: no copy.
+        self.gram_teacher: VisionTransformer | None = None
+        if cfg.gram_loss_weight > 0:
+            self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
         # The step's teacher-output sums and entropy, applied in `after_step` only: a skipped step must leave the
         # center alone, or one overflow poisons every later target.
@@ -75,6 +82,8 @@ class DINO(Objective):
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
         self.teacher.eval()  # model.train() must not switch on the teacher's drop-path
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
 
     @property
@@ -101,8 +110,15 @@ class DINO(Objective):
             teacher_out = embed(self.teacher["backbone"], self.teacher["head"], crops[:N_GLOBAL],
                                 self.encode)  # (2B, K)
             targets = teacher_targets(teacher_out, self.center, temp)  # (2B, K)
-        student_out = embed(self.backbone, self.head, crops, self.encode)  # (V·B, K)
-        loss = dino_loss(student_out, targets, len(crops), self.cfg.student_temp)
+        runs = encode_runs(self.backbone, crops, self.encode)
+        student_out = self.head(torch.cat([tokens[:, 0] for tokens in runs]))  # (V·B, K)
+        loss = dino = dino_loss(student_out, targets, len(crops), self.cfg.student_temp)
+        out: dict[str, Tensor] = {}
+        if self.gram_teacher is not None:  # the global crops come first, in the first run
+            globals_ = torch.cat(list(crops[:N_GLOBAL]))
+            gram = self.gram_anchor(globals_, runs[0][:globals_.shape[0], self.backbone.num_prefix_tokens:])
+            loss = loss + self.cfg.gram_loss_weight * gram
+            out = {"dino_loss": dino.detach(), "gram_loss": gram.detach()}
 
         entropy = mean_entropy(targets)
         if self.training:
@@ -113,16 +129,25 @@ class DINO(Objective):
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
             "loss": loss,
+            **out,
             "teacher_entropy": entropy,
-            # Each teacher view enters the same number of pairs, so the mean KL is the loss minus the entropy.
-            "kl": loss.detach() - entropy,
+            # Each teacher view enters the same number of pairs, so the mean KL is the DINO loss minus the entropy.
+            "kl": dino.detach() - entropy,
             "center_norm": self.center.norm(),
             # torch.full launches a fill kernel; torch.tensor(x, device=...) would be a blocking copy every step
             "teacher_temp": torch.full((), temp, device=loss.device),
             "teacher_momentum": torch.full((), momentum, device=loss.device),
         }
 
+    def gram_anchor(self, global_crops: Tensor, student_patches: Tensor) -> Tensor:
+        """L_Gram of the student's patch features (2B, P, D) of the global crops (2B, 3, H, W) against the Gram
+        teacher's of the same crops, unmasked."""
+        with torch.no_grad():
+            anchor = self.encode(self.gram_teacher, global_crops)[:, self.backbone.num_prefix_tokens:]  # (2B, P, D)
+        return gram_loss(student_patches, anchor)
+
     def after_backward(self, step: int) -> None:
+        super().after_backward(step)  # the backbone freeze
         # No gradient at all (rather than a zero one): AdamW then neither moves nor decays the frozen layer.
         if step < self.cfg.freeze_last_layer_steps:
             for param in self.head.last_layer.parameters():
@@ -162,10 +187,12 @@ class DINO(Objective):
         return {"dino/crops": denormalize(torch.cat(rows, dim=-2))}
 
 
+def encode_runs(backbone: VisionTransformer, crops: list[Tensor], encoder: Callable[..., Tensor]) -> list[Tensor]:
+    """Tokens (n·B, prefix + L, D) of each run of n equal-sized crops, in order: same-resolution crops share a pass."""
+    return [encoder(backbone, torch.cat(list(group)))
+            for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
+
+
 def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor], encoder: Callable[..., Tensor]) -> Tensor:
-    """Head outputs (V·B, K) of the V crops in order; one `encoder` pass per run of equal-sized crops."""
-    feats = []
-    for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
-        x = torch.cat(list(group))  # (n·B, 3, H, W): same-resolution crops share a pass
-        feats.append(encoder(backbone, x)[:, 0])  # cls token, (n·B, D)
-    return head(torch.cat(feats))  # one head pass over all crops
+    """Head outputs (V·B, K) of the V crops in order: one head pass over every crop's cls token."""
+    return head(torch.cat([tokens[:, 0] for tokens in encode_runs(backbone, crops, encoder)]))

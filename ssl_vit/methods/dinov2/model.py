@@ -4,6 +4,7 @@
     t = teacher(globals)                                       # unmasked: cls and patch tokens
     s = student(globals with mask tokens at masks), student(locals)
     loss = dino(s_cls, SK(t_cls)) + w_ibot · ibot(s_patch[masks], SK(t_patch[masks])) + w_koleo · Σ_g koleo(s_cls_g)
+           (+ w_gram · L_Gram(s_patch, frozen starting backbone's patches of the globals): dino/gram.py)
     after the optimizer step: θt ← m·θt + (1 − m)·θs           # every head included
 
 SK is Sinkhorn-Knopp (or, with `centering: softmax`, DINO's centered softmax with one EMA center per loss).
@@ -54,7 +55,8 @@ class DINOv2(DINO):
         patch_dim = cfg.out_dim
         if ibot and cfg.ibot_separate_head:
             self.ibot_head = DINOHead(backbone.embed_dim, cfg.ibot_out_dim, cfg.ibot_hidden_dim,
-                                      cfg.ibot_bottleneck_dim, cfg.ibot_head_layers, cfg.norm_last_layer)
+                                      cfg.ibot_bottleneck_dim, cfg.ibot_head_layers, cfg.norm_last_layer,
+                                      cfg.use_bn_in_head)
             self.teacher["ibot_head"] = copy.deepcopy(self.ibot_head).requires_grad_(False).eval()
             patch_dim = cfg.ibot_out_dim
         self.register_buffer("patch_center", torch.zeros(1, patch_dim))  # softmax centering of the patch targets
@@ -105,6 +107,10 @@ class DINOv2(DINO):
             ibot = ibot_loss(s_patch, patch_targets, masks.weight, n_img, cfg.student_temp)
             loss = loss + cfg.ibot_loss_weight * ibot
             out["ibot_loss"] = ibot.detach()
+        if self.gram_teacher is not None:  # the student's patches as the losses saw them, masked ones included
+            gram = self.gram_anchor(globals_, s_tokens[:, n_prefix:])
+            loss = loss + cfg.gram_loss_weight * gram
+            out["gram_loss"] = gram.detach()
 
         entropy = mean_entropy(cls_targets)
         if self.training:
