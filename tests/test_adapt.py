@@ -119,9 +119,19 @@ def test_a_resumed_run_inside_the_freeze_still_freezes_and_matches_a_straight_ru
     assert _equal(a, b)
 
 
+def test_a_freeze_or_a_gram_anchor_without_init_weights_is_doubted():
+    doubts = doubtful_settings(load_config(None, ["objective=dinov2", "train.freeze_backbone_steps=3",
+                                                  "dinov2.gram_loss_weight=1.0"]))
+    assert doubts == ["train.freeze_backbone_steps 3 without model.init: the backbone stays at its random init for "
+                      "those steps",
+                      "dinov2.gram_loss_weight 1.0 without model.init: the Gram anchor is the random initial backbone"]
+    assert doubtful_settings(load_config(None, ["objective=dinov2", "train.freeze_backbone_steps=3",
+                                                "dinov2.gram_loss_weight=1.0", "model.init=w.safetensors"])) == []
+
+
 def test_a_freeze_as_long_as_the_run_is_doubted():
     assert doubtful_settings(load_config(None, ["train.freeze_backbone_steps=5", "train.total_steps=5",
-                                                "train.warmup_steps=1"])) == [
+                                                "model.init=w.pth", "train.warmup_steps=1"])) == [
         "train.freeze_backbone_steps 5 >= train.total_steps 5: the backbone never trains, only the method's own "
         "parts do"]
 

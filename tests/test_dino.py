@@ -177,6 +177,23 @@ def test_bn_head_is_the_mlp_with_batch_statistics_in_train_and_eval():
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in dino.teacher["head"].mlp)
 
 
+def test_a_bn_head_that_could_see_one_row_is_refused_at_load():
+    from ssl_vit.config.pretrain import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["objective=dino", "dino.use_bn_in_head=true", "data.batch_size=1"])
+    assert str(err.value) == ("dino.use_bn_in_head: BatchNorm over the head's rows needs data.batch_size >= 2 per "
+                              "process, got 1")
+    separate = ["objective=dinov2", "dinov2.use_bn_in_head=true", "dinov2.ibot_separate_head=true",
+                "data.batch_size=2", "dinov2.mask_sample_probability=0.3"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, separate)
+    assert str(err.value) == ("dinov2.use_bn_in_head: the separate iBOT head sees the masked patches only, as few "
+                              "as 1 a step (int(2 x data.batch_size 2 x mask_sample_probability 0.3)); BatchNorm "
+                              "needs 2: raise either")
+    load_config(None, [*separate[:-1], "dinov2.mask_sample_probability=0.5"])  # 2 masked crops: loads
+
+
 def test_cls_token_drawn_like_the_reference():
     # DINO's reference: trunc_normal(std=0.02), where timm's default is normal(std=1e-6)
     backbone = build_backbone(dataclasses.replace(TINY_VIT, embed_dim=192, num_heads=3))

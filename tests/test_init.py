@@ -173,8 +173,27 @@ def test_registers_must_match_and_forms_must_exist(tmp_path):
         with pytest.raises(ValueError) as err:
             start("mae", given)
         assert str(err.value) == f"model.init: {given} {said}"
+    plain = save(source_vit(), tmp_path / "plain.safetensors")  # 0 registers into a model with 4 of its own
+    with pytest.raises(ValueError) as err:
+        start("mae", plain, "model.name=vit_small_patch14_reg4_dinov2", "model.num_heads=2")
+    assert str(err.value).endswith("has 0 register tokens, this run's model 4: use a model.name without them "
+                                   "(model.reg_tokens 0 keeps the timm model's own)")
     with pytest.raises(ConfigError, match=r"^model.init: 'hf-hub:vit_small' is no hub id; write hf-hub:org/name"):
         load_config(None, ["model.init=hf-hub:vit_small"])
+    assert load_config(None, ["model.init=hf-hub:timm/vit_small@refs/pr/3"]).model.init.endswith("refs/pr/3")
+
+
+def test_init_strict_false_loads_what_fits_and_names_the_rest(tmp_path):
+    source = source_vit(depth=3)  # one block more than the run's model
+    path = save(source, tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError, match="blocks.2.attn.proj.bias is in the file, not in the model"):
+        start("dino", path)
+    built, line, _ = start("dino", path, "model.init_strict=false")
+    assert line == (f"model.init: loaded 30 tensors from {path} (timm weights); not loaded (model.init_strict "
+                    "false): blocks.2.attn.proj.bias is in the file, not in the model (and 11 more)")
+    want = source.state_dict()
+    for vit in vits(built):
+        assert all(torch.equal(v, want[k]) for k, v in vit.state_dict().items())
 
 
 def test_a_run_starts_from_weights_resumes_without_them_and_is_a_source_itself(tmp_path, capsys):

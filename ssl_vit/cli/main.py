@@ -8,10 +8,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssl_vit.cli.args import COUNT, POSITIVE, OneLineParser, add_recipe_args, check_output
 from ssl_vit.config.recipes import DEMO_RECIPE, load_any_config
+
+if TYPE_CHECKING:  # the commands import their heavy modules when they run
+    from accelerate import Accelerator
+    from torch import nn
+
+    from ssl_vit.config.pretrain import Config
 
 
 def _pretrain_config(recipe: str | None, overrides: Sequence[str]) -> Any:
@@ -50,14 +56,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     scores, reports = {}, {}
     for name in ("pretrained", "random init", "model.init") if cfg.model.init else ("pretrained", "random init"):
         vit, _ = load_eval_backbone(result.backbone, random_init=name != "pretrained")  # seeded: a stable baseline
-        if name == "model.init":  # what the run started from: did continuing help?
-            from ssl_vit.models.init_weights import fit_state, read_init
-
-            try:  # a resumed run may have lost them; the run itself is done
-                vit.load_state_dict(fit_state(read_init(cfg.model.init)[0], vit, cfg.model.name, cfg.model.init)[0])
-            except ValueError as err:
-                print(f"ssl-vit pretrain: warning: no k-NN of the initial weights: {err}", file=sys.stderr)
-                continue
+        if name == "model.init" and not _loads_init(vit, cfg, accelerator):  # what the run started from
+            continue
         reports[name] = knn_report(vit, cfg.eval, accelerator, allow_pipe=cfg.data.allow_pipe)
         scores[name] = reports[name].scores[cfg.eval.knn_k]
     if accelerator.is_main_process:
@@ -70,6 +70,27 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
               f"top-1: pretrained {top1['pretrained']} vs random init {top1['random init']}  (top-5: "
               f"{top5['pretrained']} vs {top5['random init']}){start}")
     return 0
+
+
+def _loads_init(vit: nn.Module, cfg: Config, accelerator: Accelerator) -> bool:
+    """Load `model.init` for the k-NN baseline; False, with a warning, when any process cannot (a resumed run
+    may have lost the file), so that every process skips it alike."""
+    import torch
+
+    from ssl_vit.models.init_weights import load_init
+
+    problem = None
+    try:
+        load_init(vit, cfg.model)
+    except ValueError as err:
+        problem = str(err)
+    failed = accelerator.gather(torch.tensor([problem is not None], device=accelerator.device))
+    if not failed.any():
+        return True
+    if accelerator.is_main_process:
+        why = problem or "it does not load on every process"
+        print(f"ssl-vit pretrain: warning: no k-NN of the initial weights: {why}", file=sys.stderr)
+    return False
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:

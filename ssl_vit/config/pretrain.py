@@ -33,6 +33,7 @@ class ModelConfig:
     reg_tokens: int = 0  # register tokens (Darcet et al. 2023: 4), left out of every feature; 0: the timm model's own
     layer_scale_init: float | None = None  # LayerScale's initial gain (DINOv2: 1e-5); null: the timm model's own
     init: str = ""  # weights to start from: timm file, hf-hub:org/name, export or run dir/checkpoint; "" = random
+    init_strict: bool = True  # model.init must fit exactly; false: what fits loads, the rest keeps its fresh init
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,13 @@ def doubtful_settings(cfg: Config) -> list[str]:
     if t.freeze_backbone_steps >= t.total_steps:
         doubts.append(f"train.freeze_backbone_steps {t.freeze_backbone_steps} >= train.total_steps {t.total_steps}: "
                       "the backbone never trains, only the method's own parts do")
+    method = getattr(cfg, cfg.objective)
+    if not cfg.model.init and t.freeze_backbone_steps:
+        doubts.append(f"train.freeze_backbone_steps {t.freeze_backbone_steps} without model.init: the backbone "
+                      "stays at its random init for those steps")
+    if not cfg.model.init and getattr(method, "gram_loss_weight", 0):
+        doubts.append(f"{cfg.objective}.gram_loss_weight {method.gram_loss_weight} without model.init: the Gram "
+                      "anchor is the random initial backbone")
     return doubts
 
 
@@ -205,13 +213,29 @@ def _check_architecture(cfg: Config) -> None:
     if multi_crop and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
         raise ConfigError(f"{sec}.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
                           f"cuts each crop into whole patches), got {d.local_crops_size}")
+    if multi_crop and d.use_bn_in_head:
+        _check_bn_rows(cfg, d, sec)
+
+
+def _check_bn_rows(cfg: Config, d: DINOConfig, sec: str) -> None:
+    """BatchNorm in a head normalises over the rows it gets in a step: one row raises mid-run, two give ±1."""
+    b = cfg.data.batch_size
+    if b < 2:  # the teacher's head sees the 2 global crops of each image: 2 rows at batch 1
+        raise ConfigError(f"{sec}.use_bn_in_head: BatchNorm over the head's rows needs data.batch_size >= 2 per "
+                          f"process, got {b}")
+    if isinstance(d, DINOv2Config) and d.ibot_separate_head and d.ibot_loss_weight:
+        masked = int(2 * b * d.mask_sample_probability)  # masked crops a step, at least one patch each
+        if masked < 2:
+            raise ConfigError(f"{sec}.use_bn_in_head: the separate iBOT head sees the masked patches only, as few as "
+                              f"{masked} a step (int(2 x data.batch_size {b} x mask_sample_probability "
+                              f"{d.mask_sample_probability})); BatchNorm needs 2: raise either")
 
 
 def _check_init(init: str) -> None:
     """The form only: whether the weights are there is asked when a new run starts (a resume does not need them)."""
     if init.strip() != init:
         raise ConfigError(f"model.init: {init!r} starts or ends with blanks")
-    if init.startswith("hf-hub:") and init.removeprefix("hf-hub:").count("/") != 1:
+    if init.startswith("hf-hub:") and init.removeprefix("hf-hub:").partition("@")[0].count("/") != 1:
         raise ConfigError(f"model.init: {init!r} is no hub id; write hf-hub:org/name, "
                           "e.g. hf-hub:timm/vit_small_patch14_dinov2.lvd142m")
 
