@@ -13,7 +13,7 @@ from tiny_runs import TINY_MAE
 
 from ssl_vit.config.pretrain import load_config
 from ssl_vit.data.demo import ensure_demo_data
-from ssl_vit.eval.knn import knn_eval
+from ssl_vit.eval.knn import knn_report
 from ssl_vit.methods.mae.model import MAE
 from ssl_vit.training.checkpoint import complete_checkpoints, export_run, load_backbone
 from ssl_vit.training.loop import pretrain
@@ -82,7 +82,7 @@ def test_interrupt_resume_export_timm_knn(tmp_path, demo, crash_in_step):
 
     from accelerate import Accelerator
 
-    scores = knn_eval(ours, cfg.eval, Accelerator(), ks=(1, 5))
+    scores = knn_report(ours, cfg.eval, Accelerator(), ks=(1, 5)).scores
     assert set(scores) == {1, 5} and all(0 <= r["top1"] <= r["top5"] <= 100 for r in scores.values())
 
 

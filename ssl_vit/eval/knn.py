@@ -102,10 +102,3 @@ def knn_report(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator
     scores = knn_classify(train.features, train.labels, val.features, val.labels, ks, cfg.knn_temperature)
     return KnnReport(scores, train.features.shape[0], val.features.shape[0],
                      {"train": train.skipped, "val": val.skipped})
-
-
-def knn_eval(vit: VisionTransformer, cfg: EvalConfig, accelerator: Accelerator,
-             ks: Sequence[int] | None = None, allow_pipe: bool = False, spec: FeatureSpec | None = None,
-             cache_dir: str | Path | None = None) -> dict[int, dict[str, float]]:
-    """The scores of `knn_report` alone (skipped samples are still logged as a warning)."""
-    return knn_report(vit, cfg, accelerator, ks, allow_pipe, spec, cache_dir).scores
