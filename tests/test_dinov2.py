@@ -42,13 +42,15 @@ def _batch(batch: int = 4, n_local: int = 2) -> dict:
 
 
 @torch.no_grad()
-def test_forward_loss_is_the_sum_of_the_papers_terms():
-    model = _model().eval()  # eval: no drop-path, and nothing accumulated for after_step
+@pytest.mark.parametrize("shape", ["random", "block"])
+def test_forward_loss_is_the_sum_of_the_papers_terms(shape):
+    model = _model(dataclasses.replace(TINY, mask_shape=shape)).eval()  # eval: no drop-path, nothing accumulated
     batch = _batch()
     torch.manual_seed(5)
     out = model(batch, step=0)
     torch.manual_seed(5)
-    masks = sample_masks(8, 16, TINY.mask_ratio_range, TINY.mask_sample_probability)
+    grid = (4, 4) if shape == "block" else None  # 32 px crops of 8 px patches
+    masks = sample_masks(8, 16, TINY.mask_ratio_range, TINY.mask_sample_probability, grid=grid)
     globals_ = torch.cat(batch["image"][:2])
     t = model.teacher["backbone"].forward_features(globals_)  # the teacher: unmasked crops, plain timm
     picked = t[:, 1:].flatten(0, 1)[masks.index]

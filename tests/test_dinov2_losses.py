@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ssl_vit.methods.dino.loss import sinkhorn_knopp
 from ssl_vit.methods.dinov2.loss import ibot_loss, koleo_loss
-from ssl_vit.methods.dinov2.masking import sample_masks
+from ssl_vit.methods.dinov2.masking import block_mask, sample_masks
 
 # ------------------------------------------------------------------------------------------------- Sinkhorn-Knopp
 
@@ -126,6 +126,31 @@ def test_masks_follow_the_strata_the_share_and_the_weights():
     assert torch.equal(masks.index, masks.mask.flatten().nonzero().squeeze(1))
     expected = [1.0 / counts[int(i) // length].item() for i in masks.index]
     torch.testing.assert_close(masks.weight, torch.tensor(expected))
+
+
+def test_block_masks_are_rectangles_of_at_least_four_patches_up_to_the_count():
+    g = torch.Generator().manual_seed(0)
+    first = block_mask((14, 14), 6, 98, g)  # one draw of at least min_block patches fills the count or less
+    rows, cols = first.any(dim=1).nonzero().squeeze(1), first.any(dim=0).nonzero().squeeze(1)
+    assert 4 <= int(first.sum()) <= 6 and int(first.sum()) == len(rows) * len(cols)  # one solid rectangle
+    assert len(rows) < 14 and len(cols) < 14
+    hidden, neighbours = [], []
+    for count in range(1, 99):  # up to DINOv2's cap, half the grid
+        mask = block_mask((14, 14), count, 98, g)
+        hidden.append(int(mask.sum()) / count)
+        padded = torch.nn.functional.pad(mask, (1, 1, 1, 1))
+        touching = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+        neighbours.append(float((mask & touching).sum() / mask.sum().clamp(min=1)))
+        assert int(mask.sum()) <= count
+    assert sum(hidden) / len(hidden) > 0.95  # blocks sized to the room left reach the count almost always
+    assert sum(neighbours[3:]) / len(neighbours[3:]) > 0.9  # blocky: random patches would touch ~25 % of the time
+    masks = sample_masks(40, 196, (0.1, 0.5), 0.5, generator=g, grid=(14, 14))
+    counts = masks.mask.sum(dim=1)
+    assert int((counts > 0).sum()) == 20 and int(counts.max()) <= int(196 * 0.5)
+    assert torch.equal(masks.index, masks.mask.flatten().nonzero().squeeze(1))
+    torch.testing.assert_close(masks.weight, torch.tensor([1.0 / counts[int(i) // 196].item() for i in masks.index]))
+    tiny = sample_masks(8, 4, (0.1, 0.2), 1.0, generator=g, grid=(2, 2))  # int(4 r) = 0: each still hides one
+    assert tiny.mask.sum(dim=1).tolist() == [1] * 8
 
 
 def _naive_ibot(student: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temp: float) -> float:

@@ -61,6 +61,7 @@ class DINOv2Config(DINOConfig):
     ibot_loss_weight: float = 1.0  # iBOT masked-patch loss; 0 = off (no masking)
     mask_sample_probability: float = 0.5  # share of the global crops the student sees masked
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)  # share of patches masked, spread over the masked crops
+    mask_shape: str = "random"  # masked patches: random ones, or block (BEiT's rectangles, DINOv2's MaskingGenerator)
     ibot_separate_head: bool = False  # a head of its own for the patch tokens; false: share the cls (DINO) head
     ibot_out_dim: int = 65536  # separate iBOT head: prototypes
     ibot_hidden_dim: int = 2048  # separate iBOT head: MLP hidden width

@@ -143,7 +143,8 @@ def doubtful_settings(cfg: Config) -> list[str]:
 SCALES = ("mae.crop_scale", "dino.global_crops_scale", "dino.local_crops_scale",  # RandomResizedCrop area ranges
           "dinov2.global_crops_scale", "dinov2.local_crops_scale", "dinov2.mask_ratio_range")
 CHOICES = {"objective": ("mae", "dino", "dinov2"), "train.precision": (None, "no", "fp16", "bf16", "auto"),
-           "eval.pool": ("cls", "avg"), "dinov2.centering": ("sinkhorn_knopp", "softmax")}
+           "eval.pool": ("cls", "avg"), "dinov2.centering": ("sinkhorn_knopp", "softmax"),
+           "dinov2.mask_shape": ("random", "block")}
 
 # Every number whose nonsense values would not fail on their own but train wrongly or crash late, as the error
 # shows the interval; null (where a key takes it) always passes, and NOTES says what it (or 0) means.

@@ -82,8 +82,10 @@ class DINOv2(DINO):
             t_tokens = self.encode(self.teacher["backbone"], globals_)  # (2B, prefix + L, D)
         masks = None
         if cfg.ibot_loss_weight > 0:  # on the CPU: the masked counts, hence every shape, known without a sync
+            (ph, pw), (h, w) = self.backbone.patch_embed.patch_size, globals_.shape[-2:]
+            grid = (h // ph, w // pw) if cfg.mask_shape == "block" else None  # the global crops' patch grid
             masks = sample_masks(n_img, t_tokens.shape[1] - n_prefix, cfg.mask_ratio_range,
-                                 cfg.mask_sample_probability).to(globals_.device)
+                                 cfg.mask_sample_probability, grid=grid).to(globals_.device)
         with torch.no_grad():
             ibot_teacher = self.teacher["ibot_head"] if self.ibot_head is not None else None
             t_cls, t_patch = _heads(self.teacher["head"], ibot_teacher, t_tokens[:, 0], t_tokens[:, n_prefix:], masks)
