@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Any
 
-from ssl_vit.config.schema import ConfigError, field_types, lookup
+from ssl_vit.config.schema import ConfigError, field_types
 
 # The keys pretraining and fine-tuning share, with their intervals and what null means there.
 SHARED_RANGES = {
@@ -34,16 +35,16 @@ def check_values(cfg: Any, choices: Mapping[str, tuple[Any, ...]], ranges: Mappi
     """Choices; no NaN or inf anywhere; each number (every element of a list) in its interval, null passing (it is
     the key's own default), with `notes` saying what null or 0 means; crop area ranges; a non-empty run dir."""
     for key, allowed in choices.items():
-        if lookup(cfg, key) not in allowed:
+        if attrgetter(key)(cfg) not in allowed:
             names = ", ".join("null" if a is None else repr(a) for a in allowed)
-            raise ConfigError(f"{key}: {lookup(cfg, key)!r} is not one of [{names}]")
+            raise ConfigError(f"{key}: {attrgetter(key)(cfg)!r} is not one of [{names}]")
     for key in field_types(type(cfg)):
-        value = lookup(cfg, key)
+        value = attrgetter(key)(cfg)
         items, shown = (value, list(value)) if isinstance(value, tuple) else ((value,), value)  # a list shown whole
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
             raise ConfigError(f"{key}: must be a finite number, got {shown}")
-    for key, interval in ranges.items():
-        value = lookup(cfg, key)
+    for key, interval in ranges.items():  # a key that is no field fails here, whatever its value
+        value = attrgetter(key)(cfg)
         items, shown = (value, list(value)) if isinstance(value, tuple) else ((value,), value)
         if value is not None and not all(in_interval(v, interval) for v in items):
             low, high = (part.strip() for part in interval[1:-1].split(","))
@@ -52,7 +53,7 @@ def check_values(cfg: Any, choices: Mapping[str, tuple[Any, ...]], ranges: Mappi
             note = f" ({notes[key]})" if key in notes else ""
             raise ConfigError(f"{key}: {'each ' if isinstance(value, tuple) else ''}{bound}{note}, got {shown}")
     for key in scales:  # RandomResizedCrop area ranges: torchvision crops something else from a reversed one
-        low, high = lookup(cfg, key)
+        low, high = attrgetter(key)(cfg)
         if not 0.0 < low <= high <= 1.0:
             raise ConfigError(f"{key}: must be [min, max] with 0 < min <= max <= 1, got {[low, high]}")
     if not cfg.train.run_dir.strip():  # the current directory: the run would land among the user's own files

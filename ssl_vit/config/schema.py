@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import difflib
 import typing
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,21 +173,11 @@ def _refuse_duplicate_keys(root: yaml.Node | None, path: Path, limit: int = 100_
             todo.append((value_node, f"{key}."))
 
 
-def lookup(cfg: Any, key: str) -> Any:
-    """The value of a dotted key (`optim.lr`) in a config dataclass."""
-    for name in key.split("."):
-        cfg = getattr(cfg, name)
-    return cfg
-
-
-def _first_leaf(data: dict[str, Any], key: str) -> str:
-    """The first full key the user wrote under an unknown `key` (`optm` + {"base_lr": 1} → `optm.base_lr`)."""
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    while isinstance(data, dict) and data:
-        name, data = next(iter(data.items()))
-        key = f"{key}.{name}"
-    return key
+def leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """The full dotted keys a plain nested dict sets (`{"optm": {"base_lr": 1}}`: `optm.base_lr`)."""
+    if not isinstance(data, dict):
+        return [prefix[:-1]] if prefix else []
+    return [key for name, value in data.items() for key in leaf_keys(value, f"{prefix}{name}.")]
 
 
 def _writable(node: Any) -> None:
@@ -221,7 +212,8 @@ def load_dataclass(cls: type[T], recipe: str | Path | None = None,
     try:
         return _tuples(OmegaConf.to_object(OmegaConf.merge(schema, data)))
     except ConfigKeyError as err:
-        raise _unknown_key(_first_leaf(data, err.full_key), cls) from None
+        written = [k for k in leaf_keys(data) if f"{k}.".startswith(f"{err.full_key}.")]  # optm → optm.base_lr
+        raise _unknown_key((written or [err.full_key])[0], cls) from None
     except OmegaConfBaseException as err:
         if err.full_key in types:
             raise _type_error(err.full_key, err.value, types[err.full_key]) from None
@@ -230,15 +222,14 @@ def load_dataclass(cls: type[T], recipe: str | Path | None = None,
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML/JSON dumps."""
-    return {f.name: to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else
-            list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(cfg)}
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def differences(old: Any, new: Any, prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """`key: old → new` for every key starting with one of `prefixes` whose value differs between two configs."""
     def shown(cfg: Any, key: str) -> str:
-        value = lookup(cfg, key)
+        value = attrgetter(key)(cfg)
         return repr(list(value) if isinstance(value, tuple) else value)
 
     return [f"{k}: {shown(old, k)} → {shown(new, k)}" for k in sorted(field_types(type(old)))
-            if k.startswith(prefixes) and lookup(old, k) != lookup(new, k)]
+            if k.startswith(prefixes) and attrgetter(k)(old) != attrgetter(k)(new)]
