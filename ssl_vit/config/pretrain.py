@@ -188,7 +188,7 @@ NOTES = {**checks.SHARED_NOTES, "optim.weight_decay_end": "or null: constant",
 
 def _check_architecture(cfg: Config) -> None:
     """What timm and the objectives would assert (or divide by) when the model is built or first sees a batch."""
-    m, d = cfg.model, cfg.dino
+    m = cfg.model
     if m.img_size % m.patch_size:  # also the DINO global crops, whose size it is
         raise ConfigError(f"model.img_size {m.img_size} is not a multiple of model.patch_size {m.patch_size}")
     width, heads = m.embed_dim, m.num_heads
@@ -206,15 +206,15 @@ def _check_architecture(cfg: Config) -> None:
         _check_mae_grid(m.img_size // m.patch_size, cfg.mae.mask_ratio)
         if width is not None and width % 4:  # MAE fixes the encoder's position embedding to sin-cos as well
             raise ConfigError(f"model.embed_dim: MAE's sin-cos position embedding needs a multiple of 4, got {width}")
-    multi_crop = cfg.objective in ("dino", "dinov2")  # DINOv2's section holds DINO's keys
-    d, sec = (cfg.dinov2, "dinov2") if cfg.objective == "dinov2" else (d, "dino")
-    if multi_crop and d.local_crops_number and d.local_crops_size > m.img_size:
+        return
+    sec, d = cfg.objective, getattr(cfg, cfg.objective)  # DINOv2's section holds DINO's keys
+    if d.local_crops_number and d.local_crops_size > m.img_size:
         raise ConfigError(f"{sec}.local_crops_size: must be at most model.img_size {m.img_size} (local crops are "
                           f"the small ones), got {d.local_crops_size}")
-    if multi_crop and d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
+    if d.local_crops_number and d.local_crops_size % m.patch_size:  # timm asserts it
         raise ConfigError(f"{sec}.local_crops_size: must be a multiple of model.patch_size {m.patch_size} (the ViT "
                           f"cuts each crop into whole patches), got {d.local_crops_size}")
-    if multi_crop and d.use_bn_in_head:
+    if d.use_bn_in_head:
         _check_bn_rows(cfg, d, sec)
 
 
