@@ -52,13 +52,9 @@ def finetune_votes(path: Path, overrides: Sequence[str]) -> int:
     only the pretraining one has (objective, mae.*); misspelled keys are in neither, so they do not sway it."""
     from ssl_vit.config.finetune import FinetuneConfig
     from ssl_vit.config.pretrain import Config
-    from ssl_vit.config.schema import ConfigError, field_types, leaf_keys, read_recipe
+    from ssl_vit.config.schema import field_types, leaf_keys, read_recipe
 
-    try:
-        data = read_recipe(path)
-    except (ConfigError, OSError):  # not a readable recipe: loading it says why
-        data = None
-    keys = [o.split("=", 1)[0].strip() for o in overrides] + leaf_keys(data)
+    keys = [o.split("=", 1)[0].strip() for o in overrides] + leaf_keys(read_recipe(path))  # or the load's own error
     finetune, pretrain = set(field_types(FinetuneConfig)), set(field_types(Config))
     return sum(k in finetune - pretrain for k in keys) - sum(k in pretrain - finetune for k in keys)
 
