@@ -243,20 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command, its expected failures as one line each: no traceback for what the user can fix."""
     try:
         args = build_parser().parse_args(argv)  # the commands import torch: seconds in which a Ctrl-C is likely
-        from ssl_vit.config.pretrain import ConfigError
         from ssl_vit.training.monitor import RunAborted
 
         try:
             code = args.func(args)
-        except (ConfigError, ValueError, FileNotFoundError) as err:  # user input
-            print(f"ssl-vit {args.command}: error: {one_line(err)}", file=sys.stderr)
-            return 2
         except RunAborted as err:  # the run stopped itself (bad data, diverged): one line naming what to do
             print(f"ssl-vit {args.command}: stopped: {err}", file=sys.stderr)
             return 1
-        except OSError as err:  # the filesystem said no (read-only, full, a file where a folder goes): not a bug
+        except (ValueError, OSError) as err:  # user input (ConfigError is one), or the filesystem said no: not a bug
             print(f"ssl-vit {args.command}: error: {one_line(err)}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1  # 1: read-only, full, ...
         if code == 0:  # not after a failure: a rank that failed alone must not wait for the others forever
             close_process_group()
         return code
