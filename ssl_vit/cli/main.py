@@ -283,7 +283,3 @@ def close_process_group() -> None:
 def run_tool(command: str) -> None:
     """Entry of the `tools/<command>.py` scripts (for `accelerate launch tools/<command>.py ...`)."""
     sys.exit(main([command, *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
