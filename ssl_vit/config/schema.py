@@ -101,32 +101,29 @@ def _check_values(cls: type, data: dict[str, Any], prefix: str = "") -> None:
                     raise _type_error(f"{key}[{i}]", item, arg)
 
 
-def _parse_override(item: str, types: dict[str, Any]) -> tuple[list[str], Any]:
-    """`key=value`: a str key takes the text verbatim (`null`, `~` or nothing: None where it may be), any other
-    reads it as YAML. Not OmegaConf's dotlist, which reads all as YAML (`{a,b}.tar` a mapping, `no` a bool)."""
+def _apply_override(data: dict[str, Any], item: str, types: dict[str, Any]) -> None:
+    """`key=value` into the recipe's dict: a str key takes the text verbatim (`null`, `~` or nothing: None where it
+    may be), any other reads it as YAML. Not OmegaConf's dotlist: it reads all as YAML (`{a,b}.tar`: a mapping)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, text = item.split("=", 1)
+    key, value = item.split("=", 1)
     key = key.strip()
-    tp = types.get(key)
-    if tp is None:  # unknown: left as text for the merge to name it
-        return key.split("."), text
-    if _takes_text(tp):
-        nullable = type(None) in typing.get_args(tp)
-        return key.split("."), None if nullable and text.strip() in ("", "~", "null", "Null", "NULL") else text
-    try:
-        return key.split("."), yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"{key}: cannot parse {text!r} as {type_name(tp)}") from None
-
-
-def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
-    node = base
-    for part in path[:-1]:
+    tp = types.get(key)  # None: an unknown key keeps the text, for the merge to name it
+    if tp is not None and _takes_text(tp):
+        if type(None) in typing.get_args(tp) and value.strip() in ("", "~", "null", "Null", "NULL"):
+            value = None
+    elif tp is not None:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {value!r} as {type_name(tp)}") from None
+    *sections, leaf = key.split(".")
+    node = data
+    for part in sections:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
-    node[path[-1]] = value
+            raise ConfigError(f"{key}: {part!r} is not a section")
+    node[leaf] = value
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -205,7 +202,7 @@ def load_dataclass(cls: type[T], recipe: str | Path | None = None,
     data = read_recipe(recipe) if recipe is not None else {}
     types = field_types(cls)
     for item in overrides:
-        _merge(data, *_parse_override(item, types))
+        _apply_override(data, item, types)
     _check_values(cls, data)
     schema = OmegaConf.structured(cls)
     _writable(schema)
