@@ -21,7 +21,6 @@ from ssl_vit.data.samples import SKIP_REASONS, open_image
 
 log = logging.getLogger(__name__)
 
-_JPEG_EXTS = ("jpg", "jpeg")
 _DEVICE_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) turns into RGB on every backend; CMYK stays on the CPU
 _CORRUPT = SKIP_REASONS.index("corrupt_image")
 
@@ -34,11 +33,8 @@ def torchvision_decodes_jpeg() -> bool:
 def jpeg_payload(sample: dict, max_image_pixels: int) -> bytes | None:
     """The bytes of `sample`'s JPEG when its header says the device can decode it, else None: the CPU path keeps
     handling, and counting, everything unusual."""
-    ext = next((e for e in _JPEG_EXTS if e in sample), None)
-    if ext is None or any(e in sample for e in ("png", "webp")):
-        return None
-    data = sample[ext]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    data = sample.get("jpg", sample.get("jpeg"))
+    if not isinstance(data, (bytes, bytearray, memoryview)) or "png" in sample or "webp" in sample:
         return None
     try:
         head = open_image(data, max_image_pixels)
@@ -52,20 +48,23 @@ def decode_on_host(payload: bytes) -> Tensor | None:
     path then decides, and counts, what is wrong)."""
     if decode_jpeg is None:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only bytes: decode_jpeg only reads
-        data = torch.frombuffer(payload, dtype=torch.uint8)
+    # a writable copy: frombuffer warns on read-only bytes
+    return _decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8), torch.device("cpu"))
+
+
+def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device, warn: bool = False) -> Any:
+    """torchvision's decode_jpeg to RGB on `device`; None where the data does not decode (out of memory raises)."""
     try:
-        return _decode_jpeg(data, torch.device("cpu"))
-    except RuntimeError:
+        with warnings.catch_warnings():
+            # torchvision ≥ 0.29 warns on every call that its codecs move to TorchCodec: known, see the import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:
+        if "out of memory" in str(err).lower():
+            raise
+        if warn:
+            log.warning("a JPEG failed to decode on %s; counted as corrupt_image: %s", device, err)
         return None
-
-
-def _decode_jpeg(data: Tensor | list[Tensor], device: torch.device) -> Any:
-    with warnings.catch_warnings():
-        # torchvision ≥ 0.29 warns on every call that its codecs move to TorchCodec: known, see the import
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
@@ -78,8 +77,7 @@ def pack_payloads(payloads: list[bytes | None]) -> tuple[Tensor, Tensor]:
 def unpack_payloads(data: Tensor, sizes: Tensor) -> list[Tensor | None]:
     """Inverse of `pack_payloads`: a uint8 (N,) view per sample, None where the size is 0."""
     counts = sizes.tolist()  # one read, not a tensor comparison and an int() per sample
-    parts = iter(torch.split(data, [n for n in counts if n > 0]))
-    return [next(parts) if n > 0 else None for n in counts]
+    return [part if n > 0 else None for part, n in zip(torch.split(data, counts), counts, strict=True)]
 
 
 class DeviceDecoder:
@@ -98,18 +96,10 @@ class DeviceDecoder:
             # may just have recycled while queued kernels still read it
             torch.cuda.current_stream(self.device).synchronize()
         # one batched call (nvJPEG decodes the whole list at once), else one by one to find the broken ones
-        decoded = self._try(payloads)
-        return list(decoded) if decoded is not None else [self._try(data) for data in payloads]
-
-    def _try(self, data: Tensor | list[Tensor]) -> Any:
-        try:
-            return _decode_jpeg(data, self.device)
-        except RuntimeError as err:
-            if "out of memory" in str(err).lower():
-                raise
-            if isinstance(data, Tensor):  # one JPEG; a failed batched call just means: one by one
-                log.warning("a JPEG failed to decode on %s; counted as corrupt_image: %s", self.device, err)
-            return None
+        decoded = _decode_jpeg(payloads, self.device)
+        if decoded is not None:
+            return list(decoded)
+        return [_decode_jpeg(data, self.device, warn=True) for data in payloads]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         batch = dict(batch)
