@@ -136,10 +136,8 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
                  max_size: int = 1 << 30, max_side: int | None = None, shuffle: bool = True, seed: int = 0,
                  progress: bool = True, max_file_bytes: int = MAX_FILE_BYTES,
                  max_pixels: int = DataConfig.max_image_pixels) -> ShardSummary:
-    """Pack every jpg/jpeg/png/webp under `src` into shards in `out` (docs/data.md): labelled by first-level
-    sub-folder when every image sits in one, original bytes unless `max_side` downsizes, unreadable, oversized
-    and non-regular files (FIFOs, devices) skipped and counted, written in an order shuffled by `seed` so that
-    every shard mixes classes."""
+    """Pack every jpg/jpeg/png/webp under `src` into shards in `out`; labels, skipped files, order and `max_side`
+    as docs/data.md ("Making shards") describes."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder not found: {src}")
@@ -166,10 +164,9 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
     if classes is not None and classes_file.is_file() and classes_file.read_text().splitlines() != classes:
         raise ValueError(f"{classes_file} already lists other classes than the {len(classes)} sub-folders of this "
                          "source; write to another directory")
-    skipped = len(irregular)
+    failed: list[Path] = []  # unreadable or undecodable, left out
 
     def samples() -> Iterator[dict]:
-        nonlocal skipped
         used: set[str] = set()
         index = {name: i for i, name in enumerate(classes or [])}
         for path, rel in tqdm(list(zip(files, rels, strict=True)), disable=not progress, unit="img",
@@ -184,7 +181,7 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
                        if isinstance(err, Image.UnidentifiedImageError) else
                        str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}")
                 log.warning("skipping %s: %s", path, why)
-                skipped += 1
+                failed.append(path)
                 continue
             sample = {"__key__": _make_key(rel, used), ext: data}
             if classes is not None:
@@ -192,9 +189,10 @@ def write_shards(src: str | Path, out: str | Path, *, prefix: str = "train", max
             yield sample
 
     n_shards = write_samples(samples(), out, prefix, max_count, max_size)
-    n_samples = len(files) + len(irregular) - skipped
+    n_samples = len(files) - len(failed)
     if n_samples == 0:
         raise ValueError(f"none of the {len(files) + len(irregular)} images under {src} could be read")
     if classes is not None:
         classes_file.write_text("".join(f"{c}\n" for c in classes))
-    return ShardSummary(n_samples, n_shards, skipped, classes, shard_pattern(out, prefix, n_shards))
+    pattern = shard_pattern(out, prefix, n_shards)
+    return ShardSummary(n_samples, n_shards, len(failed) + len(irregular), classes, pattern)
