@@ -86,7 +86,7 @@ class DeviceDecoder:
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size, self.device, self.square = size, device, CheapView(size)
-        self._carry: Tensor | None = None  # skip counts of a batch returned as None
+        self._carry: Tensor | int = 0  # skip counts of batches returned as None
 
     def _decode(self, payloads: list[Tensor]) -> list[Tensor | None]:
         if not payloads:
@@ -108,9 +108,8 @@ class DeviceDecoder:
         decoded = iter(self._decode([p for p in payloads if p is not None]))
         images = [next(on_host) if p is None else next(decoded) for p in payloads]
         skipped = batch["skipped"].clone()
-        if self._carry is not None:
-            skipped[0] += self._carry
-            self._carry = None
+        skipped[0] += self._carry
+        self._carry = 0
         keep = [i for i, image in enumerate(images) if image is not None]
         skipped[0, _CORRUPT] += len(images) - len(keep)
         if not keep:
