@@ -1,8 +1,5 @@
-"""A small real labelled image set as shards (`ssl-vit make-digits OUT`): scikit-learn's bundled handwritten
-digits (UCI optdigits, 1,797 8×8 greyscale images, 10 classes; no download), upsampled to 32 px.
-
-It is the project's check that a demo recipe learns on real images, not only on the generated demo data
-(docs/dino.md, "Small data"). scikit-learn is an optional dependency: `pip install ssl_vit[digits]`."""
+"""`ssl-vit make-digits OUT`: scikit-learn's bundled handwritten digits (UCI optdigits, no download) as labelled
+32 px shards, the check that a demo recipe learns on real images too (docs/small_data.md)."""
 
 from __future__ import annotations
 

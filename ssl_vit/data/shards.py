@@ -37,11 +37,9 @@ def _seeded_shuffle(src: Iterable[dict], bufsize: int, seed_fn: Callable[[], int
 
 class DecodeStage:
     """Raw samples → {"image", "skipped"[, "label", "key"][, "jpeg"]}, each held back until the next good one so
-    that skips after a worker's last good sample are still reported.
-
-    `pass_jpeg` (data.device_decode): device-decodable JPEGs leave as bytes ("jpeg", "image" None). `lone_skips`
-    (finite streams): a stream with no good sample sends its skip counts on an image-less sample at its end.
-    """
+    that skips after a worker's last good sample are still reported. `pass_jpeg` (data.device_decode): JPEGs the
+    device decodes leave as bytes ("jpeg", "image" None); `lone_skips` (finite streams): a stream with no good
+    sample sends its skip counts on an image-less sample at its end."""
 
     def __init__(self, counter: SkipCounter, transform: Callable, max_pixels: int, with_label: bool,
                  pass_jpeg: bool = False, lone_skips: bool = False) -> None:
@@ -102,9 +100,8 @@ def share_of_shards(urls: Sequence[str], index: int, count: int) -> list[str]:
 
 
 class _ResampledShares:
-    """Endless shard draws (with replacement) from this worker's share of this rank's share: an endless stream
-    keeps all ranks at the same number of steps, whatever their shard counts. (A class: tests/inject_fault.py
-    wraps its `__call__`.)"""
+    """Endless shard draws (with replacement) from this worker's share of this rank's share, so that all ranks run
+    the same number of steps whatever their shard counts (a class: tests/inject_fault.py wraps its `__call__`)."""
 
     def __init__(self, urls: list[str], rank: int, world_size: int, seed_fn: Callable[[], int]) -> None:
         self.urls, self.rank, self.world_size, self.seed_fn = urls, rank, world_size, seed_fn
