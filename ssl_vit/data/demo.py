@@ -35,10 +35,9 @@ class DemoData:  # shard specs (brace patterns) of the demo splits
     classes: tuple[str, ...]
 
 
-def _rotate(points: np.ndarray, angle: float, center: np.ndarray) -> list[tuple[float, float]]:
+def _rotate(points: np.ndarray, angle: float, center: np.ndarray) -> list[float]:
     c, s = math.cos(angle), math.sin(angle)
-    rotated = points @ np.array([[c, s], [-s, c]]) + center
-    return [tuple(p) for p in rotated.tolist()]
+    return (points @ np.array([[c, s], [-s, c]]) + center).ravel().tolist()  # flat x, y, x, y … for PIL
 
 
 def _shape_mask(cls: str, rng: np.random.Generator) -> np.ndarray:

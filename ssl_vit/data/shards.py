@@ -132,12 +132,10 @@ def collate(samples: list[dict]) -> dict[str, Any]:
         return {"image": torch.empty(0), "skipped": skipped, "label": torch.empty(0, dtype=torch.long), "key": []}
     batch = default_collate([{k: v for k, v in s.items() if k not in ("image", "jpeg", "skipped")} for s in samples])
     batch["skipped"] = skipped
+    decoded = [s["image"] for s in samples if s["image"] is not None]  # None: a JPEG left for the device
+    batch["image"] = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
     if "jpeg" in first:
-        decoded = [s["image"] for s in samples if s["image"] is not None]
-        batch["image"] = default_collate(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
         batch["jpeg"], batch["jpeg_sizes"] = pack_payloads([s["jpeg"] for s in samples])
-    else:
-        batch["image"] = default_collate([s["image"] for s in samples])
     return batch
 
 
