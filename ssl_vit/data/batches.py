@@ -17,14 +17,12 @@ from ssl_vit.data.shards import train_stream
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in `batch` (nested dicts, lists, tuples) moved to `device` without blocking the host (pinned
-    memory on CUDA)."""
+    """Every tensor in `batch` (nested dicts, lists, tuples) moved to `device` without blocking the host."""
     return send_to_device(batch, device, non_blocking=True)
 
 
 class DevicePrefetcher:
-    """Batches copied to a CUDA device one batch ahead on a side stream, so the copy overlaps the current step
-    (as timm's PrefetchLoader); the training stream waits for it on the GPU, not the host."""
+    """Batches copied to a CUDA device one ahead on a side stream, overlapping the step (as timm's PrefetchLoader)."""
 
     def __init__(self, stream: Iterator[dict[str, Any]], device: torch.device) -> None:
         self.stream, self.device = stream, device

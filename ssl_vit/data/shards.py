@@ -116,8 +116,7 @@ class _ResampledShares:
 
 
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
-    """This loader worker's shards, dealt round-robin (not `wds.split_by_worker`, which trusts WORKER/NUM_WORKERS
-    from the environment over the DataLoader: docs/data.md)."""
+    """This loader worker's shards, dealt round-robin (not by `wds.split_by_worker`: docs/data.md says why)."""
     info = torch.utils.data.get_worker_info()
     mine = urls if info is None else urls[info.id::info.num_workers]
     return (dict(url=u) for u in mine)
@@ -140,8 +139,7 @@ def collate(samples: list[dict]) -> dict[str, Any]:
 
 
 def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """A loader worker's `worker_init_fn`: SIGINT ignored, SIGTERM obeyed only from the parent (docs/data.md), so
-    a Ctrl-C or SLURM signal to the whole group never kills a worker before the trainer stops cleanly."""
+    """A loader worker's `worker_init_fn`: SIGINT ignored, SIGTERM obeyed only from the parent (docs/data.md)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

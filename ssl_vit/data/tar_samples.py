@@ -59,8 +59,7 @@ class SkipCounter:
         return out
 
     def read_error(self, exn: Exception, url: str | None = None) -> bool:
-        """webdataset handler: count, log (once per shard), and stop reading this shard (its earlier samples are
-        kept)."""
+        """webdataset handler: count, log (once per shard), stop reading this shard (its earlier samples stay)."""
         # webdataset appends the stream and URL to an error's args, and " @ <stream>" to its message
         message = str(exn.args[0] if exn.args and isinstance(exn.args[0], str) else exn)
         url = url or "<unknown>"
@@ -102,9 +101,8 @@ class _WatchedStream:
 
 
 class TarSamples:
-    """Shard dicts → raw samples (webdataset's `url_opener`, `tar_file_expander`, `group_by_keys`), one shard at a
-    time: a break is one read error, and the shard's last sample, maybe torn, is marked `__cut__` so that what
-    it lacks is not counted again (see `DecodeStage`)."""
+    """Shard dicts → raw samples, one shard at a time: a break is one read error, and the shard's last sample, maybe
+    torn, is marked `__cut__` so that what it lacks is not counted again (docs/data.md, "Torn samples")."""
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter

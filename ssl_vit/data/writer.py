@@ -43,9 +43,8 @@ def shard_pattern(out: str | Path, prefix: str, n_shards: int) -> str:
 
 def write_samples(samples: Iterable[dict], out: str | Path, prefix: str = "train", max_count: int = 10_000,
                   max_size: int = 1 << 30) -> int:
-    """Write {"__key__": str, ext: bytes, ...} samples to out/{prefix}-%06d.tar (byte-identical for the same
-    samples); returns the number of shards. Shards get their names only once all are written: a killed run leaves
-    only hidden `.{prefix}-*.tar.part` files, which the next run into `out` removes."""
+    """Write {"__key__": str, ext: bytes, ...} samples to out/{prefix}-%06d.tar, the same bytes for the same samples,
+    named only once all are written (docs/data.md); returns the number of shards."""
     out = Path(out)
     if not prefix or "/" in prefix or "%" in prefix:
         raise ValueError(f"shard prefix must be a plain name without '/' or '%', got {prefix!r}")
