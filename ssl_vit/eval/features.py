@@ -173,13 +173,10 @@ def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: 
         all_l = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))[keep]
         all_k = gather_object(keys)
     repeated = {k for k, n in Counter(all_k).items() if n > 1}
-    if repeated:
-        # Numeric and only the first values (one small transfer): rows of one image computed on another rank
-        # differ in the last bits at most, and two images almost never tie on these.
-        tie = list(zip(all_l.tolist(), all_r[:, :_TIE_VALUES].float().cpu().tolist(), strict=True))
-        order = sorted(range(len(all_k)), key=lambda i: (all_k[i], tie[i] if all_k[i] in repeated else ()))
-    else:
-        order = sorted(range(len(all_k)), key=all_k.__getitem__)
+    # Numeric and only the first values (one small transfer, only with repeated keys): rows of one image computed
+    # on another rank differ in the last bits at most, and two images almost never tie on these.
+    tie = list(zip(all_l.tolist(), all_r[:, :_TIE_VALUES].float().cpu().tolist(), strict=True)) if repeated else []
+    order = sorted(range(len(all_k)), key=lambda i: (all_k[i], tie[i] if all_k[i] in repeated else ()))
     return Features(all_r[order].cpu(), all_l[order].cpu(), [all_k[i] for i in order],
                     skip_totals(accelerator, skipped))
 
