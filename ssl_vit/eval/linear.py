@@ -109,11 +109,11 @@ class HeadTrainer:
     """Trains a HeadGrid step by step (lr schedule per step), evaluates every head, keeps the best epochs."""
 
     def __init__(self, proto: ProbeProtocol, dim: int, num_classes: int, batch_size: int, steps_per_epoch: int,
-                 seed: int = 0) -> None:
-        self.proto, self.steps_per_epoch = proto, steps_per_epoch
+                 seed: int, device: torch.device | str) -> None:
+        self.proto, self.steps_per_epoch, self.device = proto, steps_per_epoch, device
         self.grid = [(lr, wd) for lr in proto.base_lrs for wd in proto.weight_decays]
         self.names = [f"lr{lr:g}_wd{wd:g}" for lr, wd in self.grid]
-        self.model = HeadGrid(dim, num_classes, len(self.grid), proto.batchnorm, proto.init_std, seed)
+        self.model = HeadGrid(dim, num_classes, len(self.grid), proto.batchnorm, proto.init_std, seed).to(device)
         groups: list[dict[str, Any]] = []
         for head, (base_lr, wd) in zip(self.model.heads, self.grid, strict=True):
             peak = base_lr * batch_size / 256
@@ -147,11 +147,10 @@ class HeadTrainer:
     def evaluate(self, val: Features, chunk: int = 4096) -> list[dict[str, float]]:
         """Top-1/top-5 (%) of every head on `val` (BatchNorm with its running statistics)."""
         self.model.eval()
-        device = next(self.model.parameters()).device
         hits = [Counter() for _ in self.grid]
         for x, y in zip(val.features.split(chunk), val.labels.split(chunk), strict=True):
-            for i, head_logits in enumerate(self.model(x.to(device))):  # (chunk, C) per head
-                hits[i].update(topk_hits(head_logits, y.to(device)))
+            for i, head_logits in enumerate(self.model(x.to(self.device))):  # (chunk, C) per head
+                hits[i].update(topk_hits(head_logits, y.to(self.device)))
         self.model.train()
         scores = [{f"top{k}": 100.0 * h[k] / val.features.shape[0] for k in (1, 5)} for h in hits]
         self.history.append(scores)
@@ -196,8 +195,7 @@ def probe_features(train: Features, val: Features, proto: ProbeProtocol, num_cla
     num_classes = num_classes or int(max(train.labels.max(), val.labels.max())) + 1
     n = train.features.shape[0]
     batch = min(proto.batch_size, n)
-    trainer = HeadTrainer(proto, train.features.shape[1], num_classes, batch, n // batch, seed)
-    trainer.model.to(device).train()
+    trainer = HeadTrainer(proto, train.features.shape[1], num_classes, batch, n // batch, seed, device)
     x, y = train.features.to(device), train.labels.to(device)
     order = torch.Generator().manual_seed(seed)
 

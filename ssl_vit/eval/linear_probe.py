@@ -45,8 +45,7 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     num_classes = max(num_classes or 0, int(val.labels.max()) + 1)
     vit = vit.to(accelerator.device).eval()
     trainer = HeadTrainer(proto, proto.features.dim(vit.embed_dim), num_classes, global_batch, steps_per_epoch,
-                          seed)
-    trainer.model.to(accelerator.device).train()
+                          seed, accelerator.device)
     # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
     model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
     transform = crop_flip(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
