@@ -17,7 +17,7 @@ from ssl_vit.config.finetune import FinetuneConfig, FTDataConfig, load_finetune_
 from ssl_vit.config.pretrain import DataConfig, dump_config
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.eval.features import describe_skipped, encode_shards
-from ssl_vit.eval.labelled import check_class_lists, checked_labels, count_samples, labelled_train_stream
+from ssl_vit.eval.labelled import check_class_lists, count_samples, labelled_train_stream
 from ssl_vit.eval.metrics import check_labelled, topk_accuracy
 from ssl_vit.methods.classify.model import Classify
 from ssl_vit.training.checkpoint import export_backbone, latest_checkpoint, model_mismatch
@@ -127,13 +127,10 @@ def _finetune(cfg: FinetuneConfig, acc: Accelerator) -> FinetuneResult:
                             max_nonfinite_steps=t.max_nonfinite_steps, max_skip_rate=DataConfig.max_skip_rate,
                             name="finetune")
     def batches(start_step: int, skip: int) -> Iterator[dict[str, Any]]:  # the loop's Stream
-        stream = labelled_train_stream(d.train, objective.views, batch_size=d.batch_size, num_workers=d.num_workers,
-                                       shuffle_buffer=d.shuffle_buffer, rank=acc.process_index,
-                                       world_size=acc.num_processes, seed=t.seed, start_step=start_step,
-                                       allow_pipe=d.allow_pipe)
-        for _ in range(skip):
-            next(stream)
-        return checked_labels(stream, num_classes, "fine-tuning")
+        return labelled_train_stream(d.train, objective.views, num_classes, "fine-tuning", batch_size=d.batch_size,
+                                     num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+                                     rank=acc.process_index, world_size=acc.num_processes, seed=t.seed,
+                                     start_step=start_step, skip=skip, allow_pipe=d.allow_pipe)
 
     evaluation = EpochEvaluation(objective, d, acc, steps_per_epoch, run_dir / "best", cfg.model.backbone)
     trainer = Trainer(acc, objective, optimizer, batches, schedule, settings, resume=found[1] if found else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -21,18 +22,19 @@ from ssl_vit.eval.metrics import check_labelled
 _SEED_OFFSET = 1000  # streams of their own, never equal to a pretraining stream with the same seed
 
 
-def labelled_train_stream(shards: str, transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int,
-                          num_workers: int, shuffle_buffer: int, rank: int, world_size: int, seed: int,
-                          start_step: int = 0, allow_pipe: bool = False,
-                          max_image_pixels: int = DataConfig.max_image_pixels) -> Iterator[dict]:
-    """Endless shuffled full batches {"image", "label" (-1 if none), "key", "skipped"}: the pretraining stream
-    (resampled, reseeded at `start_step`) with the labels kept."""
+def labelled_train_stream(shards: str, transform: Callable[[Image.Image], torch.Tensor], num_classes: int,
+                          task: str, *, batch_size: int, num_workers: int, shuffle_buffer: int, rank: int,
+                          world_size: int, seed: int, start_step: int = 0, skip: int = 0,
+                          allow_pipe: bool = False) -> Iterator[dict]:
+    """Endless shuffled full batches {"image", "label", "key", "skipped"}: the pretraining stream (resampled,
+    reseeded at `start_step`, its first `skip` batches dropped) with the labels kept and checked (`checked_labels`)."""
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be ≥ 0, got {shuffle_buffer}")
     cfg = DataConfig(train=shards, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                     max_image_pixels=max_image_pixels, allow_pipe=allow_pipe)
-    return iter(train_stream(cfg, transform, rank=rank, world_size=world_size, seed=seed + _SEED_OFFSET,
-                             start_step=start_step, with_label=True))
+                     allow_pipe=allow_pipe)
+    stream = train_stream(cfg, transform, rank=rank, world_size=world_size, seed=seed + _SEED_OFFSET,
+                          start_step=start_step, with_label=True)
+    return checked_labels(islice(stream, skip, None), num_classes, task)
 
 
 def count_samples(shards: str | Sequence[str], allow_pipe: bool = False) -> int:

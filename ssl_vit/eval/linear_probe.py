@@ -19,13 +19,7 @@ from tqdm.auto import tqdm
 from ssl_vit.data.samples import SKIP_REASONS
 from ssl_vit.data.transforms import crop_flip, normalize
 from ssl_vit.eval.features import Features, extract_features, image_features, skip_totals
-from ssl_vit.eval.labelled import (
-    check_class_lists,
-    check_usable,
-    checked_labels,
-    count_samples,
-    labelled_train_stream,
-)
+from ssl_vit.eval.labelled import check_class_lists, check_usable, count_samples, labelled_train_stream
 from ssl_vit.eval.linear import HeadTrainer, ProbeData, ProbeProtocol, probe_features
 from ssl_vit.training.run_log import RunLog
 
@@ -49,10 +43,10 @@ def probe_augmented(vit: VisionTransformer, data: ProbeData, proto: ProbeProtoco
     # Gradients of the heads are averaged across ranks (DDP); the frozen backbone is never wrapped.
     model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
     transform = crop_flip(vit.patch_embed.img_size[0], PROBE_CROP_SCALE)
-    loader = checked_labels(labelled_train_stream(
-        data.train, transform, batch_size=per_device, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=seed, allow_pipe=data.allow_pipe),
-        num_classes, "the linear probe")
+    loader = labelled_train_stream(data.train, transform, num_classes, "the linear probe", batch_size=per_device,
+                                   num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes, seed=seed,
+                                   allow_pipe=data.allow_pipe)
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
