@@ -183,6 +183,5 @@ def gather_by_key(accelerator: Accelerator, rows: Tensor, labels: Tensor, keys: 
 
 def skip_totals(accelerator: Accelerator, skipped: Tensor) -> dict[str, int]:
     """This rank's (n_reasons,) skip counts summed over all ranks, by reason (a collective: all ranks call)."""
-    local = skipped.to(device=accelerator.device, dtype=torch.long).reshape(1, len(SKIP_REASONS))
-    total = accelerator.gather(local).sum(dim=0) if accelerator.num_processes > 1 else local[0]
+    total = accelerator.reduce(skipped.to(device=accelerator.device, dtype=torch.long), reduction="sum")
     return dict(zip(SKIP_REASONS, total.tolist(), strict=True))
