@@ -143,8 +143,7 @@ def extract_features(vit: VisionTransformer, shards: str | Sequence[str], accele
         # a hit only if every rank sees the file (a cache dir not shared across nodes): all ranks take the same
         # branch, so none waits in a collective the others skip
         if all(gather_object([path.is_file()])):
-            feats, labels, keys, skipped = load_cached(path)
-            return Features(feats, labels, keys, {**no_skips(), **skipped})
+            return Features(*load_cached(path))
     vit = vit.to(accelerator.device).eval()
     result = encode_shards(lambda images: image_features(vit, images, spec), spec.dim(vit.embed_dim), shards,
                            accelerator, img_size=vit.patch_embed.img_size[0], batch_size=batch_size,
