@@ -27,7 +27,7 @@ def labelled_train_stream(shards: str, transform: Callable[[Image.Image], torch.
                           world_size: int, seed: int, start_step: int = 0, skip: int = 0,
                           allow_pipe: bool = False) -> Iterator[dict]:
     """Endless shuffled full batches {"image", "label", "key", "skipped"}: the pretraining stream (resampled,
-    reseeded at `start_step`, its first `skip` batches dropped) with the labels kept and checked (`checked_labels`)."""
+    reseeded at `start_step`, the first `skip` batches dropped), labels kept and checked (`checked_labels`)."""
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be ≥ 0, got {shuffle_buffer}")
     cfg = DataConfig(train=shards, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
