@@ -98,45 +98,46 @@ class DINO(Objective):
         images = batch["image"]
         if self.device_aug is not None:
             return self.device_aug(images)
-        return [normalize(crop) for crop in images] if isinstance(images, (list, tuple)) else images
+        if not isinstance(images, (list, tuple)) or len(images) < N_GLOBAL:
+            raise ValueError(f"{type(self).__name__} needs multi-crop batches: a list of at least 2 crop tensors "
+                             "per batch")
+        return [normalize(crop) for crop in images]
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         crops = self.crops(batch)
-        if not isinstance(crops, (list, tuple)) or len(crops) < N_GLOBAL:
-            raise ValueError("DINO needs multi-crop batches: a list of at least 2 crop tensors per batch")
         temp = teacher_temperature(step, self.cfg.warmup_teacher_temp_steps, self.cfg.warmup_teacher_temp,
                                    self.cfg.teacher_temp)
+        globals_ = torch.cat(list(crops[:N_GLOBAL]))  # (2B, 3, H, W): crop 1 of every image, then crop 2
         with torch.no_grad():
-            teacher_out = embed(self.teacher["backbone"], self.teacher["head"], crops[:N_GLOBAL],
-                                self.encode)  # (2B, K)
+            teacher_out = self.teacher["head"](self.encode(self.teacher["backbone"], globals_)[:, 0])  # (2B, K)
             targets = teacher_targets(teacher_out, self.center, temp)  # (2B, K)
         runs = encode_runs(self.backbone, crops, self.encode)
         student_out = self.head(torch.cat([tokens[:, 0] for tokens in runs]))  # (V·B, K)
         loss = dino = dino_loss(student_out, targets, len(crops), self.cfg.student_temp)
         out: dict[str, Tensor] = {}
         if self.gram_teacher is not None:  # the global crops come first, in the first run
-            globals_ = torch.cat(list(crops[:N_GLOBAL]))
             gram = self.gram_anchor(globals_, runs[0][:globals_.shape[0], self.backbone.num_prefix_tokens:])
             loss = loss + self.cfg.gram_loss_weight * gram
             out = {"dino_loss": dino.detach(), "gram_loss": gram.detach()}
 
         entropy = mean_entropy(targets)
         if self.training:
-            sums = center_stats(teacher_out)
-            self._center_sums = sums if self._center_sums is None else self._center_sums + sums
-            total, count = self._entropy or (0.0, 0)
-            self._entropy = (entropy.detach() + total, count + 1)
+            self._center_sums = add_sums(self._center_sums, center_stats(teacher_out))
+            self._entropy = add_entropy(self._entropy, entropy)
+        return {"loss": loss, **out, **self.monitors(step, temp, dino, entropy)}
+
+    def monitors(self, step: int, temp: float, dino: Tensor, entropy: Tensor, **more: Tensor) -> dict[str, Tensor]:
+        """The logged monitors of docs/dino.md; `more` goes after the center's norm."""
         momentum = teacher_momentum(step, self.total_steps, self.cfg.momentum_teacher)
         return {
-            "loss": loss,
-            **out,
             "teacher_entropy": entropy,
             # Each teacher view enters the same number of pairs, so the mean KL is the DINO loss minus the entropy.
             "kl": dino.detach() - entropy,
             "center_norm": self.center.norm(),
+            **more,
             # torch.full launches a fill kernel; torch.tensor(x, device=...) would be a blocking copy every step
-            "teacher_temp": torch.full((), temp, device=loss.device),
-            "teacher_momentum": torch.full((), momentum, device=loss.device),
+            "teacher_temp": torch.full((), temp, device=dino.device),
+            "teacher_momentum": torch.full((), momentum, device=dino.device),
         }
 
     def gram_anchor(self, global_crops: Tensor, student_patches: Tensor) -> Tensor:
@@ -148,10 +149,12 @@ class DINO(Objective):
 
     def after_backward(self, step: int) -> None:
         super().after_backward(step)  # the backbone freeze
-        # No gradient at all (rather than a zero one): AdamW then neither moves nor decays the frozen layer.
+        # No gradient at all (rather than a zero one): AdamW then neither moves nor decays the frozen layers.
         if step < self.cfg.freeze_last_layer_steps:
-            for param in self.head.last_layer.parameters():
-                param.grad = None
+            for head in self.modules():  # every head's (DINOv2's iBOT head too; the teacher's have none)
+                if isinstance(head, DINOHead):
+                    for param in head.last_layer.parameters():
+                        param.grad = None
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -193,6 +196,12 @@ def encode_runs(backbone: VisionTransformer, crops: list[Tensor], encoder: Calla
             for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
 
 
-def embed(backbone: VisionTransformer, head: DINOHead, crops: list[Tensor], encoder: Callable[..., Tensor]) -> Tensor:
-    """Head outputs (V·B, K) of the V crops in order: one head pass over every crop's cls token."""
-    return head(torch.cat([tokens[:, 0] for tokens in encode_runs(backbone, crops, encoder)]))
+def add_sums(total: Tensor | None, sums: Tensor) -> Tensor:
+    """A micro-batch's center sums added to the step's."""
+    return sums if total is None else total + sums
+
+
+def add_entropy(pending: tuple[Tensor, int] | None, entropy: Tensor) -> tuple[Tensor, int]:
+    """A micro-batch's entropy added to the step's (sum, micro-batches)."""
+    total, count = pending or (0.0, 0)
+    return entropy.detach() + total, count + 1

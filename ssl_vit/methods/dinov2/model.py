@@ -13,7 +13,6 @@ SK is Sinkhorn-Knopp (or, with `centering: softmax`, DINO's centered softmax wit
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from ssl_vit.methods.dino.loss import (
     teacher_targets,
     update_center,
 )
-from ssl_vit.methods.dino.model import DINO, N_GLOBAL, teacher_momentum, teacher_temperature
+from ssl_vit.methods.dino.model import DINO, N_GLOBAL, add_entropy, add_sums, encode_runs, teacher_temperature
 from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
 from ssl_vit.methods.dinov2.loss import ibot_loss, koleo_loss
 from ssl_vit.methods.dinov2.masking import PatchMasks, sample_masks
@@ -71,10 +70,7 @@ class DINOv2(DINO):
         return teacher_targets(teacher_out, center, temp)
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        crops = self.crops(batch)
-        if not isinstance(crops, (list, tuple)) or len(crops) < N_GLOBAL:
-            raise ValueError("DINOv2 needs multi-crop batches: a list of at least 2 crop tensors per batch")
-        cfg = self.cfg
+        crops, cfg = self.crops(batch), self.cfg
         temp = teacher_temperature(step, cfg.warmup_teacher_temp_steps, cfg.warmup_teacher_temp, cfg.teacher_temp)
         globals_ = torch.cat(list(crops[:N_GLOBAL]))  # (2B, 3, H, W): crop 1 of every image, then crop 2
         n_img, n_prefix = globals_.shape[0], self.backbone.num_prefix_tokens
@@ -95,8 +91,7 @@ class DINOv2(DINO):
         s_tokens = self.encode(self.backbone, globals_, mask=None if masks is None else masks.mask,
                                mask_token=self.mask_token)  # (2B, prefix + L, D)
         s_global_cls = s_tokens[:, 0]
-        local_cls = [self.encode(self.backbone, torch.cat(list(group)))[:, 0]  # one pass per local resolution
-                     for _, group in itertools.groupby(crops[N_GLOBAL:], key=lambda c: tuple(c.shape[-2:]))]
+        local_cls = [tokens[:, 0] for tokens in encode_runs(self.backbone, crops[N_GLOBAL:], self.encode)]
         s_cls, s_patch = _heads(self.head, self.ibot_head, torch.cat([s_global_cls, *local_cls]),
                                 s_tokens[:, n_prefix:], masks)
         dino = dino_loss(s_cls, cls_targets, len(crops), cfg.student_temp)
@@ -117,35 +112,23 @@ class DINOv2(DINO):
         entropy = mean_entropy(cls_targets)
         if self.training:
             self._accumulate(t_cls, t_patch, entropy, patch_targets)
-        momentum = teacher_momentum(step, self.total_steps, cfg.momentum_teacher)
-        out |= {"teacher_entropy": entropy, "kl": dino.detach() - entropy, "center_norm": self.center.norm()}
+        patch = {}
         if patch_targets is not None and patch_targets.shape[0]:
-            out |= {"patch_entropy": mean_entropy(patch_targets), "patch_center_norm": self.patch_center.norm()}
-        return {"loss": loss, **out, "teacher_temp": torch.full((), temp, device=loss.device),
-                "teacher_momentum": torch.full((), momentum, device=loss.device)}
+            patch = {"patch_entropy": mean_entropy(patch_targets), "patch_center_norm": self.patch_center.norm()}
+        return {"loss": loss, **out, **self.monitors(step, temp, dino, entropy, **patch)}
 
     def _accumulate(self, t_cls: Tensor, t_patch: Tensor | None, entropy: Tensor,
                     patch_targets: Tensor | None) -> None:
         """What `after_step` applies: the centers' sums (softmax centering) and the entropies the watches read."""
         softmax = self.cfg.centering == "softmax"
         if softmax:
-            sums = center_stats(t_cls)
-            self._center_sums = sums if self._center_sums is None else self._center_sums + sums
-        total, count = self._entropy or (0.0, 0)
-        self._entropy = (entropy.detach() + total, count + 1)
+            self._center_sums = add_sums(self._center_sums, center_stats(t_cls))
+        self._entropy = add_entropy(self._entropy, entropy)
         if t_patch is None or not t_patch.shape[0]:  # no masked patch this micro-batch
             return
         if softmax:
-            sums = center_stats(t_patch)
-            self._patch_sums = sums if self._patch_sums is None else self._patch_sums + sums
-        total, count = self._patch_entropy or (0.0, 0)
-        self._patch_entropy = (mean_entropy(patch_targets) + total, count + 1)
-
-    def after_backward(self, step: int) -> None:
-        super().after_backward(step)
-        if self.ibot_head is not None and step < self.cfg.freeze_last_layer_steps:
-            for param in self.ibot_head.last_layer.parameters():
-                param.grad = None
+            self._patch_sums = add_sums(self._patch_sums, center_stats(t_patch))
+        self._patch_entropy = add_entropy(self._patch_entropy, mean_entropy(patch_targets))
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
