@@ -17,11 +17,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.config.methods import MAEConfig
-from ssl_vit.data.device.augment import DeviceAugment
+from ssl_vit.data.device.augment import DeviceAugment, ViewSpec
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
 from ssl_vit.methods.mae.loss import masked_mse, pixel_target
-from ssl_vit.methods.mae.transforms import device_views, mae_views
+from ssl_vit.methods.mae.transforms import mae_views
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
@@ -103,14 +103,12 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, self.n_prefix:])  # (B, L, p·p·3)
 
 
-def _init_like_mae(module: nn.Module) -> None:  # Xavier-uniform linears (and patch projection), as MAE
+def _init_like_mae(module: nn.Module) -> None:
+    """MAE's init: Xavier-uniform linears, zero biases; LayerNorms keep the ones and zeros they were built with."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class MAE(Objective):
@@ -120,7 +118,7 @@ class MAE(Objective):
         super().__init__()
         self.cfg = cfg
         size = backbone.patch_embed.img_size[0]
-        self.device_aug = DeviceAugment(device_views(size, cfg.crop_scale)) if device_aug else None
+        self.device_aug = DeviceAugment([ViewSpec(size, cfg.crop_scale)]) if device_aug else None
         self.backbone = backbone
         self.patch = backbone.patch_embed.patch_size[0]
         self.grid = tuple(backbone.patch_embed.grid_size)
