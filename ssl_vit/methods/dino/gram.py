@@ -4,10 +4,8 @@ those of a Gram teacher, here the frozen starting backbone (DINOv3's is an earli
     X_S, X_G = L2-normalised patch features (P, D) of one global crop: student, Gram teacher (after the final norm)
     L_Gram = ‖X_S X_Sᵀ − X_G X_Gᵀ‖²_F / P², averaged over the global crops of the batch
 
-The paper writes the bare Frobenius norm; its reference implementation takes the mean squared error over every
-crop's P × P entries (per image; all patches, the ones the student sees masked included), which keeps the weight
-independent of the image size: we follow it. DINOv3 also shows its Gram teacher the crops at twice the resolution
-and downsamples its features (Sec. 4.3); here the Gram teacher sees the student's global crops, unmasked.
+The division by P² (over all patches, masked ones included) is the reference implementation's; what differs from
+DINOv3: docs/dino.md, "Gram anchoring".
 """
 
 from __future__ import annotations
