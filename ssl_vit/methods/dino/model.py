@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 from ssl_vit.config.methods import DINOConfig
 from ssl_vit.config.pretrain import TrainConfig
-from ssl_vit.data.device.augment import DeviceAugment
+from ssl_vit.data.device.augment import CheapView, DeviceAugment, cheap_size
 from ssl_vit.data.transforms import denormalize, normalize
 from ssl_vit.methods.base import Objective
 from ssl_vit.methods.dino.gram import gram_loss
 from ssl_vit.methods.dino.head import DINOHead
 from ssl_vit.methods.dino.loss import center_stats, dino_loss, mean_entropy, teacher_targets, update_center
 from ssl_vit.methods.dino.monitor import COLLAPSE_WINDOW, CollapseWatch
-from ssl_vit.methods.dino.transforms import device_views, dino_views
+from ssl_vit.methods.dino.transforms import MultiCropViews, device_views
 from ssl_vit.training.optim import cosine
 
 N_GLOBAL = 2  # global crops: the teacher's inputs
@@ -88,7 +88,9 @@ class DINO(Objective):
 
     @property
     def views(self) -> Callable[[Image.Image], Tensor | list[Tensor]]:
-        return dino_views(self.cfg, self.backbone.patch_embed.img_size[0], self.device_aug is not None)
+        """The multi-crop, or with `device_aug` one resized square that `device_views` crops on the device."""
+        size = self.backbone.patch_embed.img_size[0]
+        return MultiCropViews(self.cfg, size) if self.device_aug is None else CheapView(cheap_size(size))
 
     def export_backbone(self) -> VisionTransformer:
         return self.teacher["backbone"] if self.cfg.export_teacher else self.backbone

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ssl_vit.config.methods import DINOConfig
-from ssl_vit.data.device.augment import CheapView, ViewSpec, cheap_size
+from ssl_vit.data.device.augment import ViewSpec
 from ssl_vit.data.transforms import BLUR_SIGMA, blur_kernel
 
 
@@ -43,12 +43,6 @@ class MultiCropViews:
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         locals_ = [self.local(image) for _ in range(self.local_number)]
         return [self.global1(image), self.global2(image), *locals_]
-
-
-def dino_views(cfg: DINOConfig, global_size: int,
-               device_aug: bool = False) -> Callable[[Image.Image], torch.Tensor | list[torch.Tensor]]:
-    """The loader's view of an image: the multi-crop, or with `device_aug` one resized square (`device_views`)."""
-    return CheapView(cheap_size(global_size)) if device_aug else MultiCropViews(cfg, global_size)
 
 
 def device_views(cfg: DINOConfig, global_size: int) -> list[ViewSpec]:
