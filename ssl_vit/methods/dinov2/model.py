@@ -135,15 +135,14 @@ class DINOv2(DINO):
         if self._patch_sums is not None:
             update_center(self.patch_center, self._patch_sums, self.cfg.center_momentum)
             self._patch_sums = None
-        super().after_step(step)  # the cls center, the EMA of every teacher part, the cls watch
-        self._watch_patches(step)
+        super().after_step(step)  # the cls center, the EMA of every teacher part, both watches
 
     def after_skipped_step(self, step: int) -> None:
         self._patch_sums = None
         super().after_skipped_step(step)
-        self._watch_patches(step)
 
-    def _watch_patches(self, step: int) -> None:
+    def _watch_collapse(self, step: int) -> None:
+        super()._watch_collapse(step)
         if self._patch_entropy is not None:
             self.patch_collapse.update(self._patch_entropy[0] / self._patch_entropy[1], step)
             self._patch_entropy = None
