@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -29,9 +28,7 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*hidden, linears[-1])
         # weight = g · v / ‖v‖ per prototype; the last layer keeps nn.Linear's default init, as in DINO.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        gain = self.last_layer.parametrizations.weight.original0  # (out_dim, 1)
-        with torch.no_grad():
-            gain.fill_(1.0)
+        gain = nn.init.ones_(self.last_layer.parametrizations.weight.original0)  # (out_dim, 1)
         # A fixed unit gain makes the logits plain cosines: slower to sharpen, hence more stable.
         gain.requires_grad_(not norm_last_layer)
 
