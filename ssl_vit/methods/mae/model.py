@@ -160,24 +160,19 @@ class MAE(Objective):
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any], n: int = 8) -> dict[str, Tensor]:
-        """Grid of original / masked / reconstruction (visible patches pasted back), one column per image."""
+        """(3, 3·H, n·W) image in [0, 1], one column per image: rows original, masked input, reconstruction with
+        the visible patches pasted back."""
         images = self.images({"image": batch["image"][:n]})
         pred, _, mask = self.reconstruct(images)
-        return {"mae/reconstruction": reconstruction_grid(images, pred.float(), mask, self.patch,
-                                                          self.grid, self.cfg.norm_pix_loss)}
-
-
-def reconstruction_grid(images: Tensor, pred: Tensor, mask: Tensor, patch: int, grid: tuple[int, int],
-                        norm_pix: bool) -> Tensor:
-    """(3, 3·H, n·W) image in [0, 1]: rows original, masked input, reconstruction with visible patches pasted."""
-    patches = patchify(images.float(), patch)
-    if norm_pix:  # predictions live in per-patch normalised space: map back with each patch's own statistics
-        mean = patches.mean(dim=-1, keepdim=True)
-        std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-        pred = pred * std + mean
-    m = mask.unsqueeze(-1)  # (B, L, 1), 1 = hidden
-    visible = unpatchify((1 - m).expand_as(patches), patch, grid)  # (B, 3, H, W) of 0/1
-    pasted = unpatchify(patches * (1 - m) + pred * m, patch, grid)
-    original = denormalize(images.float())
-    rows = [original, original * visible, denormalize(pasted)]  # hidden patches shown black
-    return torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2).clamp(0, 1)
+        pred, patches = pred.float(), patchify(images.float(), self.patch)
+        if self.cfg.norm_pix_loss:  # predictions live in per-patch normalised space: back with each patch's stats
+            mean = patches.mean(dim=-1, keepdim=True)
+            std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            pred = pred * std + mean
+        m = mask.unsqueeze(-1)  # (B, L, 1), 1 = hidden
+        visible = unpatchify((1 - m).expand_as(patches), self.patch, self.grid)  # (B, 3, H, W) of 0/1
+        pasted = unpatchify(patches * (1 - m) + pred * m, self.patch, self.grid)
+        original = denormalize(images.float())
+        rows = [original, original * visible, denormalize(pasted)]  # hidden patches shown black
+        grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2).clamp(0, 1)
+        return {"mae/reconstruction": grid}
