@@ -35,8 +35,7 @@ class CollapseWatch:
     def update(self, entropy: Tensor, step: int) -> None:
         entropy = entropy.detach().to(torch.float32)
         if self.state is None or self.state.device != entropy.device:
-            self.state = torch.zeros(5, dtype=torch.float32, device=entropy.device)
-            self.state[_ALARM_STEP] = -1.0
+            self.state = torch.tensor([0.0, 0.0, -1.0, 0.0, 0.0], device=entropy.device)  # no alarm yet
         band = (entropy < COLLAPSE_LOW * self.log_k).float() + 2 * (entropy > COLLAPSE_HIGH * self.log_k).float()
         prev, run = self.state[_BAND], self.state[_RUN]
         in_band = band > 0
