@@ -63,14 +63,12 @@ class DINO(Objective):
         self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                              cfg.head_layers, cfg.norm_last_layer, cfg.use_bn_in_head)
         # Same initial weights as the student; its drop-path is inert because it always stays in eval mode.
-        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
+        self.teacher = teacher.requires_grad_(False).eval()
         # Gram anchoring's teacher: the starting backbone, frozen (no EMA: it is no part of `teacher`); saved with
         # the model's state, never exported. None when off: no copy.
-        self.gram_teacher: VisionTransformer | None = None
-        if cfg.gram_loss_weight > 0:
-            self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
+        frozen_start = copy.deepcopy(backbone).requires_grad_(False).eval() if cfg.gram_loss_weight > 0 else None
+        self.gram_teacher: VisionTransformer | None = frozen_start
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # persistent: checkpointed and resumed
         # The step's teacher-output sums and entropy, applied in `after_step` only: a skipped step must leave the
         # center alone, or one overflow poisons every later target.
