@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
@@ -23,11 +22,10 @@ def sharded(accelerator: Accelerator) -> bool:
 
 
 def backbone_state(accelerator: Accelerator, model: nn.Module, backbone: nn.Module) -> dict[str, Tensor] | None:
-    """`backbone`'s state dict (a submodule of the prepared `model`), on the CPU in float32, on the main process;
-    None on the others. Under FSDP every rank must call this: Accelerate's `get_state_dict` gathers the whole of
-    `model` to the main process's CPU memory. Without FSDP only the main process reads `backbone`, as it always did."""
+    """`backbone`'s state dict (a submodule of the prepared `model`) on the main process, None on the others; under
+    FSDP every rank must call this: Accelerate's `get_state_dict` gathers all of `model` to the main process's CPU."""
     if not sharded(accelerator):
-        return _cpu_float32(backbone.state_dict()) if accelerator.is_main_process else None
+        return backbone.state_dict() if accelerator.is_main_process else None
     full = accelerator.get_state_dict(model)  # a collective: rank 0 gets the tensors, the others an empty dict
     if not accelerator.is_main_process:
         return None
@@ -36,13 +34,8 @@ def backbone_state(accelerator: Accelerator, model: nn.Module, backbone: nn.Modu
     if name is None:
         raise ValueError(f"the backbone to export is not a submodule of the trained {type(root).__name__}")
     prefix = _WRAPPERS.sub("", name + ".") if name else ""
-    state = {k[len(prefix):]: v for k, v in ((_WRAPPERS.sub("", k), v) for k, v in full.items())
-             if k.startswith(prefix)}
-    return _cpu_float32(state)
-
-
-def _cpu_float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return {k[len(prefix):]: v for k, v in ((_WRAPPERS.sub("", k), v) for k, v in full.items())
+            if k.startswith(prefix)}
 
 
 def objective_images(accelerator: Accelerator, model: nn.Module, objective: Objective,
