@@ -31,7 +31,7 @@ def init_objective(objective: nn.Module, cfg: ModelConfig) -> str:
     if not vits:
         raise ValueError(f"model.init: the {type(objective).__name__} objective holds no timm VisionTransformer")
     state, what = read_init(cfg.init)
-    fitted, note = fit_state(state, vits[0], cfg.name, cfg.init, cfg.init_strict)
+    fitted, note = fit_state(state, vits[0], cfg)
     for vit in vits:  # copies of one architecture: what fits the first fits all
         vit.load_state_dict(fitted, strict=cfg.init_strict)
     return f"model.init: loaded {len(fitted)} tensors from {what}{note}"
@@ -39,8 +39,7 @@ def init_objective(objective: nn.Module, cfg: ModelConfig) -> str:
 
 def load_init(vit: VisionTransformer, cfg: ModelConfig) -> None:
     """`cfg.init` into one backbone, as `init_objective` loads it (the k-NN baseline of what a run started from)."""
-    fitted, _ = fit_state(read_init(cfg.init)[0], vit, cfg.name, cfg.init, cfg.init_strict)
-    vit.load_state_dict(fitted, strict=cfg.init_strict)
+    init_objective(vit, cfg)
 
 
 def read_init(spec: str) -> tuple[State, str]:
@@ -128,10 +127,9 @@ def _from_checkpoint(path: Path) -> tuple[State, str]:
     return exported.state_dict(), f"{path} (checkpoint of a {kind} run at step {step}: its {name})"
 
 
-def fit_state(state: State, model: VisionTransformer, name: str, source: str,
-              strict: bool = True) -> tuple[State, str]:
-    """`state` in `model`'s names and shapes, as timm's own loader would make it (positions and patch embedding
-    resampled, a classifier dropped), and a note on what was resampled; anything else that differs is one line."""
+def fit_state(state: State, model: VisionTransformer, cfg: ModelConfig) -> tuple[State, str]:
+    """`state` (of `cfg.init`) in `model`'s names and shapes as timm's loader makes it (positions and patch
+    embedding resampled, a classifier dropped), and a note on what was resampled; any other difference: one line."""
     state = state.get("model", state)  # timm's wrappers (its filter unwraps them as well)
     state = state.get("state_dict", state)
     regs = state.get("reg_token", state.get("register_tokens"))  # timm's name, DINOv2's
@@ -139,7 +137,7 @@ def fit_state(state: State, model: VisionTransformer, name: str, source: str,
     if n_regs != model.num_reg_tokens:
         fix = (f"set model.reg_tokens={n_regs} (or a model.name with them)" if n_regs else
                "use a model.name without them (model.reg_tokens 0 keeps the timm model's own)")
-        raise ValueError(f"model.init: {source} has {n_regs} register tokens, this run's model "
+        raise ValueError(f"model.init: {cfg.init} has {n_regs} register tokens, this run's model "
                          f"{model.num_reg_tokens}: {fix}")
     note, theirs, ours = "", state.get("pos_embed"), model.pos_embed
     # timm's filter drops the cls position of an original DINOv2 file with registers (timm's are no_embed_class)
@@ -157,15 +155,15 @@ def fit_state(state: State, model: VisionTransformer, name: str, source: str,
     try:
         state = checkpoint_filter_fn(dict(state), model)
     except (RuntimeError, ValueError) as err:
-        why = (f"; its pos_embed has {n_theirs} positions, {name}'s {ours.shape[1]}: the file positions its cls "
+        why = (f"; its pos_embed has {n_theirs} positions, {cfg.name}'s {ours.shape[1]}: the file positions its cls "
                "and register tokens otherwise, use the model.name it was saved from") if resampled else ""
-        raise ValueError(f"model.init: {source} does not convert to {name} ({_first_line(err)}){why}") from None
+        raise ValueError(f"model.init: {cfg.init} does not convert to {cfg.name} ({_first_line(err)}){why}") from None
     ours_state = model.state_dict()
     # The run's backbone is headless: a classifier in the file is dropped, as timm drops it for num_classes=0.
     state = {k: v for k, v in state.items() if k in ours_state or not k.startswith("head.")}
     problem = _difference(state, ours_state)
-    if problem and strict:
-        raise ValueError(f"model.init: {source} does not fit {name} (embed_dim {model.embed_dim}, depth "
+    if problem and cfg.init_strict:
+        raise ValueError(f"model.init: {cfg.init} does not fit {cfg.name} (embed_dim {model.embed_dim}, depth "
                          f"{len(model.blocks)}): {problem}")
     if problem:  # model.init_strict false: what fits loads, the rest of the model keeps its fresh init
         state = {k: v for k, v in state.items() if k in ours_state and v.shape == ours_state[k].shape}
