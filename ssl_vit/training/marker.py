@@ -25,10 +25,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE, _TMP))
-
-
 def _digest(marker: dict[str, Any]) -> str:
     body = {k: v for k, v in marker.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -37,7 +33,8 @@ def _digest(marker: dict[str, Any]) -> str:
 def write_marker(path: Path, step: int, extra: dict[str, Any] | None = None) -> None:
     """Mark the checkpoint directory `path` complete at `step`, vouching for the files it holds now. Written to a
     temp name and renamed: a torn marker would block every later resume and export."""
-    files = {str(p.relative_to(path)): [p.stat().st_size, sha256(p)] for p in _files(path)}
+    files = {str(p.relative_to(path)): [p.stat().st_size, sha256(p)] for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name not in (COMPLETE, _TMP)}
     marker: dict[str, Any] = {"step": step, **(extra or {}), "files": files}
     marker["digest"] = _digest(marker)
     tmp = path / _TMP
