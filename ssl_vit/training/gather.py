@@ -29,10 +29,7 @@ def backbone_state(accelerator: Accelerator, model: nn.Module, backbone: nn.Modu
     full = accelerator.get_state_dict(model)  # a collective: rank 0 gets the tensors, the others an empty dict
     if not accelerator.is_main_process:
         return None
-    root = accelerator.unwrap_model(model)
-    name = next((n for n, m in root.named_modules() if m is backbone), None)
-    if name is None:
-        raise ValueError(f"the backbone to export is not a submodule of the trained {type(root).__name__}")
+    name = next(n for n, m in accelerator.unwrap_model(model).named_modules() if m is backbone)
     prefix = _WRAPPERS.sub("", name + ".") if name else ""
     return {k[len(prefix):]: v for k, v in ((_WRAPPERS.sub("", k), v) for k, v in full.items())
             if k.startswith(prefix)}
