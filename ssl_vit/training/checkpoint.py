@@ -22,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ssl_vit.config.pretrain import load_config
+from ssl_vit.models.backbone import backbone_kwargs, build_backbone
 from ssl_vit.training.marker import COMPLETE, PREFIX, read_marker, write_marker
 
 if TYPE_CHECKING:
@@ -30,15 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint whose save finished and whose files are all there at the sizes its marker
     records, oldest first. Half-written ones are ignored; damaged ones with a note naming what is wrong."""
     found = []
-    for marker in checkpoint_dir(run_dir).glob(f"{PREFIX}*/{COMPLETE}"):  # written last, atomically
+    for marker in (Path(run_dir) / "checkpoints").glob(f"{PREFIX}*/{COMPLETE}"):  # written last, atomically
         content, problem = read_marker(marker.parent)
         if content is None:
             log.warning(f"ignoring checkpoint {marker.parent}: {problem}; it counts as incomplete")
@@ -69,7 +67,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, ke
     """Save model, optimizer, scaler and per-rank RNG (every rank calls this); atomic: temp dir → COMPLETE marker
     (the step, `extra` as JSON, each file's size and checksum) → rename. A failed save (a full disk) removes the
     temp dir on every rank's word and leaves the older checkpoints as they were."""
-    root = checkpoint_dir(run_dir)
+    root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp_{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -265,9 +263,7 @@ def load_backbone(path: str | Path, random_init: bool = False) -> tuple[VisionTr
 def load_run_objective(run_dir: str | Path, checkpoint: Path | None = None) -> tuple[Objective, int]:
     """The objective (backbone + decoder/head/teacher) of a run's newest complete checkpoint, or of `checkpoint`
     (one of its step directories, checked against its checksums), and its step."""
-    from ssl_vit.config.pretrain import load_config
-    from ssl_vit.methods import build_objective
-    from ssl_vit.models.backbone import build_backbone  # imported here: the methods import this module
+    from ssl_vit.methods import build_objective  # imported here: the methods import this module
 
     if checkpoint is not None:
         marker, problem = read_marker(checkpoint, checksums=True)
@@ -275,7 +271,7 @@ def load_run_objective(run_dir: str | Path, checkpoint: Path | None = None) -> t
             raise ValueError(f"checkpoint {checkpoint} is incomplete: {problem}")
         found = marker["step"], checkpoint
     elif (found := latest_checkpoint(run_dir)) is None:
-        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
+        raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
     step, path = found
     cfg = load_config(Path(run_dir) / "config.yaml")
     objective = build_objective(cfg.objective, getattr(cfg, cfg.objective), build_backbone(cfg.model),
@@ -295,9 +291,6 @@ def load_run_objective(run_dir: str | Path, checkpoint: Path | None = None) -> t
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Export the backbone of a run's newest complete checkpoint (e.g. of a run that was stopped early)."""
-    from ssl_vit.config.pretrain import load_config
-    from ssl_vit.models.backbone import backbone_kwargs
-
     objective, step = load_run_objective(run_dir)
     cfg = load_config(Path(run_dir) / "config.yaml")
     return export_backbone(objective.export_backbone(), out_dir or run_dir, cfg.model.name,
