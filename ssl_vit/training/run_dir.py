@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from ssl_vit.config.schema import ConfigError
+from ssl_vit.config.pretrain import Config, load_config
+from ssl_vit.config.schema import ConfigError, differences
+from ssl_vit.models.backbone import build_backbone
 from ssl_vit.training.checkpoint import model_mismatch
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ssl_vit.config.pretrain import Config
     from ssl_vit.methods import Objective
 
 PRETRAINING, FINETUNING = "pretraining", "fine-tuning"
@@ -108,9 +109,6 @@ def check_run_dir(run_dir: Path, kind: str, resuming: bool) -> None:
 def keep_changed_config(run_dir: Path, cfg: Any, step: int, load: Callable[[Path], Any] | None = None) -> str | None:
     """On a resume at `step` where `cfg` differs from the run's config.yaml (read with `load`, by default
     pretraining's), keep that file as `config.before_step_<step>.yaml` and return a notice naming the changes."""
-    from ssl_vit.config.pretrain import load_config
-    from ssl_vit.config.schema import differences
-
     path = run_dir / "config.yaml"
     try:
         saved = (load or load_config)(path)
@@ -130,9 +128,6 @@ def check_resume_model(objective: Objective, cfg: Config, path: Path, sharded: b
     """Refuse, in one line naming what differs from the run's config.yaml, to resume from `path` with another
     architecture: by tensor shapes (not for `sharded` FSDP state, which Accelerate checks), and by the keys that
     change a model but no shape."""
-    from ssl_vit.config.pretrain import load_config
-    from ssl_vit.config.schema import differences
-
     try:
         saved: Config | None = load_config(Path(cfg.train.run_dir) / "config.yaml")
     except (ConfigError, OSError):
@@ -169,8 +164,6 @@ def shapeless_changes(saved: Config, cfg: Config) -> list[str]:
 
 
 def _heads(cfg: Config) -> list[int]:
-    from ssl_vit.models.backbone import build_backbone
-
     try:
         with torch.device("meta"):  # the structure without allocating or initialising any weight
             vit = build_backbone(cfg.model)
