@@ -98,7 +98,8 @@ def _from_hub(repo: str) -> tuple[State, str]:
 
 
 def _from_timm_file(path: Path) -> State:
-    """As timm reads a `pretrained_cfg_overlay=dict(file=...)`: safetensors, or a pickle as plain tensors only."""
+    """As timm reads a `pretrained_cfg_overlay=dict(file=...)`: safetensors, or a pickle as plain tensors only; a
+    "model" or "state_dict" wrapper is unwrapped (its EMA weights preferred) and a "module." prefix dropped."""
     try:
         return load_state_dict(str(path), weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
@@ -130,8 +131,6 @@ def _from_checkpoint(path: Path) -> tuple[State, str]:
 def fit_state(state: State, model: VisionTransformer, cfg: ModelConfig) -> tuple[State, str]:
     """`state` (of `cfg.init`) in `model`'s names and shapes as timm's loader makes it (positions and patch
     embedding resampled, a classifier dropped), and a note on what was resampled; any other difference: one line."""
-    state = state.get("model", state)  # timm's wrappers (its filter unwraps them as well)
-    state = state.get("state_dict", state)
     regs = state.get("reg_token", state.get("register_tokens"))  # timm's name, DINOv2's
     n_regs = 0 if regs is None else regs.shape[1]
     if n_regs != model.num_reg_tokens:
