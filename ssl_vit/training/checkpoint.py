@@ -104,8 +104,6 @@ def _attempt(action: Callable[[], object]) -> Exception | None:
 
 
 def _failed_anywhere(accelerator: Accelerator, failure: Exception | None) -> bool:
-    if accelerator.num_processes == 1:
-        return failure is not None
     flag = torch.tensor([float(failure is not None)], device=accelerator.device)
     return bool(accelerator.reduce(flag, "sum").item() > 0)
 
