@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from accelerate.utils.other import load as safe_load  # torch.load(weights_only=True) + numpy RNG types
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -50,8 +51,6 @@ def latest_checkpoint(run_dir: str | Path, accelerator: Accelerator | None = Non
     skipped with a one-line note naming the file, and the one before it is used. With an `accelerator`, the main
     process reads the files and tells the other ranks (not every rank reading every file)."""
     if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         found = latest_checkpoint(run_dir) if accelerator.is_main_process else None
         return broadcast_object_list([found])[0]
     for step, path in reversed(complete_checkpoints(run_dir)):

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ssl_vit.config.pretrain import Config, load_config
 from ssl_vit.config.schema import ConfigError, differences
@@ -20,8 +22,6 @@ from ssl_vit.models.backbone import build_backbone
 from ssl_vit.training.checkpoint import model_mismatch
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from ssl_vit.methods import Objective
 
 PRETRAINING, FINETUNING = "pretraining", "fine-tuning"
@@ -48,8 +48,6 @@ def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> Iterator[None]:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         holder = broadcast_object_list([holder])[0]
     if holder is not None:
         raise ValueError(f"train.run_dir {run_dir} is in use by another run (pid {holder}); wait for it to end or "
