@@ -129,11 +129,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
         saved = len(list(path.glob("random_states_*.pkl")))
         raise ValueError(f"checkpoint {path} holds the RNG states of {saved} process(es), none for process "
                          f"{missing[0]}: resume with the number of processes it was saved by")
-    rng = path / f"random_states_{accelerator.process_index}.pkl"
     try:
         with reading(path):
             accelerator.load_state(str(path))
-            safe_load(rng)
+            safe_load(path / f"random_states_{accelerator.process_index}.pkl")  # load_state logs a failure only
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0][:120]
         raise ValueError(f"checkpoint {path}: refusing a file that is not plain tensors ({first}); "
@@ -153,8 +152,7 @@ def reading(path: Path) -> Iterator[None]:
         if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in signs):
             raise
         first = (str(err).strip().splitlines() or [""])[0][:160]
-        step = int(path.name.removeprefix(PREFIX)) if path.name.removeprefix(PREFIX).isdigit() else None
-        older = [p for s, p in complete_checkpoints(path.parent.parent) if step is None or s < step]
+        older = [p for s, p in complete_checkpoints(path.parent.parent) if s < int(path.name.removeprefix(PREFIX))]
         fallback = f"delete it to fall back on {older[-1].name}" if older else "delete it to start afresh"
         raise ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {first}); if it is damaged, "
                          f"{fallback}") from None
