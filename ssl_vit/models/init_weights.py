@@ -28,8 +28,6 @@ def init_objective(objective: nn.Module, cfg: ModelConfig) -> str:
     teacher's copy of it) and return the line that says so. After the objective is built, not before: MAE and
     DINO re-initialise parts of the backbone they are handed (sin-cos positions, the cls token)."""
     vits = [m for m in objective.modules() if isinstance(m, VisionTransformer)]
-    if not vits:
-        raise ValueError(f"model.init: the {type(objective).__name__} objective holds no timm VisionTransformer")
     state, what = read_init(cfg.init)
     fitted, note = fit_state(state, vits[0], cfg)
     for vit in vits:  # copies of one architecture: what fits the first fits all
