@@ -47,9 +47,8 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: str | Path, accelerator: Accelerator | None = None) -> tuple[int, Path] | None:
-    """The newest complete checkpoint whose files also match their checksums; each newer one that does not is
-    skipped with a one-line note naming the file, and the one before it is used. With an `accelerator`, the main
-    process reads the files and tells the other ranks (not every rank reading every file)."""
+    """The newest complete checkpoint whose files also match their checksums (a newer one that does not is skipped
+    with a note naming the file); with an `accelerator`, the main process reads them and tells the other ranks."""
     if accelerator is not None and accelerator.num_processes > 1:
         found = latest_checkpoint(run_dir) if accelerator.is_main_process else None
         return broadcast_object_list([found])[0]

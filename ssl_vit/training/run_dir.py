@@ -30,9 +30,8 @@ LOCK = ".lock"
 
 @contextmanager
 def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> Iterator[None]:
-    """One run at a time in `run_dir`: an OS lock (flock) on `run_dir/.lock`, taken by the main process and
-    released on exit, however the process ends, so a killed run's lock never blocks. A second run is refused at
-    once, on every rank, naming the holder's pid."""
+    """One run at a time in `run_dir`: the main process's flock on `run_dir/.lock`, which the OS releases however
+    the process ends (a killed run's lock never blocks); a second run is refused on every rank, naming its pid."""
     fd, holder, created = None, None, not run_dir.exists()
     if accelerator.is_main_process:
         if not created and not run_dir.is_dir():
