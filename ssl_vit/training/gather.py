@@ -17,14 +17,10 @@ if TYPE_CHECKING:
 _WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
-def sharded(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
 def backbone_state(accelerator: Accelerator, model: nn.Module, backbone: nn.Module) -> dict[str, Tensor] | None:
     """`backbone`'s state dict (a submodule of the prepared `model`) on the main process, None on the others; under
     FSDP every rank must call this: Accelerate's `get_state_dict` gathers all of `model` to the main process's CPU."""
-    if not sharded(accelerator):
+    if accelerator.distributed_type != DistributedType.FSDP:
         return backbone.state_dict() if accelerator.is_main_process else None
     full = accelerator.get_state_dict(model)  # a collective: rank 0 gets the tensors, the others an empty dict
     if not accelerator.is_main_process:
@@ -38,7 +34,7 @@ def backbone_state(accelerator: Accelerator, model: nn.Module, backbone: nn.Modu
 def objective_images(accelerator: Accelerator, model: nn.Module, objective: Objective,
                      batch: dict[str, Any]) -> dict[str, Tensor] | None:
     """`objective.visualize(batch)` on the main process, None on the others; under FSDP every rank must call it."""
-    if not sharded(accelerator):
+    if accelerator.distributed_type != DistributedType.FSDP:
         return objective.visualize(batch) if accelerator.is_main_process else None
     # Run it as the prepared model's forward: FSDP (1 and 2) gathers the root's own weights around that call and
     # each wrapped block gathers its own, so every rank runs it, each on its own batch.
