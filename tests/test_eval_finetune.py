@@ -399,3 +399,22 @@ def test_a_nan_step_is_skipped_and_counted_and_too_many_abort(tmp_path, setup, m
                                          "last good checkpoint: none"):
         ft.finetune(tiny_cfg(setup, tmp_path / "diverged", "train.max_steps=5", "train.max_nonfinite_steps=2"),
                     Accelerator())
+
+
+def test_a_finetune_after_the_augmented_probe_on_one_accelerator_saves_and_resumes_its_own_model(tmp_path, setup):
+    # The Python API may run the augmented probe (which prepares its heads) and then fine-tune on one Accelerator:
+    # the fine-tuning checkpoint must hold the classifier only, or its resume is refused.
+    from ssl_vit.eval.features import FeatureSpec
+    from ssl_vit.eval.linear import ProbeData, ProbeProtocol
+    from ssl_vit.eval.linear_probe import linear_probe
+
+    demo, backbone = setup
+    acc = Accelerator()
+    proto = ProbeProtocol(FeatureSpec(), batchnorm=False, optimizer="sgd", base_lrs=(0.1,), weight_decays=(0.0,),
+                          epochs=1, warmup_epochs=0, batch_size=8)
+    data = ProbeData(demo.knn_train, demo.knn_val, batch_size=8, num_workers=0, crop_ratio=1.0, shuffle_buffer=8)
+    linear_probe(load_backbone(backbone)[0], data, proto, acc, augment=True)
+    ft.finetune(tiny_cfg(setup, tmp_path / "run", "train.max_steps=1"), acc)
+    _, checkpoint = complete_checkpoints(tmp_path / "run")[-1]
+    assert sorted(p.name for p in checkpoint.glob("model*.safetensors")) == ["model.safetensors"]
+    assert ft.finetune(tiny_cfg(setup, tmp_path / "run", "train.max_steps=2"), acc).step == 2

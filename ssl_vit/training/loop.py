@@ -89,6 +89,7 @@ class Trainer:
                  stream: Stream, schedule: Schedule, settings: LoopSettings, *, resume: Path | None = None,
                  evaluation: Evaluation | None = None) -> None:
         self.acc, self.s, self.schedule, self.evaluation = accelerator, settings, schedule, evaluation
+        accelerator.free_memory()  # a checkpoint holds this run's model only, not one an earlier caller prepared
         self.model, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: Objective = accelerator.unwrap_model(self.model)
         set_seed(settings.seed + accelerator.process_index)  # ranks diverge (masks, data) only from here
