@@ -77,11 +77,11 @@ def _loads_init(vit: nn.Module, cfg: Config, accelerator: Accelerator) -> bool:
     may have lost the file), so that every process skips it alike."""
     import torch
 
-    from ssl_vit.models.init_weights import load_init
+    from ssl_vit.models.init_weights import init_objective
 
     problem = None
     try:
-        load_init(vit, cfg.model)
+        init_objective(vit, cfg.model)
     except ValueError as err:
         problem = str(err)
     failed = accelerator.gather(torch.tensor([problem is not None], device=accelerator.device))

@@ -25,19 +25,14 @@ State = dict[str, Tensor]
 
 def init_objective(objective: nn.Module, cfg: ModelConfig) -> str:
     """Load `cfg.init` into every timm ViT of the freshly built `objective` (the student's backbone and a DINO
-    teacher's copy of it) and return the line that says so. After the objective is built, not before: MAE and
-    DINO re-initialise parts of the backbone they are handed (sin-cos positions, the cls token)."""
+    teacher's copies of it; or a lone backbone) and return the line that says so. After the objective is built,
+    not before: MAE and DINO re-initialise parts of the backbone they are handed (sin-cos positions, cls token)."""
     vits = [m for m in objective.modules() if isinstance(m, VisionTransformer)]
     state, what = read_init(cfg.init)
     fitted, note = fit_state(state, vits[0], cfg)
     for vit in vits:  # copies of one architecture: what fits the first fits all
         vit.load_state_dict(fitted, strict=cfg.init_strict)
     return f"model.init: loaded {len(fitted)} tensors from {what}{note}"
-
-
-def load_init(vit: VisionTransformer, cfg: ModelConfig) -> None:
-    """`cfg.init` into one backbone, as `init_objective` loads it (the k-NN baseline of what a run started from)."""
-    init_objective(vit, cfg)
 
 
 def read_init(spec: str) -> tuple[State, str]:
